@@ -1,0 +1,3 @@
+"""qronos-onnx: post-training quantization of ONNX language models with Qronos."""
+
+__version__ = "0.1.0"

@@ -1,0 +1,14 @@
+"""Quantization grids and solvers (RTN, GPTQ, GPFQ, Qronos). Pure PyTorch: no ONNX here.
+
+    from qronos_onnx.quant import Grid, solve
+    q = solve("qronos", weight, H, G, grid=Grid(bits=4, group_size=64), act_order=True)
+    w_hat = q.dequantize()
+"""
+
+from .grid import Grid
+from .problem import SolverWarning
+from .solve import ALGORITHMS, DEFAULT_DAMPING, solve
+from .weight import QuantizedWeight, SolveInfo
+
+__all__ = ["ALGORITHMS", "DEFAULT_DAMPING", "Grid", "QuantizedWeight", "SolveInfo",
+           "SolverWarning", "solve"]

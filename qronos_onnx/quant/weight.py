@@ -1,0 +1,62 @@
+"""The result of solving one layer: integer codes on a frozen grid, and how they were found."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from .grid import Grid, dequantize
+
+
+@dataclass(frozen=True)
+class SolveInfo:
+    """How a solver reached its codes.
+
+    Attributes:
+        algorithm: ``rtn``, ``gptq``, ``gpfq`` or ``qronos``.
+        act_order: whether columns were visited in decreasing ``diag(H)`` order.
+        damping: the absolute ridge ``lam`` added to ``diag(H)`` (0 when none was used).
+        retries: how many times the damping had to be raised for a Cholesky factor to exist.
+        fell_back_to_rtn: no damping made ``H`` factorisable; the codes are plain RTN.
+        dead_columns: input features whose ``diag(H)`` was 0 (never active in calibration).
+    """
+
+    algorithm: str
+    act_order: bool = False
+    damping: float = 0.0
+    retries: int = 0
+    fell_back_to_rtn: bool = False
+    dead_columns: int = 0
+
+
+@dataclass(frozen=True)
+class QuantizedWeight:
+    """Integer codes of a ``[out_features, in_features]`` weight and the grid they live on.
+
+    Attributes:
+        codes: ``[C, d]``, ``int8`` for symmetric grids, ``uint8`` for asymmetric ones, in the
+            original column order.
+        scales: ``[C, n_groups]`` float32, positive.
+        zero_points: ``[C, n_groups]`` uint8, or ``None`` for symmetric grids.
+        grid: the grid.
+        info: how the codes were found.
+    """
+
+    codes: Tensor
+    scales: Tensor
+    zero_points: Tensor | None
+    grid: Grid
+    info: SolveInfo
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        """``(out_features, in_features)``."""
+        return tuple(self.codes.shape)
+
+    def dequantize(self) -> Tensor:
+        """``[C, d]`` float32: ``(codes - zero_point) * scale`` of each entry's group."""
+        scale, zero = self.grid.entry_params(self.scales, self.zero_points, self.codes.shape[1],
+                                             torch.float32)
+        return dequantize(self.codes.to(torch.float32), scale, zero)
