@@ -60,3 +60,9 @@ class QuantizedWeight:
         scale, zero = self.grid.entry_params(self.scales, self.zero_points, self.codes.shape[1],
                                              torch.float32)
         return dequantize(self.codes.to(torch.float32), scale, zero)
+
+    def rows(self, start: int, stop: int) -> QuantizedWeight:
+        """Output channels ``start:stop`` (rows are solved independently)."""
+        zp = None if self.zero_points is None else self.zero_points[start:stop]
+        return QuantizedWeight(self.codes[start:stop], self.scales[start:stop], zp, self.grid,
+                               self.info)

@@ -1,0 +1,249 @@
+"""The two-stream calibration engine: stage by stage through ONNX Runtime.
+
+For every calibration sample, each stage runs once per stream:
+
+- the *float* stream runs the stage with the original weights on float inputs, and yields
+  ``X``, the group input as the float network computes it;
+- the *quant* stream runs it with the weights already solved (and activation quantizers, when
+  the graph has them) on quantized-stream inputs, and yields ``X~``.
+
+Stages that no target feeds run once and are shared. ``H`` and ``G`` of the group the stage
+completes are accumulated from ``X`` and ``X~``, the group is solved, and its solved weights
+are fed to the quant stream from then on. The whole run costs about two forward passes of the
+calibration set plus the solves: no node runs more than once per stream and sample.
+
+``reference="stage"`` takes ``X`` instead from the float stage applied to the quant stream's
+inputs (the block mode of the reference implementation); the float stream is then not kept.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import tempfile
+import time
+from collections import Counter
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Literal
+
+import numpy as np
+import onnx_ir as ir
+import torch
+from tqdm.auto import tqdm
+
+from ..errors import QronosError
+from ..ir.stages import Stage, fed_constants, last_uses, stage_model
+from ..ir.targets import TargetGroup
+from .session import make_session
+from .stats import GroupStats
+
+log = logging.getLogger("qronos_onnx")
+
+Reference = Literal["network", "stage"]
+
+#: ``solve(group, H, G) -> {weight name: solved weight in the model's layout}``.
+SolveFn = Callable[[TargetGroup, torch.Tensor, torch.Tensor], dict[str, np.ndarray]]
+
+
+@dataclass
+class CalibrationOptions:
+    """How the engine runs.
+
+    Attributes:
+        reference: ``"network"`` (X from the float network) or ``"stage"`` (X from the float
+            stage on the quantized stream's inputs).
+        device: ``"auto"``, ``"cpu"`` or ``"cuda"``: ONNX Runtime's provider and torch's device
+            for the statistics.
+        progress: show a progress bar.
+        optimize_graph: let ONNX Runtime fuse nodes (off for node-level profiling).
+        profile: record ONNX Runtime's node executions (``CalibrationRun.node_runs``).
+    """
+
+    reference: Reference = "network"
+    device: str = "auto"
+    progress: bool = True
+    optimize_graph: bool = True
+    profile: bool = False
+
+
+@dataclass
+class CalibrationRun:
+    """What a calibration run did.
+
+    Attributes:
+        stages: number of stages.
+        session_runs: ONNX Runtime ``run`` calls.
+        seconds: wall time of the stage runs, of the statistics and of the solves.
+        providers: execution providers actually used.
+        node_runs: with ``profile``, how many times each graph node ran.
+    """
+
+    stages: int = 0
+    session_runs: int = 0
+    seconds: dict[str, float] = field(default_factory=lambda: Counter())
+    providers: list[str] = field(default_factory=list)
+    node_runs: Counter = field(default_factory=Counter)
+
+
+def torch_device(device: str) -> torch.device:
+    """``auto`` -> CUDA when torch sees a GPU, else CPU."""
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise QronosError("--device cuda: torch sees no CUDA GPU")
+    if device not in ("cpu", "cuda"):
+        raise QronosError(f"device must be auto, cpu or cuda, got {device!r}")
+    return torch.device(device)
+
+
+class TwoStreamCalibrator:
+    """Runs the stages of a model over calibration samples in two streams and solves groups.
+
+    Args:
+        model: the model (its target weights are read, never changed here).
+        stages: from ``plan_stages``.
+        samples: full-graph feed dicts, one per batch.
+        options: see ``CalibrationOptions``.
+    """
+
+    def __init__(self, model: ir.Model, stages: Sequence[Stage], samples: Sequence[dict],
+                 options: CalibrationOptions | None = None):
+        if not samples:
+            raise QronosError("no calibration samples")
+        self.model = model
+        self.stages = list(stages)
+        self.samples = list(samples)
+        self.options = options or CalibrationOptions()
+        self.device = torch_device(self.options.device)
+        self._values: dict[str, dict[str, list]] = {"float": {}, "quant": {}, "shared": {}}
+        self._quant_weights: dict[str, np.ndarray] = {}
+        self._last_use = last_uses(self.stages)
+        self._sources = {s.group.input: s.group.source for s in self.stages
+                         if s.group is not None and s.group.source is not None}
+        self.run_info = CalibrationRun(stages=len(self.stages))
+
+    # -- value store -------------------------------------------------------------------
+
+    def _lookup(self, side: str, name: str, s: int):
+        """Sample ``s`` of value ``name`` as ``side`` (float / quant) sees it."""
+        feed = self.samples[s]
+        if name in feed:
+            return feed[name]
+        if side == "float" and name in self._sources:
+            name = self._sources[name]           # the float network skips activation quantizers
+        store = self._values["float" if side == "float" and self.options.reference == "network"
+                             else "quant"]
+        if name in store:
+            return store[name][s]
+        return self._values["shared"][name][s]
+
+    def _store(self, where: str, names: Sequence[str], arrays: Sequence, s: int) -> None:
+        for name, array in zip(names, arrays):
+            self._values[where].setdefault(name, [None] * len(self.samples))[s] = array
+
+    def _free(self, stage: Stage) -> None:
+        for name in [n for n, last in self._last_use.items() if last == stage.index]:
+            for store in self._values.values():
+                store.pop(name, None)
+        for name in stage.weights:
+            self._quant_weights.pop(name, None)
+
+    # -- running -----------------------------------------------------------------------
+
+    def run(self, solve: SolveFn) -> CalibrationRun:
+        """Calibrate every stage and solve every group, in order."""
+        per_sample = sum(1 if st.shared else 2 for st in self.stages)
+        bar = tqdm(total=per_sample * len(self.samples), desc="calibrating", unit="run",
+                   disable=not self.options.progress, dynamic_ncols=True)
+        try:
+            for stage in self.stages:
+                label = stage.group.targets[0].name if stage.group else f"stage {stage.index}"
+                bar.set_postfix_str(label, refresh=False)
+                stats = self._run_stage(stage, bar)
+                if stats is not None:
+                    t0 = time.perf_counter()
+                    H, G = stats.finalize()
+                    del stats
+                    self._quant_weights.update(solve(stage.group, H, G))
+                    self.run_info.seconds["solve"] += time.perf_counter() - t0
+                self._free(stage)
+        finally:
+            bar.close()
+        return self.run_info
+
+    def _run_stage(self, stage: Stage, bar) -> GroupStats | None:
+        group = stage.group
+        stats = None if group is None else GroupStats(group.in_features, self.device)
+        passes = [("shared", "shared")] if stage.shared else [("float", "float"), ("quant", "quant")]
+        session = self._session(stage) if stage.nodes else None
+        fed = fed_constants(self.model, stage)
+        float_consts = {n: self.model.graph.initializers[n].const_value.numpy() for n in fed}
+        quant_consts = {**float_consts, **{w: self._quant_weights[w] for w in stage.weights}}
+        for s in range(len(self.samples)):
+            for side, where in passes:
+                if session is None:
+                    break
+                feeds = {n: self._lookup(side, n, s) for n in stage.inputs}
+                feeds.update(quant_consts if side == "quant" else float_consts)
+                t0 = time.perf_counter()
+                outputs = session.run(stage.outputs, feeds)
+                self.run_info.seconds["stages"] += time.perf_counter() - t0
+                self.run_info.session_runs += 1
+                self._store(where, stage.outputs, outputs, s)
+                bar.update(1)
+            if stats is not None:
+                t0 = time.perf_counter()
+                self._accumulate(stats, group, s)
+                self.run_info.seconds["statistics"] += time.perf_counter() - t0
+        if self.options.reference == "stage":
+            self._values["float"].clear()       # the float stage's outputs only give this X
+        if session is not None and self.options.profile:
+            self._count_node_runs(session)
+        return stats
+
+    def _accumulate(self, stats: GroupStats, group: TargetGroup, s: int) -> None:
+        x_quant = self._lookup("quant", group.input, s)
+        x = self._float_input(group, s)
+        for label, a in (("float", x), ("quantized", x_quant)):
+            if not np.isfinite(a).all():
+                raise QronosError(
+                    f"NaN or Inf in the calibration activations of the {label} network at "
+                    f"{group.input!r} (input of {group.targets[0].name}), sample {s}: check the "
+                    "model and the calibration data")
+        mask = self.samples[s].get("attention_mask")
+        if mask is not None and mask.all():
+            mask = None
+        stats.add(x, x_quant, mask)
+
+    def _float_input(self, group: TargetGroup, s: int):
+        """``X`` of sample ``s``: the float stream's (or, in stage mode, the float stage's)
+        group input, before any activation quantizer."""
+        name = group.source or group.input
+        for store in ("float", "shared"):
+            if name in self._values[store]:
+                return self._values[store][name][s]
+        return self._lookup("float", name, s)
+
+    def _session(self, stage: Stage):
+        types = {n: np.asarray(self._lookup("quant", n, 0)).dtype for n in stage.inputs}
+        proto = stage_model(self.model, stage, types)
+        prefix = None
+        if self.options.profile:
+            prefix = os.path.join(tempfile.gettempdir(), f"qronos_stage{stage.index}_")
+        session = make_session(proto, self.options.device, self.options.optimize_graph, prefix)
+        if not self.run_info.providers:
+            self.run_info.providers = session.get_providers()
+        return session
+
+    def _count_node_runs(self, session) -> None:
+        path = session.end_profiling()
+        try:
+            with open(path, encoding="utf-8") as f:
+                events = json.load(f)
+        finally:
+            os.unlink(path)
+        for event in events:
+            if event.get("cat") == "Node" and event.get("name", "").endswith("_kernel_time"):
+                self.run_info.node_runs[event["name"][: -len("_kernel_time")]] += 1

@@ -1,0 +1,52 @@
+"""ONNX Runtime sessions on the best available execution provider."""
+
+from __future__ import annotations
+
+import logging
+
+import onnx
+import onnxruntime as ort
+
+from ..errors import QronosError
+
+log = logging.getLogger("qronos_onnx")
+
+CUDA = "CUDAExecutionProvider"
+CPU = "CPUExecutionProvider"
+
+
+def providers(device: str = "auto") -> list[str]:
+    """Execution providers for ``device``: CUDA (then CPU) when ``onnxruntime-gpu`` offers it
+    and ``device`` is ``auto`` or ``cuda``, else CPU."""
+    available = ort.get_available_providers()
+    if device == "cpu":
+        return [CPU]
+    if device == "cuda":
+        if CUDA not in available:
+            raise QronosError("--device cuda needs onnxruntime-gpu (pip install 'qronos-onnx[gpu]' "
+                              "in an environment without onnxruntime)")
+        return [CUDA, CPU]
+    if device != "auto":
+        raise QronosError(f"device must be auto, cpu or cuda, got {device!r}")
+    return [CUDA, CPU] if CUDA in available else [CPU]
+
+
+def make_session(model: onnx.ModelProto | str, device: str = "auto", optimize: bool = True,
+                 profile_prefix: str | None = None) -> ort.InferenceSession:
+    """A session for an in-memory model (or a model path).
+
+    ``optimize=False`` keeps every node as it is (no fusions), so that node-level profiling
+    names the graph's own nodes.
+    """
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    options.graph_optimization_level = (ort.GraphOptimizationLevel.ORT_ENABLE_ALL if optimize
+                                        else ort.GraphOptimizationLevel.ORT_DISABLE_ALL)
+    if profile_prefix is not None:
+        options.enable_profiling = True
+        options.profile_file_prefix = profile_prefix
+    source = model.SerializeToString() if isinstance(model, onnx.ModelProto) else str(model)
+    session = ort.InferenceSession(source, options, providers=providers(device))
+    if device == "cuda" and CUDA not in session.get_providers():
+        raise QronosError("--device cuda: ONNX Runtime could not start its CUDA provider")
+    return session

@@ -1,0 +1,115 @@
+"""Load and save ONNX models with external data, without ever touching the input files.
+
+Loading keeps weights in the external data files, memory-mapped by ``onnx_ir``. Saving writes
+every tensor of 1 KiB or more to one data file beside the model (``<output>.data``), so the
+protobuf never nears its 2 GB limit; both files are written under a temporary directory next to
+the output and renamed into place only when complete.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import onnx
+import onnx_ir as ir
+from google.protobuf.message import DecodeError
+
+from ..errors import QronosError
+
+EXTERNAL_THRESHOLD_BYTES = 1024
+
+
+def load_model(path: str | os.PathLike) -> ir.Model:
+    """Load ``path`` with its weights left in their external data files (memory-mapped).
+
+    Raises:
+        QronosError: missing, unreadable, truncated or corrupt model, or missing or short
+            external data files.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise QronosError(f"model file not found: {path}")
+    try:
+        proto = onnx.load(str(path), load_external_data=False)
+    except (DecodeError, RuntimeError, ValueError, OSError) as err:
+        raise QronosError(f"{path} is not a readable ONNX model (truncated or corrupt?): {err}") from err
+    if not proto.graph.node:
+        raise QronosError(f"{path} is not a readable ONNX model: its graph has no nodes "
+                          "(truncated or corrupt file?)")
+    _check_external_data(proto, path.parent)
+    model = ir.serde.deserialize_model(proto)
+    ir.external_data.set_base_dir(model.graph, path.parent)
+    return model
+
+
+def _check_external_data(proto: onnx.ModelProto, base: Path) -> None:
+    """Every external tensor's file exists and is long enough for its offset and length."""
+    sizes: dict[Path, int] = {}
+    for tensor in _external_tensors(proto.graph):
+        info = {e.key: e.value for e in tensor.external_data}
+        location = base / info.get("location", "")
+        if location not in sizes:
+            if not location.is_file():
+                raise QronosError(f"external data file {location} (tensor {tensor.name!r}) is "
+                                  "missing: keep the data file next to the model")
+            sizes[location] = location.stat().st_size
+        end = int(info.get("offset", 0)) + int(info.get("length", 0))
+        if end > sizes[location]:
+            raise QronosError(f"external data file {location} is truncated: tensor "
+                              f"{tensor.name!r} needs {end} bytes, the file has {sizes[location]}")
+
+
+def _external_tensors(graph: onnx.GraphProto):
+    for tensor in graph.initializer:
+        if tensor.data_location == onnx.TensorProto.EXTERNAL:
+            yield tensor
+    for node in graph.node:
+        for attr in node.attribute:
+            if attr.t.data_location == onnx.TensorProto.EXTERNAL:
+                yield attr.t
+            for sub in [attr.g, *attr.graphs]:
+                yield from _external_tensors(sub)
+
+
+def check_output_path(output: str | os.PathLike, inputs: list[str | os.PathLike],
+                      force: bool) -> Path:
+    """Refuse to write over an input, or over an existing file unless ``force``."""
+    output = Path(output)
+    for source in inputs:
+        if output.resolve() == Path(source).resolve():
+            raise QronosError(f"refusing to overwrite the input model {source}: choose another output")
+    if output.exists() and not force:
+        raise QronosError(f"{output} exists; pass --force (force=True) to overwrite it")
+    if output.suffix != ".onnx":
+        raise QronosError(f"output must end in .onnx, got {output}")
+    if not output.parent.is_dir():
+        raise QronosError(f"output directory {output.parent} does not exist")
+    return output
+
+
+def save_model(model: ir.Model, output: str | os.PathLike) -> list[Path]:
+    """Write ``model`` to ``output`` and its tensors to ``<output>.data``.
+
+    Both files are first written into a temporary directory beside ``output`` and renamed into
+    place when complete (data first, then the model), so an interrupted save leaves no
+    half-written model. Returns the paths written.
+    """
+    output = Path(output)
+    data_name = output.name + ".data"
+    tmp = Path(tempfile.mkdtemp(prefix=f".{output.name}.", suffix=".tmp", dir=output.parent))
+    try:
+        ir.save(model, tmp / output.name, external_data=data_name,
+                size_threshold_bytes=EXTERNAL_THRESHOLD_BYTES)
+        written = []
+        for name in (data_name, output.name):
+            if (tmp / name).exists():
+                os.replace(tmp / name, output.parent / name)
+                written.append(output.parent / name)
+            elif name == data_name:
+                (output.parent / name).unlink(missing_ok=True)   # stale data of an old output
+        return written[::-1]
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)

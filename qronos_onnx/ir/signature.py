@@ -1,0 +1,95 @@
+"""Recognise a decoder language model's ONNX signature (Optimum and ``torch.onnx`` naming).
+
+Inputs: ``input_ids``, ``attention_mask``, optional ``position_ids``, optional KV cache
+``past_key_values.N.key`` / ``past_key_values.N.value`` (``[batch, kv_heads, past, head_dim]``).
+Outputs: ``logits`` and, with a cache, ``present.N.key`` / ``present.N.value``.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+import numpy as np
+import onnx_ir as ir
+
+from ..errors import QronosError
+
+_PAST = re.compile(r"^past_key_values\.(\d+)\.(key|value)$")
+
+
+@dataclass(frozen=True)
+class PastInput:
+    """One KV-cache input: its name, element type and the static ``kv_heads``/``head_dim``."""
+
+    name: str
+    dtype: np.dtype
+    kv_heads: int
+    head_dim: int
+
+
+@dataclass(frozen=True)
+class LLMSignature:
+    """The inputs and outputs that make a graph a decoder LLM."""
+
+    input_ids: str
+    attention_mask: str | None
+    position_ids: str | None
+    past: tuple[PastInput, ...]
+    logits: str
+
+    def feed(self, input_ids: np.ndarray, attention_mask: np.ndarray | None = None) -> dict:
+        """A full feed for a batch of windows ``[batch, seq]`` with an empty (length-0) cache."""
+        input_ids = np.asarray(input_ids, dtype=np.int64)
+        batch, seq = input_ids.shape
+        feed = {self.input_ids: input_ids}
+        if self.attention_mask is not None:
+            feed[self.attention_mask] = (np.ones((batch, seq), np.int64) if attention_mask is None
+                                         else np.asarray(attention_mask, dtype=np.int64))
+        if self.position_ids is not None:
+            feed[self.position_ids] = np.broadcast_to(np.arange(seq, dtype=np.int64), (batch, seq)).copy()
+        for p in self.past:
+            feed[p.name] = np.zeros((batch, p.kv_heads, 0, p.head_dim), dtype=p.dtype)
+        return feed
+
+
+def detect_signature(model: ir.Model) -> LLMSignature:
+    """Find the LLM signature of ``model``.
+
+    Raises:
+        QronosError: no ``input_ids`` input or no ``logits`` output, or a KV-cache input whose
+            head count or head size is not static.
+    """
+    inputs = {v.name: v for v in model.graph.inputs}
+    outputs = [v.name for v in model.graph.outputs]
+    if "input_ids" not in inputs or "logits" not in outputs:
+        raise QronosError(
+            "not a decoder LLM graph: expected an input 'input_ids' and an output 'logits' "
+            f"(found inputs {sorted(inputs)}, outputs {outputs}); export the model with "
+            "Optimum or torch.onnx using these names")
+    past = []
+    for name, value in inputs.items():
+        if _PAST.match(name):
+            shape = value.shape
+            dims = [] if shape is None else list(shape)
+            if len(dims) != 4 or not isinstance(dims[1], int) or not isinstance(dims[3], int):
+                raise QronosError(f"KV-cache input {name} must be [batch, kv_heads, past, head_dim] "
+                                  f"with static kv_heads and head_dim, got {dims}")
+            past.append(PastInput(name, np.dtype(value.dtype.numpy()), dims[1], dims[3]))
+    known = {"input_ids", "attention_mask", "position_ids"} | {p.name for p in past}
+    unknown = sorted(set(inputs) - known)
+    if unknown:
+        raise QronosError(f"unsupported model inputs {unknown}: a decoder LLM takes input_ids, "
+                          "attention_mask, position_ids and past_key_values.N.key/value")
+    return LLMSignature(
+        input_ids="input_ids",
+        attention_mask="attention_mask" if "attention_mask" in inputs else None,
+        position_ids="position_ids" if "position_ids" in inputs else None,
+        past=tuple(sorted(past, key=lambda p: _past_key(p.name))),
+        logits="logits",
+    )
+
+
+def _past_key(name: str) -> tuple[int, str]:
+    layer, kind = _PAST.match(name).groups()
+    return int(layer), kind

@@ -1,0 +1,204 @@
+"""Find the layers to quantize: MatMul/Gemm nodes whose weight is a constant 2-D tensor.
+
+A *target* multiplies an activation ``A`` by a weight initializer. In ONNX a MatMul stores
+``W^T`` (``[in, out]``); a Gemm with ``transB=1`` stores ``W`` (``[out, in]``). Targets that read
+the same activation form a *group* (q/k/v, gate/up) and are calibrated together. Everything else
+that looks like a layer is reported as skipped, with the reason.
+"""
+
+from __future__ import annotations
+
+import ast
+import fnmatch
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import onnx_ir as ir
+
+from ..errors import QronosError
+
+_FLOAT_TYPES = (ir.DataType.FLOAT, ir.DataType.FLOAT16, ir.DataType.BFLOAT16, ir.DataType.DOUBLE)
+_LAYER_OPS = ("MatMul", "Gemm")
+
+
+@dataclass(frozen=True)
+class Target:
+    """One quantizable layer.
+
+    Attributes:
+        node: ONNX node name (unique in the graph).
+        name: readable name: the exporter's module path when recorded, else the node name.
+        op_type: ``MatMul`` or ``Gemm``.
+        input: the activation value ``A`` (``[..., in_features]``).
+        weight: the weight initializer.
+        transposed: the weight is stored ``[out, in]`` (Gemm ``transB=1``); else ``[in, out]``.
+        in_features, out_features: ``W`` is ``[out_features, in_features]``.
+        output: the layer's output value.
+        lm_head: the layer computes the logits.
+    """
+
+    node: str
+    name: str
+    op_type: str
+    input: str
+    weight: str
+    transposed: bool
+    in_features: int
+    out_features: int
+    output: str
+    lm_head: bool
+
+
+@dataclass(frozen=True)
+class Skipped:
+    """A MatMul/Gemm that is not quantized, and why."""
+
+    node: str
+    name: str
+    reason: str
+
+
+@dataclass(frozen=True)
+class TargetGroup:
+    """Targets that read the same activation; calibrated and solved together.
+
+    Attributes:
+        input: the value the targets read.
+        targets: the targets, in graph order.
+        source: when ``input`` is an activation quantizer's output, the value it quantizes:
+            the float network reads ``source`` where the quantized one reads ``input``.
+    """
+
+    input: str
+    targets: tuple[Target, ...]
+    source: str | None = None
+
+    @property
+    def in_features(self) -> int:
+        return self.targets[0].in_features
+
+
+def readable_name(node: ir.Node) -> str:
+    """The module path the PyTorch exporter recorded (``model.layers.0.mlp.down_proj``), or
+    the node name (Optimum and the legacy exporter already use paths as node names)."""
+    scopes = node.metadata_props.get("pkg.torch.onnx.name_scopes")
+    if scopes:
+        try:
+            parts = ast.literal_eval(scopes)
+        except (ValueError, SyntaxError):
+            parts = None
+        if isinstance(parts, list) and len(parts) >= 2 and parts[-2]:
+            return str(parts[-2])
+    return node.name or "<unnamed>"
+
+
+def matches(patterns: Sequence[str], *names: str) -> bool:
+    """Whether any pattern matches any of ``names``: globs, or regexes written ``re:PATTERN``."""
+    for pattern in patterns:
+        if pattern.startswith("re:"):
+            if any(re.search(pattern[3:], n) for n in names):
+                return True
+        elif any(fnmatch.fnmatchcase(n, pattern) for n in names):
+            return True
+    return False
+
+
+def find_targets(model: ir.Model, *, include_lm_head: bool = False,
+                 exclude: Sequence[str] = ()) -> tuple[list[TargetGroup], list[Skipped]]:
+    """All targets of ``model``, grouped by input in graph order, and the skipped layers.
+
+    ``exclude`` takes globs or ``re:`` regexes, matched against readable and node names.
+    """
+    for pattern in exclude:
+        if pattern.startswith("re:"):
+            try:
+                re.compile(pattern[3:])
+            except re.error as err:
+                raise QronosError(f"bad exclude regex {pattern!r}: {err}") from err
+    logits = _logits_producers(model)
+    targets: list[Target] = []
+    skipped: list[Skipped] = []
+    for node in model.graph:
+        if node.op_type not in _LAYER_OPS or node.domain not in ("", "ai.onnx"):
+            continue
+        name = readable_name(node)
+        target, reason = _as_target(node, name, node in logits)
+        if reason is None and target.lm_head and not include_lm_head:
+            reason = "lm_head (not quantized by default)"
+        if reason is None and matches(exclude, name, node.name):
+            reason = "excluded by pattern"
+        if reason is None:
+            targets.append(target)
+        else:
+            skipped.append(Skipped(node.name, name, reason))
+    groups: dict[str, list[Target]] = {}
+    for t in targets:
+        groups.setdefault(t.input, []).append(t)
+    values = {v.name: v for n in model.graph for v in n.outputs}
+    return [TargetGroup(k, tuple(v), _act_quant_source(values.get(k)))
+            for k, v in groups.items()], skipped
+
+
+#: ``Value.meta`` key set on an activation quantizer's output: the name of the value quantized.
+ACT_QUANT_SOURCE = "qronos.act_quant_source"
+
+
+def _act_quant_source(value: ir.Value | None) -> str | None:
+    return None if value is None else value.meta.get(ACT_QUANT_SOURCE)
+
+
+def _as_target(node: ir.Node, name: str, lm_head: bool) -> tuple[Target | None, str | None]:
+    """The node as a target, or the reason it is not one."""
+    if len(node.inputs) < 2 or node.inputs[0] is None or node.inputs[1] is None:
+        return None, "missing inputs"
+    a, b = node.inputs[0], node.inputs[1]
+    transposed = False
+    if node.op_type == "Gemm":
+        attrs = node.attributes
+        if attrs.get("transA") is not None and attrs["transA"].value:
+            return None, "Gemm with transA=1"
+        if attrs.get("alpha") is not None and attrs["alpha"].value != 1.0:
+            return None, "Gemm with alpha != 1"
+        transposed = bool(attrs["transB"].value) if attrs.get("transB") is not None else False
+    if b.const_value is None:
+        producer = b.producer()
+        if producer is not None and producer.op_type == "Transpose" and producer.inputs[0] is not None \
+                and producer.inputs[0].const_value is not None:
+            what = "tied lm_head" if lm_head else "weight is a Transpose of a shared initializer"
+            return None, f"{what} (MatMul on a Transpose of an initializer)"
+        return None, "no constant weight (activation x activation product)"
+    if a.const_value is not None:
+        return None, "constant input activation"
+    if b.const_value.dtype not in _FLOAT_TYPES:
+        return None, f"weight dtype {b.const_value.dtype} is not a float type"
+    shape = tuple(b.const_value.shape)
+    if len(shape) != 2:
+        return None, f"weight has rank {len(shape)}, not 2"
+    if len(b.uses()) != 1:
+        return None, f"weight is shared with {len(b.uses()) - 1} other node(s)"
+    in_f, out_f = (shape[1], shape[0]) if transposed else shape
+    return Target(node=node.name, name=name, op_type=node.op_type, input=a.name, weight=b.name,
+                  transposed=transposed, in_features=int(in_f), out_features=int(out_f),
+                  output=node.outputs[0].name, lm_head=lm_head), None
+
+
+def _logits_producers(model: ir.Model) -> set[ir.Node]:
+    """The MatMul/Gemm that computes ``logits``: walking back from the output through the first
+    non-constant input of each node (reshapes, casts, bias, soft-capping) to a MatMul/Gemm."""
+    found: set[ir.Node] = set()
+    for value in model.graph.outputs:
+        if value.name != "logits":
+            continue
+        for _ in range(64):
+            node = value.producer()
+            if node is None:
+                break
+            if node.op_type in _LAYER_OPS:
+                found.add(node)
+                break
+            inputs = [v for v in node.inputs if v is not None and v.const_value is None]
+            if not inputs:
+                break
+            value = inputs[0]
+    return found
