@@ -49,20 +49,31 @@ def config(layers: int = 2, untied: bool = False) -> LlamaConfig:
 
 def build(out_dir: str | Path, layers: int = 2, kv_cache: bool = False, untied: bool = False,
           seed: int = 0) -> Path:
-    """Export the model and a tokenizer to ``out_dir``; returns the model path."""
+    """Export a random model and a tokenizer to ``out_dir``; returns the model path."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(seed)
     cfg = config(layers, untied)
-    model = _Export(cfg).eval()
+    model = LlamaForCausalLM(cfg)
     with torch.no_grad():                 # give the random model some outlier channels
         for name, p in model.named_parameters():
             if name.endswith("norm.weight"):
                 p.copy_(1.0 + 0.5 * torch.rand_like(p))
                 p[torch.randperm(p.numel())[:3]] *= 4.0
+    path = export(cfg, model.state_dict(), out_dir / "model.onnx", kv_cache)
+    write_tokenizer(out_dir / "tokenizer.json")
+    return path
+
+
+def export(cfg: LlamaConfig, state_dict: dict, path: Path, kv_cache: bool) -> Path:
+    """``torch.onnx.export`` (dynamo) of a Llama with Optimum's input and output names, weights
+    in ``<path>.data``."""
+    model = _Export(cfg).eval()
+    model.load_state_dict(state_dict)
     batch, seq, past_len = 1, 8, 3
-    head_dim = cfg.hidden_size // cfg.num_attention_heads
-    args = [torch.randint(0, VOCAB, (batch, seq)),
+    layers = cfg.num_hidden_layers
+    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+    args = [torch.randint(0, cfg.vocab_size, (batch, seq)),
             torch.ones(batch, seq + (past_len if kv_cache else 0), dtype=torch.int64),
             torch.arange(seq)[None] + (past_len if kv_cache else 0)]
     names_in = ["input_ids", "attention_mask", "position_ids"]
@@ -75,13 +86,11 @@ def build(out_dir: str | Path, layers: int = 2, kv_cache: bool = False, untied: 
             names_in += [f"past_key_values.{i}.key", f"past_key_values.{i}.value"]
             names_out += [f"present.{i}.key", f"present.{i}.value"]
         dynamic.append(tuple({0: "batch", 2: "past"} for _ in range(2 * layers)))
-    path = out_dir / "model.onnx"
-    with warnings.catch_warnings():
+    with warnings.catch_warnings(), torch.no_grad():
         warnings.simplefilter("ignore")
         torch.onnx.export(model, tuple(args), str(path), input_names=names_in,
                           output_names=names_out, dynamic_shapes=tuple(dynamic), dynamo=True,
                           optimize=True, external_data=True, verbose=False)
-    write_tokenizer(out_dir / "tokenizer.json")
     return path
 
 

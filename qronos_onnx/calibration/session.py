@@ -40,6 +40,9 @@ def make_session(model: onnx.ModelProto | str, device: str = "auto", optimize: b
     """
     options = ort.SessionOptions()
     options.log_severity_level = 3
+    # Many short runs interleave with torch work on the same cores: idle ORT threads must
+    # sleep, not spin, or they steal the cores torch needs between runs.
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     options.graph_optimization_level = (ort.GraphOptimizationLevel.ORT_ENABLE_ALL if optimize
                                         else ort.GraphOptimizationLevel.ORT_DISABLE_ALL)
     if profile_prefix is not None:

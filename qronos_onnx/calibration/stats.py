@@ -2,8 +2,9 @@
 
 ``H = X~ X~^T / n`` and ``G = X X~^T / n`` (ALGORITHM.md), with ``X`` the group input in the
 float network and ``X~`` in the partially quantized network, both ``[d, n]``. Activations never
-outlive a batch: each batch's products are computed in float32 on the statistics' device and
-summed in float64.
+outlive a batch. Products accumulate in place in float32 on the statistics' device (only the
+upper block triangle of the symmetric ``H``) and are folded into float64 sums every
+``FLUSH_TOKENS`` tokens.
 """
 
 from __future__ import annotations
@@ -11,15 +12,23 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+FLUSH_TOKENS = 8192
+_H_PANELS = 4
+
 
 class GroupStats:
     """Sums of ``X~ X~^T`` and ``X X~^T`` over the calibration tokens of one group input."""
 
     def __init__(self, in_features: int, device: torch.device | str = "cpu"):
-        self.in_features = in_features
+        d = in_features
+        self.in_features = d
         self.device = torch.device(device)
-        self._H = torch.zeros(in_features, in_features, dtype=torch.float64, device=self.device)
+        self._H = torch.zeros(d, d, dtype=torch.float64, device=self.device)
         self._G = torch.zeros_like(self._H)
+        self._H32 = torch.zeros(d, d, dtype=torch.float32, device=self.device)
+        self._G32 = torch.zeros_like(self._H32)
+        self._pending = 0
+        self._same: bool | None = None   # X is X~ for every batch (nothing quantized upstream)
         self.tokens = 0
 
     def add(self, x: np.ndarray, x_quant: np.ndarray, mask: np.ndarray | None = None) -> None:
@@ -27,18 +36,34 @@ class GroupStats:
 
         Args:
             x: float-network activation ``[..., d]``.
-            x_quant: quantized-network activation, same shape (may be the same array).
+            x_quant: quantized-network activation, same shape; passing the same array object
+                says there is no mismatch (then ``G = H`` and no product is spent on it).
             mask: optional ``[...]`` (the leading dims of ``x``); only tokens where it is
                 non-zero count (padding is left out).
         """
+        same = x is x_quant
+        if self._same is None:
+            self._same = same
+        elif self._same != same:
+            raise ValueError("a group's batches must all be matched or all mismatched")
         xq = self._tokens(x_quant, mask)
-        product = (xq.T @ xq).double()
-        self._H += product
-        if x is x_quant:                 # no mismatch yet (nothing quantized upstream): G == H
-            self._G += product
-        else:
-            self._G += (self._tokens(x, mask).T @ xq).double()
+        d = self.in_features
+        width = -(-d // _H_PANELS)
+        for i in range(0, d, width):                    # upper block triangle of H
+            self._H32[i:i + width, i:].addmm_(xq[:, i:i + width].T, xq[:, i:])
+        if not same:
+            self._G32.addmm_(self._tokens(x, mask).T, xq)
         self.tokens += xq.shape[0]
+        self._pending += xq.shape[0]
+        if self._pending >= FLUSH_TOKENS:
+            self._flush()
+
+    def _flush(self) -> None:
+        self._H += self._H32.double()
+        self._G += self._G32.double()
+        self._H32.zero_()
+        self._G32.zero_()
+        self._pending = 0
 
     def _tokens(self, a: np.ndarray, mask: np.ndarray | None) -> torch.Tensor:
         if a.shape[-1] != self.in_features:
@@ -46,10 +71,15 @@ class GroupStats:
         rows = a.reshape(-1, self.in_features)
         if mask is not None and mask.size * self.in_features == a.size:
             rows = rows[mask.reshape(-1) != 0]
-        return torch.from_numpy(np.ascontiguousarray(rows)).to(self.device, torch.float32)
+        return torch.from_numpy(np.ascontiguousarray(rows, dtype=np.float32)).to(self.device)
 
     def finalize(self) -> tuple[torch.Tensor, torch.Tensor]:
         """``(H, G)``, float64 ``[d, d]``, normalised by the token count."""
         if self.tokens == 0:
             raise ValueError("no calibration tokens were added")
-        return self._H / self.tokens, self._G / self.tokens
+        self._flush()
+        del self._H32, self._G32
+        # Every entry on or above the diagonal lies in a computed block: mirror the upper triangle.
+        H = (torch.triu(self._H) + torch.triu(self._H, 1).T) / self.tokens
+        G = H.clone() if self._same else self._G / self.tokens
+        return H, G

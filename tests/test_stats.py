@@ -1,0 +1,41 @@
+"""GroupStats against numpy float64 on the same activations."""
+
+import numpy as np
+import pytest
+
+from qronos_onnx.calibration import stats as stats_mod
+from qronos_onnx.calibration.stats import GroupStats
+
+
+@pytest.mark.parametrize("d", [7, 64, 130])
+def test_h_and_g_equal_float64_reference_with_padding_and_flushes(monkeypatch, d):
+    monkeypatch.setattr(stats_mod, "FLUSH_TOKENS", 50)        # force several flushes
+    rng = np.random.default_rng(d)
+    s = GroupStats(d)
+    xs, xqs = [], []
+    for _ in range(4):
+        x = rng.standard_normal((1, 40, d)).astype(np.float32)
+        xq = (x + 0.1 * rng.standard_normal(x.shape)).astype(np.float32)
+        mask = np.ones((1, 40), np.int64)
+        mask[0, 30:] = 0                                      # padding is left out
+        s.add(x, xq, mask)
+        xs.append(x[0, :30])
+        xqs.append(xq[0, :30])
+    H, G = s.finalize()
+    X, Xq = np.concatenate(xs).astype(np.float64), np.concatenate(xqs).astype(np.float64)
+    assert s.tokens == 120
+    np.testing.assert_allclose(H.numpy(), Xq.T @ Xq / 120, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(G.numpy(), X.T @ Xq / 120, rtol=1e-5, atol=1e-6)
+    assert np.array_equal(H.numpy(), H.numpy().T)
+
+
+def test_same_activations_give_g_equal_h():
+    x = np.random.default_rng(0).standard_normal((2, 16, 8)).astype(np.float32)
+    s = GroupStats(8)
+    s.add(x, x)
+    H, G = s.finalize()
+    assert np.array_equal(H.numpy(), G.numpy())
+    with pytest.raises(ValueError):
+        s2 = GroupStats(8)
+        s2.add(x, x)
+        s2.add(x, x.copy())
