@@ -3,8 +3,8 @@
 Pre-conditions: a decoder LLM graph (``LLMSignature``) with at least one target.
 Post-conditions: every target's weight initializer holds the dequantized solved weight (same
 dtype and layout as before: a fake-quantized float model), and the target node's
-``meta[QUANTIZED]`` holds its ``QuantizedWeight`` (codes, scales, zero points) for the
-exporters. ``QuantizePass.results`` lists every target with its solve time; ``skipped`` lists
+``meta[QUANTIZED]`` holds its ``QuantizedWeight`` (codes, scales, zero points) and
+``meta[TARGET]`` its ``Target``, for the exporters. ``QuantizePass.results`` lists every target with its solve time; ``skipped`` lists
 the layers left in float, with the reason.
 """
 
@@ -30,8 +30,9 @@ from ..quant import QuantizedWeight, solve
 
 log = logging.getLogger("qronos_onnx")
 
-#: ``Node.meta`` key of a target's ``QuantizedWeight``.
+#: ``Node.meta`` keys of a solved target: its ``QuantizedWeight`` and its ``Target``.
 QUANTIZED = "qronos.quantized"
+TARGET = "qronos.target"
 
 #: Called after each group is solved: ``observer(group, H, G, results)``.
 Observer = Callable[[TargetGroup, torch.Tensor, torch.Tensor, list["TargetResult"]], None]
@@ -132,4 +133,6 @@ class QuantizePass(ir.passes.InPlacePass):
             return ir.Tensor(stored_layout(weight.dequantize(), target, dtype.numpy()), name=value.name)
 
         value.const_value = ir.LazyTensor(dequantized, dtype=dtype, shape=old.shape, name=value.name)
-        model.graph.node(target.node).meta[QUANTIZED] = weight
+        node = model.graph.node(target.node)
+        node.meta[QUANTIZED] = weight
+        node.meta[TARGET] = target

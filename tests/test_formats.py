@@ -1,0 +1,215 @@
+"""Deployment formats against numpy references: MatMulNBits, QDQ, and their file sizes."""
+
+import numpy as np
+import onnx
+import onnx_ir as ir
+import onnxruntime as ort
+import pytest
+import torch
+from onnx import TensorProto, helper, numpy_helper
+
+from conftest import random_samples
+from qronos_onnx.calibration.runner import CalibrationOptions
+from qronos_onnx.config import Recipe
+from qronos_onnx.ir.model_io import load_model
+from qronos_onnx.ir.packing import NBitsTensors, from_matmulnbits
+from qronos_onnx.ir.signature import detect_signature
+from qronos_onnx.ir.targets import find_targets
+from qronos_onnx.passes.formats import ToMatMulNBitsPass, ToQDQPass
+from qronos_onnx.passes.quantize import QUANTIZED, TARGET, QuantizePass
+from qronos_onnx.quant import Grid, QuantizedWeight, SolveInfo
+
+
+def random_quantized(N, K, grid, seed):
+    """Random codes on ``grid`` (all codes reachable, including the extremes)."""
+    g = torch.Generator().manual_seed(seed)
+    n_groups = grid.n_groups(K)
+    codes = torch.randint(grid.qmin, grid.qmax + 1, (N, K), generator=g).to(grid.code_dtype)
+    scales = torch.rand(N, n_groups, generator=g) + 0.05
+    zp = None if grid.symmetric else torch.randint(0, grid.qmax + 1, (N, n_groups),
+                                                   generator=g).to(torch.uint8)
+    return QuantizedWeight(codes, scales, zp, grid, SolveInfo("rtn"))
+
+
+def one_matmul_model(q, transposed=False, bias=None):
+    """An IR model ``Y = A @ W^T`` (MatMul on W^T, or Gemm with transB=1 and a bias) whose
+    node carries the codes the way QuantizePass leaves them."""
+    N, K = q.codes.shape
+    w = q.dequantize().numpy()
+    inits = [numpy_helper.from_array(w if transposed else w.T.copy(), "w")]
+    if transposed:
+        inputs = ["A", "w"] + (["b"] if bias is not None else [])
+        if bias is not None:
+            inits.append(numpy_helper.from_array(bias, "b"))
+        node = helper.make_node("Gemm", inputs, ["Y"], name="layer", transB=1)
+    else:
+        node = helper.make_node("MatMul", ["A", "w"], ["Y"], name="layer")
+    graph = helper.make_graph([node], "g", [helper.make_tensor_value_info("A", TensorProto.FLOAT, [7, K])],
+                              [helper.make_tensor_value_info("Y", TensorProto.FLOAT, None)], inits)
+    model = ir.serde.deserialize_model(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 20)]))
+    groups, _ = _targets(model)
+    model.graph.node("layer").meta.update({QUANTIZED: q, TARGET: groups[0].targets[0]})
+    return model
+
+
+def _targets(model):
+    return find_targets(model)
+
+
+def session(model):
+    """An ORT session that runs QDQ weights exactly: by default ONNX Runtime fuses
+    DequantizeLinear + MatMul into MatMulNBits with accuracy_level 4 (int8 activations)."""
+    options = ort.SessionOptions()
+    options.add_session_config_entry("session.qdq_matmulnbits_accuracy_level", "0")
+    proto = in_memory(model)
+    return ort.InferenceSession(proto.SerializeToString(), options,
+                                providers=["CPUExecutionProvider"])
+
+
+def in_memory(model):
+    """The model as a protobuf with its weights inside (loaded from external data)."""
+    return ir.serde.serialize_model(ir.external_data.load_to_model(model))
+
+
+def run(model, A):
+    return session(model).run(None, {"A": A})[0]
+
+
+CASES = [  # (N, K, grid)
+    (24, 70, Grid(bits=4, group_size=32)),                   # K not a multiple of the block
+    (24, 70, Grid(bits=4, group_size=32, symmetric=True)),
+    (16, 96, Grid(bits=2, group_size=32)),
+    (16, 100, Grid(bits=2, group_size=16, symmetric=True)),
+    (16, 80, Grid.ternary(group_size=16)),
+    (16, 72, Grid(bits=8, group_size=64)),
+    (16, 72, Grid(bits=8, group_size=16, symmetric=True)),
+    (24, 70, Grid(bits=3, group_size=32)),                   # 3 bits in the 4-bit container
+    (24, 70, Grid(bits=3, group_size=32, symmetric=True)),
+    (12, 576, Grid(bits=4, group_size=None)),                # per channel: one block of 1024
+    (12, 576, Grid(bits=4, group_size=None, symmetric=True)),
+]
+
+
+@pytest.mark.parametrize("N,K,grid", CASES, ids=lambda c: str(c))
+def test_matmulnbits_equals_numpy_dequant_and_keeps_codes(N, K, grid):
+    q = random_quantized(N, K, grid, seed=N * K)
+    model = one_matmul_model(q)
+    ToMatMulNBitsPass()(model)
+    node = model.graph.node("layer")
+    assert node.op_type == "MatMulNBits" and node.domain == "com.microsoft"
+    A = np.random.default_rng(K).standard_normal((7, K)).astype(np.float32)
+    expected = A.astype(np.float64) @ q.dequantize().numpy().astype(np.float64).T
+    y = run(model, A)
+    np.testing.assert_allclose(y, expected, rtol=1e-4, atol=1e-4 * np.abs(expected).max())
+    # unpacking the written tensors gives back the solver's codes, bit for bit
+    attrs = {k: a.value for k, a in node.attributes.items()}
+    t = NBitsTensors(node.inputs[1].const_value.numpy(), node.inputs[2].const_value.numpy(),
+                     None if node.inputs[3] is None else node.inputs[3].const_value.numpy(),
+                     attrs["K"], attrs["N"], attrs["bits"], attrs["block_size"])
+    codes, scales, zp = from_matmulnbits(t, grid.symmetric)
+    assert codes.dtype == q.codes.numpy().dtype
+    np.testing.assert_array_equal(codes, q.codes.numpy())
+    np.testing.assert_array_equal(scales[:, : q.scales.shape[1]], q.scales.numpy())
+    if zp is not None:
+        np.testing.assert_array_equal(zp, q.zero_points.numpy())
+    assert "w" not in model.graph.initializers
+
+
+def test_gemm_bias_becomes_matmulnbits_bias():
+    q = random_quantized(16, 64, Grid(bits=4, group_size=32), seed=3)
+    bias = np.linspace(-1, 1, 16).astype(np.float32)
+    A = np.random.default_rng(0).standard_normal((7, 64)).astype(np.float32)
+    expected = A @ q.dequantize().numpy().T + bias
+    model = one_matmul_model(q, transposed=True, bias=bias)
+    ToMatMulNBitsPass()(model)
+    np.testing.assert_allclose(run(model, A), expected, rtol=1e-4, atol=1e-4 * np.abs(expected).max())
+    # accuracy_level 4: the CPU kernel quantizes A to int8, close but not exact
+    model = one_matmul_model(q, transposed=True, bias=bias)
+    ToMatMulNBitsPass(accuracy_level=4)(model)
+    assert model.graph.node("layer").attributes["accuracy_level"].value == 4
+    assert np.abs(run(model, A) - expected).max() < 0.02 * np.abs(expected).max()
+
+
+@pytest.mark.parametrize("N,K,grid", CASES[:7] + [
+    (16, 60, Grid(bits=4, group_size=12)),        # QDQ blocks need not be powers of two
+    (12, 64, Grid(bits=4, group_size=None))], ids=lambda c: str(c))
+@pytest.mark.parametrize("transposed", [False, True])
+def test_qdq_equals_numpy_dequant(N, K, grid, transposed):
+    q = random_quantized(N, K, grid, seed=K)
+    model = one_matmul_model(q, transposed=transposed)
+    ToQDQPass()(model)
+    assert model.opset_imports[""] == 21
+    dq = [n for n in model.graph if n.op_type == "DequantizeLinear"]
+    assert len(dq) == 1 and dq[0].inputs[0].const_value.dtype.bitwidth == (8 if grid.bits > 4 else 4)
+    A = np.random.default_rng(1).standard_normal((7, K)).astype(np.float32)
+    expected = A @ q.dequantize().numpy().T
+    np.testing.assert_allclose(run(model, A), expected, rtol=1e-4, atol=1e-4 * np.abs(expected).max())
+
+
+def test_matmulnbits_refuses_group_sizes_it_cannot_hold():
+    from qronos_onnx.errors import QronosError
+
+    q = random_quantized(8, 48, Grid(bits=4, group_size=12), seed=0)
+    with pytest.raises(QronosError, match="power-of-two group size"):
+        ToMatMulNBitsPass()(one_matmul_model(q))
+
+
+def quantized_tiny(path, recipe):
+    model = load_model(path)
+    samples = random_samples(detect_signature(model))
+    QuantizePass(recipe, samples, CalibrationOptions(progress=False))(model)
+    return model, samples
+
+
+def logits(model, feed):
+    return session(model).run(["logits"], feed)[0]
+
+
+@pytest.mark.parametrize("grid", [Grid(bits=4, group_size=32), Grid(bits=4, group_size=None, symmetric=True),
+                                  Grid(bits=3, group_size=16)], ids=str)
+def test_qdq_and_matmulnbits_give_the_same_logits(tiny_models, grid):
+    path = tiny_models("kv")
+    recipe = Recipe(grid=grid)
+    fake, samples = quantized_tiny(path, recipe)
+    reference = logits(fake, samples[0])                     # float model with dequantized weights
+    nbits, _ = quantized_tiny(path, recipe)
+    qdq, _ = quantized_tiny(path, recipe)
+    ToMatMulNBitsPass()(nbits)
+    ToQDQPass()(qdq)
+    assert sum(n.op_type == "MatMulNBits" for n in nbits.graph) == 14
+    assert sum(n.op_type == "DequantizeLinear" for n in qdq.graph) == 14
+    for m in (nbits, qdq):
+        out = logits(m, samples[0])
+        assert np.abs(out - reference).max() < 1e-3 * np.abs(reference).max()
+    np.testing.assert_allclose(logits(nbits, samples[0]), logits(qdq, samples[0]), rtol=1e-4,
+                               atol=1e-4 * np.abs(reference).max())
+    # ORT's default for QDQ (fused with int8 activations) stays close
+    default = ort.InferenceSession(in_memory(qdq).SerializeToString(),
+                                   providers=["CPUExecutionProvider"]).run(["logits"], samples[0])[0]
+    assert np.abs(default - reference).max() < 0.05 * np.abs(reference).max()
+
+
+@pytest.mark.parametrize("bits", [2, 4, 8])
+def test_saved_size_is_bits_over_8_of_the_weights_plus_scales(tiny_models, tmp_path, bits):
+    from qronos_onnx.ir.model_io import save_model
+
+    path = tiny_models("untied")
+    model, _ = quantized_tiny(path, Recipe(grid=Grid(bits=bits, group_size=32)))
+    targets = [t for g in find_targets(load_model(path))[0] for t in g.targets]
+    ToMatMulNBitsPass()(model)
+    files = save_model(model, tmp_path / "q.onnx")
+
+    def tensor_bytes(model_path):
+        proto = onnx.load(str(model_path))
+        return sum(numpy_helper.to_array(t, base_dir=str(model_path.parent)).nbytes
+                   for t in proto.graph.initializer)
+
+    params = sum(t.in_features * t.out_features for t in targets)
+    groups = sum(t.out_features * -(-t.in_features // 32) for t in targets)
+    # float weights of the targets out; codes (bits/8 per weight), scales and zero points in
+    expected = tensor_bytes(path) - 4 * params + params * bits / 8 + groups * (4 + bits / 8)
+    assert abs(tensor_bytes(files[0]) - expected) < 0.01 * expected
+    # on disk: the tensors plus no more non-tensor overhead than the input model had
+    overhead = sum(f.stat().st_size for f in path.parent.glob("model.onnx*")) - tensor_bytes(path)
+    assert tensor_bytes(files[0]) <= sum(f.stat().st_size for f in files) <= \
+        tensor_bytes(files[0]) + overhead + 4096
