@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from .ir.act_quant import ActQuant
 from .quant import ALGORITHMS, Grid
 from .quant.qronos import Variant
 
@@ -43,9 +44,11 @@ class Recipe:
         include_lm_head: quantize the layer that computes the logits too.
         exclude: targets left in float: globs, or regexes written ``re:PATTERN``, matched
             against readable and node names.
+        act_quant: activation quantizer in front of every quantized layer (W4A4, W8A8).
     """
 
     grid: Grid = field(default_factory=lambda: Grid(bits=4, group_size=128))
     solver: SolverOptions = field(default_factory=SolverOptions)
     include_lm_head: bool = False
     exclude: tuple[str, ...] = ()
+    act_quant: ActQuant | None = None

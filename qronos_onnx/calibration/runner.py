@@ -34,6 +34,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ..errors import QronosError
+from ..ir.act_quant import ACT_SCALE, fit_static_scale
 from ..ir.stages import Stage, fed_constants, last_uses, stage_model
 from ..ir.targets import TargetGroup
 from .session import make_session
@@ -154,7 +155,7 @@ class TwoStreamCalibrator:
 
     def run(self, solve: SolveFn) -> CalibrationRun:
         """Calibrate every stage and solve every group, in order."""
-        per_sample = sum(1 if st.shared else 2 for st in self.stages)
+        per_sample = sum(len(self._passes(st)) for st in self.stages)
         bar = tqdm(total=per_sample * len(self.samples), desc="calibrating", unit="run",
                    disable=not self.options.progress, dynamic_ncols=True)
         try:
@@ -176,7 +177,9 @@ class TwoStreamCalibrator:
     def _run_stage(self, stage: Stage, bar) -> GroupStats | None:
         group = stage.group
         stats = None if group is None else GroupStats(group.in_features, self.device)
-        passes = [("shared", "shared")] if stage.shared else [("float", "float"), ("quant", "quant")]
+        passes = self._passes(stage)
+        if stage.act_scales:
+            self._fit_act_scales(stage)
         session = self._session(stage) if stage.nodes else None
         fed = fed_constants(self.model, stage)
         float_consts = {n: self.model.graph.initializers[n].const_value.numpy() for n in fed}
@@ -202,6 +205,31 @@ class TwoStreamCalibrator:
         if session is not None and self.options.profile:
             self._count_node_runs(session)
         return stats
+
+    @staticmethod
+    def _passes(stage: Stage) -> list[tuple[str, str]]:
+        """``(side, store)`` of each run of a stage per sample."""
+        if stage.shared:
+            return [("shared", "shared")]
+        if stage.quant_only:
+            return [("quant", "quant")]
+        return [("float", "float"), ("quant", "quant")]
+
+    def _fit_act_scales(self, stage: Stage) -> None:
+        """Fit static activation scales on the quantized stream's calibration activations and
+        write them (and their zero points) into the model."""
+        graph = self.model.graph
+        for name in stage.act_scales:
+            value = graph.initializers[name]
+            static = value.meta[ACT_SCALE]
+            arrays = [self._lookup("quant", static.source, s) for s in range(len(self.samples))]
+            scale, zero = fit_static_scale(arrays, static.spec)
+            old = value.const_value
+            value.const_value = ir.Tensor(np.asarray(scale, dtype=old.dtype.numpy()), name=name)
+            if static.zero_point is not None:
+                zp = graph.initializers[static.zero_point]
+                zp.const_value = ir.Tensor(np.asarray(zero, dtype=zp.const_value.dtype.numpy()),
+                                           name=static.zero_point)
 
     def _accumulate(self, stats: GroupStats, group: TargetGroup, s: int) -> None:
         x_quant = self._lookup("quant", group.input, s)

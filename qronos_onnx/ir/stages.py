@@ -24,6 +24,7 @@ import onnx
 import onnx_ir as ir
 
 from ..errors import QronosError
+from .act_quant import ACT_SCALE
 from .targets import TargetGroup
 
 FED_CONSTANT_BYTES = 1 << 20
@@ -42,6 +43,10 @@ class Stage:
         constants: initializers the stage reads.
         outputs: values later stages read, plus the group input.
         weights: target weights among ``constants`` (fed per stream).
+        act_scales: static activation-scale initializers this stage's quantizer reads: they are
+            fitted on the quantized stream's source values before the stage runs.
+        quant_only: only the quantized stream runs it (an activation quantizer: the float
+            network reads the value before quantization).
     """
 
     index: int
@@ -52,6 +57,8 @@ class Stage:
     constants: list[str] = field(default_factory=list)
     outputs: list[str] = field(default_factory=list)
     weights: list[str] = field(default_factory=list)
+    act_scales: list[str] = field(default_factory=list)
+    quant_only: bool = False
 
 
 def plan_stages(model: ir.Model, groups: list[TargetGroup]) -> list[Stage]:
@@ -73,24 +80,51 @@ def plan_stages(model: ir.Model, groups: list[TargetGroup]) -> list[Stage]:
     stages: list[Stage] = []
     computed: set[ir.Node] = set()
     for group in sorted(groups, key=position):
-        needed = sorted(_ancestors(values[group.input], computed), key=order.__getitem__)
-        computed.update(needed)
-        for node in needed:
-            if any(a.type == ir.AttributeType.GRAPH or a.type == ir.AttributeType.GRAPHS
-                   for a in node.attributes.values()):
-                raise QronosError(f"control flow ({node.op_type} node {node.name!r}) on the path "
-                                  "of a quantized layer is not supported")
-        shared = [n for n in needed if n not in dependent]
-        own = [n for n in needed if n in dependent]
-        if shared:
-            stages.append(Stage(len(stages), shared, shared=True))
-        if own:
-            stages.append(Stage(len(stages), own, shared=False))
-        if not stages:               # the group reads a graph input directly
-            stages.append(Stage(0, [], shared=True))
+        start = len(stages)
+        for nodes, scales in _parts(group, values, computed):
+            ordered = sorted(nodes, key=order.__getitem__)
+            computed.update(ordered)
+            _check_no_control_flow(ordered)
+            if scales:
+                stages.append(Stage(len(stages), ordered, shared=False, act_scales=scales,
+                                    quant_only=True))
+                continue
+            shared = [n for n in ordered if n not in dependent]
+            own = [n for n in ordered if n in dependent]
+            if shared:
+                stages.append(Stage(len(stages), shared, shared=True))
+            if own:
+                stages.append(Stage(len(stages), own, shared=False))
+        if len(stages) == start:      # the group reads a graph input directly
+            stages.append(Stage(len(stages), [], shared=True))
         stages[-1].group = group
     _wire(stages, weight_names)
     return stages
+
+
+def _parts(group: TargetGroup, values: dict[str, ir.Value],
+           computed: set[ir.Node]) -> list[tuple[set[ir.Node], list[str]]]:
+    """The nodes the group input needs, as ``(nodes, static scales)`` parts in run order.
+
+    A static activation quantizer gets a part of its own, after the nodes computing its source,
+    so that its scale can be fitted on the source before it runs.
+    """
+    needed = _ancestors(values[group.input], computed)
+    if group.source is None:
+        return [(needed, [])]
+    main = _ancestors(values[group.source], computed)
+    quantizer = needed - main
+    scales = sorted({v.name for n in quantizer for v in n.inputs
+                     if v is not None and ACT_SCALE in v.meta})
+    return [(main, []), (quantizer, scales)] if scales else [(needed, [])]
+
+
+def _check_no_control_flow(nodes: list[ir.Node]) -> None:
+    for node in nodes:
+        if any(a.type in (ir.AttributeType.GRAPH, ir.AttributeType.GRAPHS)
+               for a in node.attributes.values()):
+            raise QronosError(f"control flow ({node.op_type} node {node.name!r}) on the path "
+                              "of a quantized layer is not supported")
 
 
 def _values_by_name(model: ir.Model) -> dict[str, ir.Value]:
@@ -159,15 +193,22 @@ def _add_output(stage: Stage, name: str) -> None:
 
 
 def last_uses(stages: list[Stage]) -> dict[str, int]:
-    """For every value a stage reads, the index of the last stage that reads it."""
+    """For every value a stage reads, the index of the last stage that reads it.
+
+    The float stream reads an activation quantizer's source wherever the quantized stream reads
+    its output, so a source lives as long as its quantized twin.
+    """
+    sources = {st.group.input: st.group.source for st in stages
+               if st.group is not None and st.group.source is not None}
     last: dict[str, int] = {}
     for stage in stages:
-        for name in stage.inputs:
-            last[name] = stage.index
+        names = list(stage.inputs)
         if stage.group is not None:
-            for name in (stage.group.input, stage.group.source):
-                if name is not None:
-                    last[name] = max(last.get(name, -1), stage.index)
+            names.append(stage.group.input)
+        for name in names:
+            for n in (name, sources.get(name)):
+                if n is not None:
+                    last[n] = max(last.get(n, -1), stage.index)
     return last
 
 

@@ -23,6 +23,7 @@ from ..calibration.runner import (CalibrationOptions, CalibrationRun, TwoStreamC
                                   torch_device)
 from ..config import Recipe
 from ..errors import QronosError
+from ..ir.act_quant import insert_act_quant
 from ..ir.signature import detect_signature
 from ..ir.stages import plan_stages
 from ..ir.targets import Skipped, Target, TargetGroup, find_targets
@@ -82,17 +83,25 @@ class QuantizePass(ir.passes.InPlacePass):
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         detect_signature(model)
-        groups, self.skipped = find_targets(model, include_lm_head=self.recipe.include_lm_head,
-                                            exclude=self.recipe.exclude)
+        groups, self.skipped = self._find(model)
         if not groups:
             raise QronosError("no quantizable MatMul/Gemm with a constant 2-D weight was found "
                               f"({len(self.skipped)} skipped)")
+        if self.recipe.act_quant is not None:
+            for group in groups:
+                dtype = model.graph.initializers[group.targets[0].weight].const_value.dtype
+                insert_act_quant(model, group, self.recipe.act_quant, dtype)
+            groups, _ = self._find(model)
         stages = plan_stages(model, groups)
         calibrator = TwoStreamCalibrator(model, stages, self.samples, self.calibration)
         self.run_info = calibrator.run(lambda g, H, G: self._solve(model, g, H, G))
         for result in self.results:
             self._write(model, result)
         return ir.passes.PassResult(model, modified=True)
+
+    def _find(self, model: ir.Model):
+        return find_targets(model, include_lm_head=self.recipe.include_lm_head,
+                            exclude=self.recipe.exclude)
 
     def _solve(self, model: ir.Model, group: TargetGroup, H: torch.Tensor,
                G: torch.Tensor) -> dict[str, np.ndarray]:

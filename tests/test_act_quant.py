@@ -1,0 +1,103 @@
+"""Activation quantization: the graph against numpy, the quantized stream against the final
+graph, and W8A8 on ONNX Runtime's integer kernels."""
+
+import numpy as np
+import onnx
+import onnx_ir as ir
+import onnxruntime as ort
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+from conftest import random_samples
+from qronos_onnx.calibration.runner import CalibrationOptions
+from qronos_onnx.config import Recipe
+from qronos_onnx.ir.act_quant import ActQuant, insert_act_quant
+from qronos_onnx.ir.model_io import load_model
+from qronos_onnx.ir.signature import detect_signature
+from qronos_onnx.ir.targets import find_targets
+from qronos_onnx.pipeline import quantize_file
+from qronos_onnx.quant import Grid
+from test_calibration import full_model_capture, gram, rel
+
+
+def per_token_numpy(x, bits):
+    """Symmetric per-token fake quantization, straight from the definition."""
+    qmax = 2 ** (bits - 1) - 1
+    s = np.abs(x).max(axis=-1, keepdims=True) / np.float32(qmax)
+    s = np.maximum(s, np.finfo(np.float32).tiny)
+    return np.clip(np.round(x / s), -qmax - 1, qmax) * s
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+def test_per_token_quantizer_equals_numpy(bits):
+    w = np.random.default_rng(0).standard_normal((16, 8)).astype(np.float32)
+    graph = helper.make_graph(
+        [helper.make_node("Relu", ["X"], ["h"]), helper.make_node("MatMul", ["h", "w"], ["Y"], name="mm")],
+        "g", [helper.make_tensor_value_info("X", TensorProto.FLOAT, [2, 5, 16])],
+        [helper.make_tensor_value_info("Y", TensorProto.FLOAT, None)], [numpy_helper.from_array(w, "w")])
+    model = ir.serde.deserialize_model(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 20)]))
+    group = find_targets(model)[0][0]
+    out = insert_act_quant(model, group, ActQuant(bits), ir.DataType.FLOAT)
+    model.graph.outputs.append(out)
+    x = np.random.default_rng(1).standard_normal((2, 5, 16)).astype(np.float32) * 3
+    x[0, 0] = 0                                               # an all-zero token stays zero
+    session = ort.InferenceSession(ir.serde.serialize_model(model).SerializeToString(),
+                                   providers=["CPUExecutionProvider"])
+    y, xq = session.run(None, {"X": x})
+    expected = per_token_numpy(np.maximum(x, 0), bits)
+    np.testing.assert_array_equal(xq, expected)
+    np.testing.assert_allclose(y, expected @ w, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("act", [ActQuant(4, "token"), ActQuant(4, "tensor"),
+                                 ActQuant(8, "tensor", symmetric=False)], ids=str)
+def test_quantized_stream_agrees_with_the_final_graph(tiny_models, tmp_path, act):
+    """H from calibration equals H recomputed from the saved model's own quantizers."""
+    path = tiny_models("nokv")
+    samples = random_samples(detect_signature(load_model(path)))
+    seen = []
+    recipe = Recipe(grid=Grid(bits=4, group_size=32), act_quant=act)
+    outcome = quantize_file(path, tmp_path / "q.onnx", recipe, samples,
+                            CalibrationOptions(progress=False),
+                            observer=lambda g, H, G, r: seen.append((g, H.numpy(), G.numpy())))
+    saved = outcome.files[0]
+    inputs = [g.input for g, *_ in seen]
+    assert all(g.source is not None and g.input != g.source for g, *_ in seen)
+    # the saved model is fake-quantized: its quantizers and weights are the final graph's,
+    # and for the last group every earlier group is solved: its input is the quant stream's
+    last, H, _ = seen[-1]
+    x_quant = full_model_capture(saved, [last.input], {}, samples)[last.input]
+    assert rel(H, gram(x_quant, x_quant)) < 1e-5
+    # the quantizer really quantizes: at most 2^bits levels per token (or per tensor)
+    first = x_quant[0].reshape(-1, x_quant[0].shape[-1])
+    levels = len(np.unique(first[3])) if act.granularity == "token" else len(np.unique(first))
+    assert levels <= 2 ** act.bits
+    if act.granularity == "tensor":                            # the fitted scale is in the file
+        proto = onnx.load(str(saved))
+        scales = [numpy_helper.to_array(t) for t in proto.graph.initializer
+                  if t.name.endswith("_aq_scale")]
+        assert len(scales) == len(inputs) and all(float(s) != 1.0 for s in scales)
+
+
+def test_w8a8_runs_on_integer_kernels_and_stays_close_to_float(tiny_models, tmp_path):
+    from qronos_onnx.passes.formats import ToQDQPass
+
+    path = tiny_models("nokv")
+    model = load_model(path)
+    samples = random_samples(detect_signature(model))
+    recipe = Recipe(grid=Grid(bits=8, group_size=None, symmetric=True),
+                    act_quant=ActQuant(8, "tensor", symmetric=False))
+    from qronos_onnx.passes.quantize import QuantizePass
+
+    QuantizePass(recipe, samples, CalibrationOptions(progress=False))(model)
+    ToQDQPass()(model)
+    proto = ir.serde.serialize_model(ir.external_data.load_to_model(model))
+    options = ort.SessionOptions()
+    options.optimized_model_filepath = str(tmp_path / "optimized.onnx")
+    session = ort.InferenceSession(proto.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    ops = {n.op_type for n in onnx.load(str(tmp_path / "optimized.onnx")).graph.node}
+    assert ops & {"MatMulIntegerToFloat", "QLinearMatMul", "MatMulInteger", "DynamicQuantizeMatMul"}, ops
+    feed = samples[0]
+    out = session.run(["logits"], feed)[0]
+    ref = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(["logits"], feed)[0]
+    assert rel(out, ref) < 0.05
