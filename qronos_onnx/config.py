@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Literal
 
 from .ir.act_quant import ActQuant
+from .ir.targets import Target, matches
 from .quant import ALGORITHMS, Grid
 from .quant.qronos import Variant
 
@@ -34,6 +36,10 @@ class SolverOptions:
             raise ValueError(f"solver_block must be >= 1, got {self.solver_block}")
 
 
+#: The lm_head grid under ``lm_head="int8"``.
+LM_HEAD_INT8 = Grid(bits=8, group_size=None, symmetric=True)
+
+
 @dataclass(frozen=True)
 class Recipe:
     """A quantization recipe.
@@ -41,14 +47,33 @@ class Recipe:
     Attributes:
         grid: the weight grid of every target.
         solver: how layers are solved.
-        include_lm_head: quantize the layer that computes the logits too.
-        exclude: targets left in float: globs, or regexes written ``re:PATTERN``, matched
-            against readable and node names.
+        lm_head: ``skip`` (the layer computing the logits stays float) or ``int8`` (int8 per
+            output channel; a tied lm_head gets its own weight first).
+        include: when given, only targets matching one of these are quantized.
+        exclude: targets left in float. Patterns are globs, or regexes written ``re:PATTERN``,
+            matched against readable and node names.
+        overrides: ``(pattern, grid)`` pairs: targets matching a pattern use its grid.
         act_quant: activation quantizer in front of every quantized layer (W4A4, W8A8).
     """
 
     grid: Grid = field(default_factory=lambda: Grid(bits=4, group_size=128))
     solver: SolverOptions = field(default_factory=SolverOptions)
-    include_lm_head: bool = False
+    lm_head: Literal["skip", "int8"] = "skip"
+    include: tuple[str, ...] = ()
     exclude: tuple[str, ...] = ()
+    overrides: tuple[tuple[str, Grid], ...] = ()
     act_quant: ActQuant | None = None
+
+    def __post_init__(self) -> None:
+        if self.lm_head not in ("skip", "int8"):
+            raise ValueError(f"lm_head must be 'skip' or 'int8', got {self.lm_head!r}")
+
+    def grid_for(self, target: Target) -> Grid:
+        """The grid of one target: int8 per channel for the lm_head (policy ``int8``), else
+        the first override whose pattern matches, else ``grid``."""
+        if target.lm_head:
+            return LM_HEAD_INT8
+        for pattern, grid in self.overrides:
+            if matches([pattern], target.name, target.node):
+                return grid
+        return self.grid

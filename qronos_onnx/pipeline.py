@@ -1,36 +1,85 @@
-"""File in, file out: load, quantize, save. Nothing is written unless everything succeeded."""
+"""File in, file out: load, quantize, export, save, report. Nothing is written unless
+everything succeeded; the input model and its data files are never modified."""
 
 from __future__ import annotations
 
 import os
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 from .calibration.runner import CalibrationOptions
 from .config import Recipe
+from .errors import QronosError
 from .ir.model_io import check_output_path, load_model, save_model
+from .ir.packing import block_size_for, container_bits
+from .passes.formats import ToMatMulNBitsPass, ToQDQPass
 from .passes.quantize import QuantizePass
+from .report import build_report, write_report
+
+Format = Literal["matmulnbits", "qdq"]
+FORMATS = ("matmulnbits", "qdq")
 
 
 @dataclass
 class QuantizationOutcome:
-    """What ``quantize_file`` produced: the files written and the pass that did the work."""
+    """What ``quantize_file`` produced: the files written, the report and the pass."""
 
     files: list[Path]
+    report: dict
     quantize: QuantizePass
+
+
+def check_format(recipe: Recipe, fmt: Format | None) -> list[str]:
+    """Refuse grids the format cannot hold, before any work; return notes for the report."""
+    if fmt is not None and fmt not in FORMATS:
+        raise QronosError(f"format must be one of {', '.join(FORMATS)}, got {fmt!r}")
+    notes = []
+    grids = [recipe.grid, *(g for _, g in recipe.overrides)]
+    if fmt == "matmulnbits":
+        for grid in grids:
+            if grid.group_size is not None:
+                try:
+                    block_size_for(grid.group_size, grid.group_size)
+                except ValueError as err:
+                    raise QronosError(f"{err}: use --format qdq, or --group-size 16/32/64/128")
+            if container_bits(grid.bits) != grid.bits:
+                notes.append(f"{grid.bits}-bit codes are stored in MatMulNBits' "
+                             f"{container_bits(grid.bits)}-bit container (ONNX Runtime's kernel "
+                             "takes 2, 4 and 8 bits); the file is that much larger")
+    if fmt == "qdq":
+        for grid in grids:
+            if grid.bits not in (4, 8):
+                notes.append(f"{grid.bits}-bit codes are stored as {'int4' if grid.bits < 4 else 'int8'}")
+    return notes
 
 
 def quantize_file(model_path: str | os.PathLike, output: str | os.PathLike, recipe: Recipe,
                   samples: Sequence[dict], calibration: CalibrationOptions | None = None,
-                  force: bool = False, observer=None) -> QuantizationOutcome:
-    """Quantize ``model_path`` into ``output`` (a fake-quantized float model, for now).
+                  force: bool = False, fmt: Format | None = "matmulnbits",
+                  accuracy_level: int | None = None, report: str | os.PathLike | None = "report.json",
+                  observer=None) -> QuantizationOutcome:
+    """Quantize ``model_path`` into ``output``.
 
-    The output path is checked before any work and written only at the end; the input model
-    and its data files are never modified.
+    Args:
+        fmt: ``matmulnbits`` (default), ``qdq``, or ``None`` for a fake-quantized float model
+            (dequantized weights; for inspection and tests).
+        report: file name of the JSON report, written beside ``output``; ``None`` for none.
     """
+    t0 = time.perf_counter()
     output = check_output_path(output, [model_path], force)
+    notes = check_format(recipe, fmt)
     model = load_model(model_path)
     quantize = QuantizePass(recipe, samples, calibration, observer)
     quantize(model)
-    return QuantizationOutcome(save_model(model, output), quantize)
+    if fmt == "matmulnbits":
+        ToMatMulNBitsPass(accuracy_level)(model)
+    elif fmt == "qdq":
+        ToQDQPass()(model)
+    files = save_model(model, output)
+    result = build_report(model_path, files, quantize, fmt, notes, time.perf_counter() - t0)
+    if report is not None:
+        files.append(write_report(result, output.parent / report))
+    return QuantizationOutcome(files, result, quantize)

@@ -58,7 +58,7 @@ def test_quantized_stream_agrees_with_the_final_graph(tiny_models, tmp_path, act
     seen = []
     recipe = Recipe(grid=Grid(bits=4, group_size=32), act_quant=act)
     outcome = quantize_file(path, tmp_path / "q.onnx", recipe, samples,
-                            CalibrationOptions(progress=False),
+                            CalibrationOptions(progress=False), fmt=None, report=None,
                             observer=lambda g, H, G, r: seen.append((g, H.numpy(), G.numpy())))
     saved = outcome.files[0]
     inputs = [g.input for g, *_ in seen]

@@ -27,8 +27,8 @@ def quantize_observed(model_path, tmp_path, reference="network", **cal):
     seen = []
     samples = random_samples(detect_signature(load_model(model_path)))
     options = CalibrationOptions(reference=reference, progress=False, **cal)
-    outcome = quantize_file(model_path, tmp_path / "q.onnx", RECIPE, samples, options,
-                            observer=lambda g, H, G, r: seen.append((g, H.numpy(), G.numpy(), r)))
+    outcome = quantize_file(model_path, tmp_path / "q.onnx", RECIPE, samples, options, fmt=None,
+                            report=None, observer=lambda g, H, G, r: seen.append((g, H.numpy(), G.numpy(), r)))
     return outcome, seen, samples
 
 

@@ -79,6 +79,8 @@ class CalibrationRun:
         seconds: wall time of the stage runs, of the statistics and of the solves.
         providers: execution providers actually used.
         node_runs: with ``profile``, how many times each graph node ran.
+        output_error: per target node, ``(||y||^2 / n, ||y - y~||^2 / n)`` over the calibration
+            tokens, with ``y`` its float-side and ``y~`` its quantized-side output.
     """
 
     stages: int = 0
@@ -86,6 +88,7 @@ class CalibrationRun:
     seconds: dict[str, float] = field(default_factory=lambda: Counter())
     providers: list[str] = field(default_factory=list)
     node_runs: Counter = field(default_factory=Counter)
+    output_error: dict[str, tuple[float, float]] = field(default_factory=dict)
 
 
 def torch_device(device: str) -> torch.device:
@@ -181,25 +184,37 @@ class TwoStreamCalibrator:
         if stage.act_scales:
             self._fit_act_scales(stage)
         session = self._session(stage) if stage.nodes else None
+        measured = [name for _, name in stage.target_outputs]
+        sums = np.zeros((len(measured), 2))
+        tokens = 0
         fed = fed_constants(self.model, stage)
         float_consts = {n: self.model.graph.initializers[n].const_value.numpy() for n in fed}
         quant_consts = {**float_consts, **{w: self._quant_weights[w] for w in stage.weights}}
         for s in range(len(self.samples)):
+            layer_outputs = {}
             for side, where in passes:
                 if session is None:
                     break
                 feeds = {n: self._lookup(side, n, s) for n in stage.inputs}
                 feeds.update(quant_consts if side == "quant" else float_consts)
                 t0 = time.perf_counter()
-                outputs = session.run(stage.outputs, feeds)
+                outputs = dict(zip(stage.run_outputs, session.run(stage.run_outputs, feeds)))
                 self.run_info.seconds["stages"] += time.perf_counter() - t0
                 self.run_info.session_runs += 1
-                self._store(where, stage.outputs, outputs, s)
+                self._store(where, stage.outputs, [outputs[n] for n in stage.outputs], s)
+                layer_outputs[side] = [outputs[n] for n in measured]
                 bar.update(1)
+            if measured:
+                for i, (y, y_quant) in enumerate(zip(layer_outputs["float"], layer_outputs["quant"])):
+                    y = y.astype(np.float64)
+                    sums[i] += (np.square(y).sum(), np.square(y - y_quant).sum())
+                tokens += layer_outputs["float"][0].size // layer_outputs["float"][0].shape[-1]
             if stats is not None:
                 t0 = time.perf_counter()
                 self._accumulate(stats, group, s)
                 self.run_info.seconds["statistics"] += time.perf_counter() - t0
+        for (node, _), (ref, err) in zip(stage.target_outputs, sums):
+            self.run_info.output_error[node] = (ref / tokens, err / tokens)
         if self.options.reference == "stage":
             self._values["float"].clear()       # the float stage's outputs only give this X
         if session is not None and self.options.profile:

@@ -47,6 +47,8 @@ class Stage:
             fitted on the quantized stream's source values before the stage runs.
         quant_only: only the quantized stream runs it (an activation quantizer: the float
             network reads the value before quantization).
+        target_outputs: ``(target node, output value)`` of the targets computed here: both
+            streams' outputs are compared to measure each layer's output error.
     """
 
     index: int
@@ -59,6 +61,12 @@ class Stage:
     weights: list[str] = field(default_factory=list)
     act_scales: list[str] = field(default_factory=list)
     quant_only: bool = False
+    target_outputs: list[tuple[str, str]] = field(default_factory=list)
+
+    @property
+    def run_outputs(self) -> list[str]:
+        """What a run computes: ``outputs`` and the measured target outputs."""
+        return [*self.outputs, *(v for _, v in self.target_outputs if v not in self.outputs)]
 
 
 def plan_stages(model: ir.Model, groups: list[TargetGroup]) -> list[Stage]:
@@ -98,7 +106,13 @@ def plan_stages(model: ir.Model, groups: list[TargetGroup]) -> list[Stage]:
         if len(stages) == start:      # the group reads a graph input directly
             stages.append(Stage(len(stages), [], shared=True))
         stages[-1].group = group
+    tail = [n for n in model.graph if n.name in target_nodes and n not in computed]
+    if tail:        # targets no later group input needs: run them once to measure their error
+        stages.append(Stage(len(stages), tail, shared=False))
     _wire(stages, weight_names)
+    for stage in stages:
+        stage.target_outputs = [(n.name, n.outputs[0].name) for n in stage.nodes
+                                if n.name in target_nodes]
     return stages
 
 
@@ -219,7 +233,8 @@ def stage_model(model: ir.Model, stage: Stage, input_types: dict[str, np.dtype])
         input_types: element type of every value in ``stage.inputs`` (from the arrays fed).
     Returns:
         A model whose graph inputs are ``stage.inputs``, the target weights and the fed
-        constants, and whose outputs are ``stage.outputs`` (untyped: ONNX Runtime infers them).
+        constants, and whose outputs are ``stage.run_outputs`` (untyped: ONNX Runtime infers
+        them).
     """
     graph_inputs = [onnx.helper.make_tensor_value_info(n, _onnx_type(input_types[n]), None)
                     for n in stage.inputs]
@@ -236,7 +251,7 @@ def stage_model(model: ir.Model, stage: Stage, input_types: dict[str, np.dtype])
             embedded.append(proto)
     nodes = [ir.serde.serialize_node(n) for n in stage.nodes]
     outputs = []
-    for name in stage.outputs:
+    for name in stage.run_outputs:
         info = onnx.ValueInfoProto()
         info.name = name
         outputs.append(info)

@@ -14,6 +14,7 @@ import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+import numpy as np
 import onnx_ir as ir
 
 from ..errors import QronosError
@@ -104,13 +105,14 @@ def matches(patterns: Sequence[str], *names: str) -> bool:
     return False
 
 
-def find_targets(model: ir.Model, *, include_lm_head: bool = False,
+def find_targets(model: ir.Model, *, include_lm_head: bool = False, include: Sequence[str] = (),
                  exclude: Sequence[str] = ()) -> tuple[list[TargetGroup], list[Skipped]]:
     """All targets of ``model``, grouped by input in graph order, and the skipped layers.
 
-    ``exclude`` takes globs or ``re:`` regexes, matched against readable and node names.
+    ``include`` (when given: only these) and ``exclude`` take globs or ``re:`` regexes, matched
+    against readable and node names.
     """
-    for pattern in exclude:
+    for pattern in (*include, *exclude):
         if pattern.startswith("re:"):
             try:
                 re.compile(pattern[3:])
@@ -126,6 +128,8 @@ def find_targets(model: ir.Model, *, include_lm_head: bool = False,
         target, reason = _as_target(node, name, node in logits)
         if reason is None and target.lm_head and not include_lm_head:
             reason = "lm_head (not quantized by default)"
+        if reason is None and include and not matches(include, name, node.name):
+            reason = "not included by pattern"
         if reason is None and matches(exclude, name, node.name):
             reason = "excluded by pattern"
         if reason is None:
@@ -146,6 +150,31 @@ ACT_QUANT_SOURCE = "qronos.act_quant_source"
 
 def _act_quant_source(value: ir.Value | None) -> str | None:
     return None if value is None else value.meta.get(ACT_QUANT_SOURCE)
+
+
+def untie_lm_head(model: ir.Model) -> bool:
+    """Give a tied lm_head (MatMul on a Transpose of the embedding) its own weight initializer,
+    so that it can be quantized without touching the embedding. Returns whether it was tied."""
+    for node in _logits_producers(model):
+        weight = node.inputs[1]
+        producer = None if weight is None else weight.producer()
+        if producer is None or producer.op_type != "Transpose" or producer.inputs[0].const_value is None:
+            continue
+        table = producer.inputs[0].const_value
+        perm = producer.attributes.get("perm")
+        if perm is not None and list(perm.value) != [1, 0]:
+            continue
+        name = f"{producer.inputs[0].name}.lm_head"
+        shape = ir.Shape([table.shape[1], table.shape[0]])
+        untied = ir.Value(name=name, const_value=ir.LazyTensor(
+            lambda t=table, n=name: ir.Tensor(np.ascontiguousarray(t.numpy().T), name=n),
+            dtype=table.dtype, shape=shape, name=name))
+        model.graph.register_initializer(untied)
+        node.replace_input_with(1, untied)
+        if not producer.outputs[0].uses():
+            model.graph.remove(producer)
+        return True
+    return False
 
 
 def _as_target(node: ir.Node, name: str, lm_head: bool) -> tuple[Target | None, str | None]:

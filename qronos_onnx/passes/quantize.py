@@ -26,8 +26,8 @@ from ..errors import QronosError
 from ..ir.act_quant import insert_act_quant
 from ..ir.signature import detect_signature
 from ..ir.stages import plan_stages
-from ..ir.targets import Skipped, Target, TargetGroup, find_targets
-from ..quant import QuantizedWeight, solve
+from ..ir.targets import Skipped, Target, TargetGroup, find_targets, untie_lm_head
+from ..quant import Grid, QuantizedWeight, solve
 
 log = logging.getLogger("qronos_onnx")
 
@@ -41,11 +41,32 @@ Observer = Callable[[TargetGroup, torch.Tensor, torch.Tensor, list["TargetResult
 
 @dataclass
 class TargetResult:
-    """One solved target."""
+    """One solved target.
+
+    The errors are relative output errors on the calibration set, ``||W X - Q X~||^2 /
+    ||W X||^2`` (``X`` from the float network, ``X~`` from the quantized one):
+    ``error`` for the solved codes, measured by ONNX Runtime on the layer's own outputs in both
+    streams, and ``error_rtn`` for round-to-nearest codes on the same grid ("before solving"),
+    from the statistics: ``(||W X||^2/n - 2 tr(W G Q^T) + tr(Q H Q^T)) / (||W X||^2/n)``.
+    """
 
     target: Target
     weight: QuantizedWeight
     seconds: float
+    cross_rtn: float = 0.0          # tr(W G Q_rtn^T)
+    quad_rtn: float = 0.0           # tr(Q_rtn H Q_rtn^T)
+    output_ref: float | None = None     # ||W X||^2 / n, measured
+    output_err: float | None = None     # ||W X - Q X~||^2 / n, measured
+
+    @property
+    def error(self) -> float | None:
+        return None if not self.output_ref else self.output_err / self.output_ref
+
+    @property
+    def error_rtn(self) -> float | None:
+        if not self.output_ref:
+            return None
+        return (self.output_ref - 2 * self.cross_rtn + self.quad_rtn) / self.output_ref
 
 
 def weight_matrix(tensor: ir.TensorProtocol, target: Target) -> torch.Tensor:
@@ -83,6 +104,8 @@ class QuantizePass(ir.passes.InPlacePass):
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         detect_signature(model)
+        if self.recipe.lm_head == "int8":
+            untie_lm_head(model)
         groups, self.skipped = self._find(model)
         if not groups:
             raise QronosError("no quantizable MatMul/Gemm with a constant 2-D weight was found "
@@ -96,39 +119,61 @@ class QuantizePass(ir.passes.InPlacePass):
         calibrator = TwoStreamCalibrator(model, stages, self.samples, self.calibration)
         self.run_info = calibrator.run(lambda g, H, G: self._solve(model, g, H, G))
         for result in self.results:
+            ref, err = self.run_info.output_error.get(result.target.node, (None, None))
+            result.output_ref, result.output_err = ref, err
             self._write(model, result)
         return ir.passes.PassResult(model, modified=True)
 
     def _find(self, model: ir.Model):
-        return find_targets(model, include_lm_head=self.recipe.include_lm_head,
-                            exclude=self.recipe.exclude)
+        return find_targets(model, include_lm_head=self.recipe.lm_head != "skip",
+                            include=self.recipe.include, exclude=self.recipe.exclude)
 
     def _solve(self, model: ir.Model, group: TargetGroup, H: torch.Tensor,
                G: torch.Tensor) -> dict[str, np.ndarray]:
-        """Solve the group's targets as one stacked weight (rows are independent)."""
-        tensors = [model.graph.initializers[t.weight].const_value for t in group.targets]
-        W = torch.cat([weight_matrix(x, t) for x, t in zip(tensors, group.targets)])
-        device = torch_device(self.calibration.device)
-        opts = self.recipe.solver
-        t0 = time.perf_counter()
-        q = solve(opts.algorithm, W.to(device), H.to(device), G.to(device), grid=self.recipe.grid,
-                  act_order=opts.act_order, damping=opts.damping,
-                  solver_block=opts.solver_block, variant=opts.variant,
-                  name=group.targets[0].name)
-        q = QuantizedWeight(q.codes.cpu(), q.scales.cpu(),
-                            None if q.zero_points is None else q.zero_points.cpu(), q.grid, q.info)
-        seconds = time.perf_counter() - t0
-        solved, start = {}, 0
-        new = []
-        for target, tensor in zip(group.targets, tensors):
-            part = q.rows(start, start + target.out_features)
-            start += target.out_features
-            new.append(TargetResult(target, part, seconds * target.out_features / W.shape[0]))
-            solved[target.weight] = stored_layout(part.dequantize(), target, tensor.dtype.numpy())
+        """Solve the group's targets, each set sharing a grid as one stacked weight (rows are
+        independent), and return their dequantized weights in the stored layout."""
+        by_grid: dict[Grid, list[Target]] = {}
+        for target in group.targets:
+            by_grid.setdefault(self.recipe.grid_for(target), []).append(target)
+        solved, new = {}, []
+        for grid, targets in by_grid.items():
+            weights, results = self._solve_stack(model, targets, grid, H, G)
+            solved.update(weights)
+            new.extend(results)
+        order = {t.node: i for i, t in enumerate(group.targets)}
+        new.sort(key=lambda r: order[r.target.node])
         self.results.extend(new)
         if self.observer is not None:
             self.observer(group, H, G, new)
         return solved
+
+    def _solve_stack(self, model, targets, grid, H, G):
+        """One stacked solve: ``({weight: stored-layout dequantized weight}, results)``."""
+        tensors = [model.graph.initializers[t.weight].const_value for t in targets]
+        W = torch.cat([weight_matrix(x, t) for x, t in zip(tensors, targets)])
+        device = torch_device(self.calibration.device)
+        W, H, G = W.to(device), H.to(device), G.to(device)
+        opts = self.recipe.solver
+        t0 = time.perf_counter()
+        q = solve(opts.algorithm, W, H, G, grid=grid, act_order=opts.act_order,
+                  damping=opts.damping, solver_block=opts.solver_block, variant=opts.variant,
+                  name=targets[0].name)
+        seconds = time.perf_counter() - t0
+        rtn = solve("rtn", W, grid=grid).dequantize().double()
+        W64 = W.double()
+        cross_rtn = ((W64 @ G) * rtn).sum(dim=1).cpu()          # per row: tr(W G Q^T)
+        quad_rtn = ((rtn @ H) * rtn).sum(dim=1).cpu()
+        q = QuantizedWeight(q.codes.cpu(), q.scales.cpu(),
+                            None if q.zero_points is None else q.zero_points.cpu(), q.grid, q.info)
+        solved, start, new = {}, 0, []
+        for target, tensor in zip(targets, tensors):
+            rows = slice(start, start + target.out_features)
+            part = q.rows(rows.start, rows.stop)
+            start = rows.stop
+            new.append(TargetResult(target, part, seconds * target.out_features / W.shape[0],
+                                    float(cross_rtn[rows].sum()), float(quad_rtn[rows].sum())))
+            solved[target.weight] = stored_layout(part.dequantize(), target, tensor.dtype.numpy())
+        return solved, new
 
     @staticmethod
     def _write(model: ir.Model, result: TargetResult) -> None:

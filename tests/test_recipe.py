@@ -1,0 +1,114 @@
+"""Per-node control (include, exclude, per-pattern grids, lm_head policy) and report.json."""
+
+import json
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+
+from conftest import random_samples
+from qronos_onnx.calibration.runner import CalibrationOptions
+from qronos_onnx.config import Recipe
+from qronos_onnx.errors import QronosError
+from qronos_onnx.ir.model_io import load_model
+from qronos_onnx.ir.signature import detect_signature
+from qronos_onnx.pipeline import quantize_file
+from qronos_onnx.quant import Grid
+
+QUIET = CalibrationOptions(progress=False)
+
+
+def run(path, tmp_path, recipe, **kw):
+    samples = random_samples(detect_signature(load_model(path)))
+    return quantize_file(path, tmp_path / "q.onnx", recipe, samples, QUIET, **kw), samples
+
+
+def quantized_names(outcome):
+    return {r.target.name for r in outcome.quantize.results}
+
+
+def test_include_and_exclude_patterns(tiny_models, tmp_path):
+    outcome, _ = run(tiny_models("nokv"), tmp_path, Recipe(
+        grid=Grid(bits=4, group_size=32), include=("*mlp*",), exclude=("re:layers\\.1\\..*down",)))
+    names = quantized_names(outcome)
+    assert names == {"model.layers.0.mlp.gate_proj", "model.layers.0.mlp.up_proj",
+                     "model.layers.0.mlp.down_proj", "model.layers.1.mlp.gate_proj",
+                     "model.layers.1.mlp.up_proj"}
+    reasons = {s["name"]: s["reason"] for s in outcome.report["skipped"]}
+    assert reasons["model.layers.1.mlp.down_proj"] == "excluded by pattern"
+    assert reasons["model.layers.0.self_attn.q_proj"] == "not included by pattern"
+
+
+def test_bad_regex_is_a_clear_error(tiny_models, tmp_path):
+    with pytest.raises(QronosError, match="bad exclude regex"):
+        run(tiny_models("nokv"), tmp_path, Recipe(exclude=("re:([",)))
+
+
+def test_per_pattern_grids(tiny_models, tmp_path):
+    recipe = Recipe(grid=Grid(bits=4, group_size=32),
+                    overrides=(("*down_proj", Grid(bits=8, group_size=16, symmetric=True)),
+                               ("*.k_proj", Grid(bits=2, group_size=64))))
+    outcome, _ = run(tiny_models("nokv"), tmp_path, recipe, fmt="qdq")
+    grids = {r.target.name.split(".")[-1]: r.weight.grid for r in outcome.quantize.results}
+    assert grids["down_proj"] == Grid(bits=8, group_size=16, symmetric=True)
+    assert grids["k_proj"] == Grid(bits=2, group_size=64)
+    assert grids["q_proj"] == grids["v_proj"] == Grid(bits=4, group_size=32)
+    assert outcome.report["targets"][1]["grid"]["bits"] == 2        # layer 0 k_proj
+    ort.InferenceSession(str(outcome.files[0]), providers=["CPUExecutionProvider"])
+
+
+@pytest.mark.parametrize("variant", ["nokv", "untied"])
+def test_lm_head_int8_policy(tiny_models, tmp_path, variant):
+    path = tiny_models(variant)
+    (tmp_path / "a").mkdir()
+    skipped, samples = run(path, tmp_path / "a", Recipe(grid=Grid(bits=4, group_size=32)))
+    assert not any(r.target.lm_head for r in skipped.quantize.results)
+    assert any("lm_head" in s["reason"] for s in skipped.report["skipped"])
+    (tmp_path / "b").mkdir()
+    outcome, _ = run(path, tmp_path / "b", Recipe(grid=Grid(bits=4, group_size=32), lm_head="int8"))
+    heads = [r for r in outcome.quantize.results if r.target.lm_head]
+    assert len(heads) == 1 and heads[0].weight.grid == Grid(bits=8, group_size=None, symmetric=True)
+    session = ort.InferenceSession(str(outcome.files[0]), providers=["CPUExecutionProvider"])
+    ops = [n.op_type for n in load_model(outcome.files[0]).graph]
+    assert ops.count("MatMulNBits") == 15 and "Gather" in ops       # the embedding stays float
+    ref = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    a, b = (s.run(["logits"], samples[0])[0] for s in (session, ref))
+    assert np.abs(a - b).max() < 0.5 * np.abs(b).max()
+
+
+def test_report_errors_match_the_statistics(tiny_models, tmp_path):
+    """The error measured by ORT on each layer's outputs equals the one the statistics give."""
+    seen = {}
+
+    def observe(group, H, G, results):
+        for r in results:
+            seen[r.target.node] = (H.double(), G.double())
+
+    path = tiny_models("kv")
+    samples = random_samples(detect_signature(load_model(path)))
+    outcome = quantize_file(path, tmp_path / "q.onnx", Recipe(grid=Grid(bits=3, group_size=16)),
+                            samples, QUIET, observer=observe)
+    from qronos_onnx.passes.quantize import weight_matrix
+
+    model = load_model(path)
+    for r in outcome.quantize.results:
+        H, G = seen[r.target.node]
+        W = weight_matrix(model.graph.initializers[r.target.weight].const_value, r.target).double()
+        Q = r.weight.dequantize().double()
+        predicted = r.output_ref - 2 * float(((W @ G) * Q).sum()) + float(((Q @ H) * Q).sum())
+        assert r.error == pytest.approx(predicted / r.output_ref, rel=2e-3, abs=1e-6)
+        assert 0 < r.error < 1 and 0 < r.error_rtn < 2
+    errors = [(t["error"], t["error_rtn"]) for t in outcome.report["targets"]]
+    assert np.mean([e for e, _ in errors]) < np.mean([e for _, e in errors])   # solving helps
+    on_disk = json.loads((tmp_path / "report.json").read_text())
+    assert on_disk["totals"]["targets"] == 14 and on_disk["format"] == "matmulnbits"
+    assert on_disk["totals"]["output_bytes"] > 0 and on_disk["totals"]["peak_rss_mb"] > 0
+    assert set(on_disk["targets"][0]) >= {"name", "shape", "grid", "algorithm", "damping",
+                                          "damping_retries", "error_rtn", "error", "solve_seconds"}
+
+
+def test_matmulnbits_group_size_is_checked_before_any_work(tiny_models, tmp_path):
+    with pytest.raises(QronosError, match="power-of-two"):
+        quantize_file(tiny_models("nokv"), tmp_path / "q.onnx", Recipe(grid=Grid(bits=4, group_size=24)),
+                      samples=[], calibration=QUIET)
+    assert list(tmp_path.iterdir()) == []
