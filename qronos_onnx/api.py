@@ -1,0 +1,160 @@
+"""The Python API: ``optimize`` and ``evaluate``, with the same options as the CLI.
+
+    import qronos_onnx
+    report = qronos_onnx.optimize("model.onnx", "model-w4.onnx", preset="w4")
+    result = qronos_onnx.evaluate("model-w4.onnx", reference="model.onnx")
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .calibration.data import (WIKI_VITAL, all_windows, calibration_windows, feeds_from,
+                               load_tokenizer, read_text)
+from .calibration.runner import CalibrationOptions
+from .config import Recipe, SolverOptions
+from .errors import QronosError
+from .eval import EvalResult, evaluate_windows
+from .ir.act_quant import ActQuant
+from .ir.model_io import check_output_path, load_model
+from .ir.signature import detect_signature
+from .pipeline import FORMATS, quantize_file
+from .quant import Grid
+
+#: Recipes behind ``--w4`` etc. Explicit options override any field.
+PRESETS: dict[str, dict[str, Any]] = {
+    "w4": dict(bits=4, group_size=128, symmetric=False),
+    "w3": dict(bits=3, group_size=128, symmetric=False),
+    "w2": dict(bits=2, group_size=32, symmetric=False),
+    # W4A4: per-channel symmetric int4 weights, per-token int4 activations; the reference
+    # implementation damps Qronos with 1e-3 (not 1e-6) when activations are quantized.
+    "w4a4": dict(bits=4, group_size=None, symmetric=True, act_bits=4, act="token",
+                 qronos_damping=1e-3),
+    # W8A8: int8 per-channel weights and static uint8 activations, as QDQ (integer kernels).
+    "w8a8": dict(bits=8, group_size=None, symmetric=True, act_bits=8, act="tensor",
+                 act_symmetric=False, format="qdq"),
+}
+DEFAULT_PRESET = "w4"
+DEFAULT_WINDOWS = 32
+DEFAULT_EVAL_WINDOWS = 40
+DEFAULT_SEQLEN = 512
+
+
+def build_recipe(preset: str | None = None, *, bits: int | None = None,
+                 group_size: int | None = None, per_channel: bool = False,
+                 symmetric: bool | None = None, algo: str = "qronos",
+                 damping: float | None = None, act_order: bool = True,
+                 exclude=(), include=(), lm_head: str = "skip",
+                 act_bits: int | None = None) -> tuple[Recipe, str | None]:
+    """The recipe for a preset with explicit overrides; also returns the preset's format."""
+    preset = preset or DEFAULT_PRESET
+    if preset not in PRESETS:
+        raise QronosError(f"unknown preset {preset!r}; choose one of {', '.join(PRESETS)}")
+    p = dict(PRESETS[preset])
+    if group_size is not None and per_channel:
+        raise QronosError("give --group-size or --per-channel, not both")
+    grid = Grid(bits=bits or p["bits"],
+                group_size=None if per_channel else (group_size or p["group_size"]),
+                symmetric=p["symmetric"] if symmetric is None else symmetric)
+    if damping is None and algo == "qronos":
+        damping = p.get("qronos_damping")
+    act = None
+    if p.get("act") is not None:
+        act = ActQuant(bits=act_bits or p["act_bits"], granularity=p["act"],
+                       symmetric=p.get("act_symmetric", True))
+    recipe = Recipe(grid=grid, solver=SolverOptions(algorithm=algo, act_order=act_order,
+                                                    damping=damping),
+                    lm_head=lm_head, include=tuple(include), exclude=tuple(exclude),
+                    act_quant=act)
+    return recipe, p.get("format")
+
+
+def default_tokenizer(model: str | os.PathLike) -> Path:
+    return Path(model).parent / "tokenizer.json"
+
+
+def token_windows(data: str | os.PathLike, tokenizer, seqlen: int, count: int,
+                  split: str, random: bool) -> np.ndarray:
+    """Windows of a text file or wiki-vital: ``count`` drawn by the calibration protocol
+    (``random``) or the first ``count`` (evaluation protocol)."""
+    ids = load_tokenizer(tokenizer)(read_text(data, split))
+    if random:
+        return calibration_windows(ids, seqlen, count)
+    windows = all_windows(ids, seqlen)
+    if count > len(windows):
+        raise QronosError(f"asked for {count} windows of {seqlen} tokens; {data} has {len(windows)}")
+    return windows[:count]
+
+
+def optimize(model: str | os.PathLike, output: str | os.PathLike, *, preset: str | None = None,
+             bits: int | None = None, group_size: int | None = None, per_channel: bool = False,
+             symmetric: bool | None = None, algo: str = "qronos", format: str | None = None,
+             calib_data: Any = WIKI_VITAL, calib_windows: int = DEFAULT_WINDOWS,
+             seqlen: int = DEFAULT_SEQLEN, tokenizer: str | os.PathLike | None = None,
+             exclude=(), include=(), lm_head: str = "skip", device: str = "auto",
+             force: bool = False, damping: float | None = None, act_order: bool = True,
+             reference: str = "network", accuracy_level: int | None = None,
+             report: str | None = "report.json", progress: bool = True) -> dict:
+    """Quantize an ONNX LLM; returns the report (also written as ``report`` beside ``output``).
+
+    ``calib_data`` is a text file, ``"wiki-vital"`` (default), or an iterable of feed dicts /
+    an ONNX Runtime ``CalibrationDataReader`` (then ``tokenizer``, ``calib_windows`` and
+    ``seqlen`` are not used). See the README for every option.
+    """
+    recipe, preset_format = build_recipe(preset, bits=bits, group_size=group_size,
+                                         per_channel=per_channel, symmetric=symmetric, algo=algo,
+                                         damping=damping, act_order=act_order, exclude=exclude,
+                                         include=include, lm_head=lm_head)
+    fmt = format or preset_format or "matmulnbits"
+    if fmt not in FORMATS:
+        raise QronosError(f"format must be one of {', '.join(FORMATS)}, got {fmt!r}")
+    if not Path(model).is_file():
+        raise QronosError(f"model file not found: {model}")
+    check_output_path(output, [model], force)
+    samples = calibration_samples(model, calib_data, calib_windows, seqlen, tokenizer)
+    outcome = quantize_file(model, output, recipe, samples,
+                            CalibrationOptions(reference=reference, device=device, progress=progress),
+                            force=force, fmt=fmt, accuracy_level=accuracy_level, report=report)
+    _copy_tokenizer(tokenizer or default_tokenizer(model), Path(output).parent)
+    return outcome.report
+
+
+def _copy_tokenizer(tokenizer: str | os.PathLike, out_dir: Path) -> None:
+    """Put ``tokenizer.json`` beside the output (never over an existing one), so that the
+    quantized model is evaluated and deployed with its tokenizer."""
+    source = Path(tokenizer)
+    source = source / "tokenizer.json" if source.is_dir() else source
+    target = out_dir / "tokenizer.json"
+    if source.is_file() and source.name == "tokenizer.json" and not target.exists():
+        shutil.copyfile(source, target)
+
+
+def calibration_samples(model, data, windows: int, seqlen: int, tokenizer) -> list[dict]:
+    """Feed dicts for calibration from a text source or from ready feeds."""
+    if isinstance(data, (str, os.PathLike)):
+        if windows < 1 or seqlen < 2:
+            raise QronosError("calibration needs at least one window of two tokens")
+        chosen = token_windows(data, tokenizer or default_tokenizer(model), seqlen, windows,
+                               "train", random=True)
+        signature = detect_signature(load_model(model))
+        return [signature.feed(w[None]) for w in chosen]
+    return list(feeds_from(data))
+
+
+def evaluate(model: str | os.PathLike, *, reference: str | os.PathLike | None = None,
+             data: str | os.PathLike = WIKI_VITAL, windows: int = DEFAULT_EVAL_WINDOWS,
+             seqlen: int = DEFAULT_SEQLEN, tokenizer: str | os.PathLike | None = None,
+             device: str = "auto", progress: bool = True) -> EvalResult:
+    """Perplexity (and KL / top-1 agreement against ``reference``) on the first ``windows``
+    windows of ``data`` (the test side of wiki-vital by default)."""
+    for path in (model, reference):
+        if path is not None and not Path(path).is_file():
+            raise QronosError(f"model file not found: {path}")
+    chosen = token_windows(data, tokenizer or default_tokenizer(model), seqlen, windows,
+                           "test", random=False)
+    return evaluate_windows(model, chosen, reference, device, progress)

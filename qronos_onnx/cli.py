@@ -1,0 +1,197 @@
+"""``qronos-onnx optimize | eval | inspect``: the command line."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import warnings
+from collections import Counter
+from pathlib import Path
+
+from . import api
+from .errors import QronosError
+
+EPILOG = "Errors a user can fix print one line and exit with status 2."
+
+
+def _optimize(args: argparse.Namespace) -> int:
+    report = api.optimize(
+        args.model, args.output, preset=args.preset, bits=args.bits, group_size=args.group_size,
+        per_channel=args.per_channel, symmetric=args.symmetric, algo=args.algo, format=args.format,
+        calib_data=args.calib_data, calib_windows=args.calib_windows, seqlen=args.seqlen,
+        tokenizer=args.tokenizer, exclude=args.exclude, include=args.include,
+        lm_head=args.lm_head, device=args.device, force=args.force, damping=args.damping,
+        act_order=not args.no_act_order, reference=args.reference,
+        accuracy_level=args.accuracy_level, report=args.report, progress=not args.quiet)
+    print(summary_table(report))
+    return 0
+
+
+def summary_table(report: dict) -> str:
+    """A short, readable summary of ``report.json``."""
+    rows = [("layer", "shape", "grid", "error rtn", "error", "s")]
+    for t in report["targets"]:
+        g = t["grid"]
+        grid = f"{'s' if g['symmetric'] else 'a'}{g['bits']} " + (
+            f"g{g['group_size']}" if g["group_size"] else "ch")
+        rows.append((t["name"], "x".join(map(str, t["shape"])), grid, _pct(t["error_rtn"]),
+                     _pct(t["error"]), f"{t['solve_seconds']:.2f}"))
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)) for r in rows]
+    tot = report["totals"]
+    lines.append("")
+    lines.append(f"{tot['targets']} layers ({report['targets'][0]['algorithm'] if report['targets'] else '-'}, "
+                 f"{report['format']}), {len(report['skipped'])} skipped; "
+                 f"{tot['input_bytes'] / 1e6:.1f} MB -> {tot['output_bytes'] / 1e6:.1f} MB in "
+                 f"{tot['wall_seconds']:.0f} s, peak RSS {tot['peak_rss_mb']:.0f} MB")
+    lines.extend(f"note: {n}" for n in report["notes"])
+    lines.append(f"wrote {report['output']}")
+    return "\n".join(lines)
+
+
+def _pct(x) -> str:
+    return "-" if x is None else f"{100 * x:.2f}%"
+
+
+def _eval(args: argparse.Namespace) -> int:
+    result = api.evaluate(args.model, reference=args.reference, data=args.data,
+                          windows=args.windows, seqlen=args.seqlen, tokenizer=args.tokenizer,
+                          device=args.device, progress=not args.quiet and not args.json)
+    if args.json:
+        print(json.dumps(result.as_dict()))
+        return 0
+    print(f"perplexity {result.perplexity:.4f} ({result.windows} windows of {args.seqlen} "
+          f"tokens, {result.tokens} scored, {result.seconds:.0f} s)")
+    if result.kl is not None:
+        print(f"KL(reference || model) {result.kl:.5f} nats/token, top-1 agreement "
+              f"{100 * result.top1_agreement:.2f}%")
+    return 0
+
+
+def _inspect(args: argparse.Namespace) -> int:
+    from .ir.model_io import load_model
+    from .ir.signature import detect_signature
+    from .ir.stages import plan_stages
+    from .ir.targets import find_targets
+
+    model = load_model(args.model)
+    sig = detect_signature(model)
+    print(f"model {args.model}: opsets {dict(model.opset_imports)}")
+    print(f"signature: input_ids, attention_mask={sig.attention_mask is not None}, "
+          f"position_ids={sig.position_ids is not None}, KV-cache inputs={len(sig.past)}, logits")
+    groups, skipped = find_targets(model, include_lm_head=args.lm_head)
+    stages = plan_stages(model, groups)
+    n = sum(len(g.targets) for g in groups)
+    print(f"targets: {n} in {len(groups)} groups; stages: {len(stages)}")
+    for g in groups:
+        names = ", ".join(f"{t.name} [{t.out_features}x{t.in_features}]" for t in g.targets)
+        print(f"  {names}")
+    print(f"skipped: {len(skipped)}")
+    for s in skipped:
+        print(f"  {s.name} ({s.node}): {s.reason}")
+    ops = Counter(n.op_type for n in model.graph)
+    formats = {k: ops[k] for k in ("MatMulNBits", "DequantizeLinear", "QuantizeLinear",
+                                   "DynamicQuantizeLinear", "MatMul", "Gemm") if ops[k]}
+    print(f"formats present: {formats}")
+    return 0
+
+
+def parser() -> argparse.ArgumentParser:
+    root = argparse.ArgumentParser(prog="qronos-onnx", epilog=EPILOG,
+                                   description="Post-training quantization of ONNX LLMs with Qronos.")
+    sub = root.add_subparsers(dest="command", required=True)
+
+    o = sub.add_parser("optimize", help="quantize a model", epilog=EPILOG,
+                       description="Quantize an ONNX decoder LLM (presets are recipes; explicit "
+                                   "flags override them).")
+    o.add_argument("model", help="input model.onnx (external data beside it)")
+    o.add_argument("-o", "--output", required=True, help="output .onnx (+ .onnx.data)")
+    presets = o.add_mutually_exclusive_group()
+    for name, help_ in (("w4", "int4 weights, asymmetric, group 128 (default)"),
+                        ("w3", "int3 weights, asymmetric, group 128 (4-bit container)"),
+                        ("w2", "int2 weights, asymmetric, group 32"),
+                        ("w4a4", "int4 per-channel weights + int4 per-token activations"),
+                        ("w8a8", "int8 per-channel weights + static uint8 activations (QDQ)")):
+        presets.add_argument(f"--{name}", dest="preset", action="store_const", const=name, help=help_)
+    o.add_argument("--bits", type=int, help="weight bits (2..8)")
+    gs = o.add_mutually_exclusive_group()
+    gs.add_argument("--group-size", type=int, help="input features per scale (e.g. 32, 64, 128)")
+    gs.add_argument("--per-channel", action="store_true", help="one scale per output channel")
+    sym = o.add_mutually_exclusive_group()
+    sym.add_argument("--sym", dest="symmetric", action="store_const", const=True,
+                     help="symmetric grid, no zero point")
+    sym.add_argument("--asym", dest="symmetric", action="store_const", const=False,
+                     help="asymmetric grid with an integer zero point")
+    o.add_argument("--algo", choices=["qronos", "gptq", "gpfq", "rtn"], default="qronos")
+    o.add_argument("--format", choices=["matmulnbits", "qdq"],
+                   help="matmulnbits (default; ONNX Runtime's kernel) or qdq (opset-21 "
+                        "DequantizeLinear)")
+    o.add_argument("--calib-data", default="wiki-vital", help="text file or 'wiki-vital' (default)")
+    o.add_argument("--calib-windows", type=int, default=api.DEFAULT_WINDOWS,
+                   help=f"calibration windows (default {api.DEFAULT_WINDOWS})")
+    o.add_argument("--seqlen", type=int, default=api.DEFAULT_SEQLEN,
+                   help=f"tokens per window (default {api.DEFAULT_SEQLEN})")
+    o.add_argument("--tokenizer", help="tokenizer.json or tokenizer directory (default: "
+                                       "tokenizer.json beside the model)")
+    o.add_argument("--exclude", nargs="+", default=[], metavar="PATTERN",
+                   help="leave matching layers in float (globs, or re:REGEX)")
+    o.add_argument("--include", nargs="+", default=[], metavar="PATTERN",
+                   help="quantize only matching layers")
+    o.add_argument("--lm-head", choices=["skip", "int8"], default="skip",
+                   help="skip (default) or quantize the lm_head to int8 per channel")
+    o.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+    o.add_argument("--force", action="store_true", help="overwrite an existing output")
+    o.add_argument("--damping", type=float, help="relative damping (gptq 0.01 x mean diag H; "
+                                                 "qronos 1e-6 x lambda_max(H), 1e-3 for w4a4)")
+    o.add_argument("--no-act-order", action="store_true", help="solve columns in stored order")
+    o.add_argument("--reference", choices=["network", "stage"], default="network",
+                   help="where X comes from: the float network (default) or the float stage "
+                        "on quantized inputs")
+    o.add_argument("--accuracy-level", type=int, choices=range(5),
+                   help="MatMulNBits accuracy_level (4: int8 activations in the CPU kernel)")
+    o.add_argument("--report", default="report.json", help="report file name beside the output")
+    o.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
+    o.set_defaults(func=_optimize)
+
+    e = sub.add_parser("eval", help="perplexity (and agreement with a reference model)",
+                       epilog=EPILOG)
+    e.add_argument("model")
+    e.add_argument("--reference", help="float model: also report KL divergence and top-1 agreement")
+    e.add_argument("--data", default="wiki-vital", help="text file or 'wiki-vital' (test side)")
+    e.add_argument("--windows", type=int, default=api.DEFAULT_EVAL_WINDOWS)
+    e.add_argument("--seqlen", type=int, default=api.DEFAULT_SEQLEN)
+    e.add_argument("--tokenizer")
+    e.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+    e.add_argument("--json", action="store_true", help="print one JSON object")
+    e.add_argument("-q", "--quiet", action="store_true")
+    e.set_defaults(func=_eval)
+
+    i = sub.add_parser("inspect", help="LLM signature, targets, skipped layers, stages, formats",
+                       epilog=EPILOG)
+    i.add_argument("model")
+    i.add_argument("--lm-head", action="store_true", help="count the lm_head as a target")
+    i.set_defaults(func=_inspect)
+    return root
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(message)s")
+    warnings.simplefilter("default")
+    try:
+        return args.func(args)
+    except QronosError as err:
+        print(f"qronos-onnx: error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("qronos-onnx: interrupted", file=sys.stderr)
+        return 130
+    except BrokenPipeError:                     # output piped into e.g. `head`
+        sys.stderr.close()
+        return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,94 @@
+"""The command line and the Python API, end to end on the tiny Llama."""
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+import qronos_onnx
+from qronos_onnx.cli import main
+
+
+def cli(*args):
+    return subprocess.run([sys.executable, "-m", "qronos_onnx.cli", *map(str, args)],
+                          capture_output=True, text=True)
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    """A text file long enough for calibration and evaluation windows."""
+    rng = np.random.default_rng(0)
+    words = ["the", "model", "quantized", "layer", "weights", "error", "token", "onnx", "runtime"]
+    text = " ".join(rng.choice(words, 6000)) + "."
+    path = tmp_path_factory.mktemp("corpus") / "text.txt"
+    path.write_text(text)
+    return path
+
+
+def test_optimize_eval_inspect(tiny_models, tmp_path, corpus):
+    model = tiny_models("kv")
+    out = tmp_path / "sub" / "q.onnx"                   # missing directories are created
+    r = cli("optimize", model, "-o", out, "--w4", "--group-size", "32", "--calib-data", corpus,
+            "--calib-windows", "4", "--seqlen", "64", "-q", "--exclude", "*down_proj")
+    assert r.returncode == 0, r.stderr
+    assert "layers (qronos, matmulnbits)" in r.stdout and "wrote" in r.stdout
+    report = json.loads((out.parent / "report.json").read_text())
+    assert report["totals"]["targets"] == 12
+    assert (out.parent / "q.onnx.data").is_file() and (out.parent / "tokenizer.json").is_file()
+    r = cli("eval", out, "--reference", model, "--data", corpus, "--windows", "3", "--seqlen", "64",
+            "--json")
+    assert r.returncode == 0, r.stderr
+    result = json.loads(r.stdout)
+    assert {"perplexity", "kl", "top1_agreement"} <= set(result)
+    assert result["perplexity"] > 1 and 0 <= result["kl"] < 1 and 0.5 < result["top1_agreement"] <= 1
+    r = cli("inspect", out)
+    assert r.returncode == 0 and "MatMulNBits" in r.stdout and "targets: 2 in 2 groups" in r.stdout
+    r = cli("inspect", model)
+    assert "targets: 14 in 8 groups" in r.stdout and "lm_head" in r.stdout
+
+
+@pytest.mark.parametrize("args,message", [
+    (["optimize", "missing.onnx", "-o", "x.onnx"], "model file not found"),
+    (["optimize", "{model}", "-o", "{model}"], "refusing to overwrite the input"),
+    (["optimize", "{model}", "-o", "x.onnx", "--tokenizer", "nope.json"], "tokenizer not found"),
+    (["optimize", "{model}", "-o", "x.onnx", "--group-size", "24"], "power-of-two"),
+    (["optimize", "{model}", "-o", "x.onnx", "--calib-data", "nope.txt"], "data file not found"),
+    (["eval", "missing.onnx"], "model file not found"),
+    (["inspect", "{corpus}"], "not a readable ONNX model"),
+])
+def test_user_errors_are_one_line_and_exit_2(tiny_models, tmp_path, corpus, args, message, capsys,
+                                            monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    args = [a.format(model=tiny_models("nokv"), corpus=corpus) for a in args]
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "x.onnx").exists()
+
+
+@pytest.mark.parametrize("command", [[], ["optimize"], ["eval"], ["inspect"]])
+def test_help(command):
+    r = cli(*command, "--help")
+    assert r.returncode == 0 and "usage: qronos-onnx" in r.stdout
+
+
+def test_python_api_and_presets(tiny_models, tmp_path, corpus):
+    model = tiny_models("nokv")
+    report = qronos_onnx.optimize(model, tmp_path / "a.onnx", preset="w4a4", calib_data=corpus,
+                                  calib_windows=3, seqlen=64, progress=False)
+    assert report["recipe"]["act_quant"]["bits"] == 4
+    assert report["targets"][0]["grid"] == {"bits": 4, "group_size": None, "symmetric": True,
+                                            "narrow_range": False, "scale_search": "minmax"}
+    assert report["targets"][0]["damping"] > 0
+    report = qronos_onnx.optimize(model, tmp_path / "b.onnx", preset="w8a8", calib_data=corpus,
+                                  calib_windows=3, seqlen=64, progress=False, bits=8, algo="gptq")
+    assert report["format"] == "qdq" and report["targets"][0]["algorithm"] == "gptq"
+    # explicit options override the preset; RTN needs no calibration at all
+    report = qronos_onnx.optimize(model, tmp_path / "c.onnx", preset="w2", group_size=16, algo="rtn",
+                                  calib_data=corpus, progress=False)
+    assert report["targets"][0]["grid"]["group_size"] == 16 and report["calibration"]["session_runs"] == 0
+    result = qronos_onnx.evaluate(tmp_path / "c.onnx", data=corpus, windows=2, seqlen=64,
+                                  progress=False)
+    assert np.isfinite(result.perplexity) and result.kl is None
