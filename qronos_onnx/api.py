@@ -31,10 +31,8 @@ PRESETS: dict[str, dict[str, Any]] = {
     "w4": dict(bits=4, group_size=128, symmetric=False),
     "w3": dict(bits=3, group_size=128, symmetric=False),
     "w2": dict(bits=2, group_size=32, symmetric=False),
-    # W4A4: per-channel symmetric int4 weights, per-token int4 activations; the reference
-    # implementation damps Qronos with 1e-3 (not 1e-6) when activations are quantized.
-    "w4a4": dict(bits=4, group_size=None, symmetric=True, act_bits=4, act="token",
-                 qronos_damping=1e-3),
+    # W4A4: per-channel symmetric int4 weights, per-token int4 activations.
+    "w4a4": dict(bits=4, group_size=None, symmetric=True, act_bits=4, act="token"),
     # W8A8: int8 per-channel weights and static uint8 activations, as QDQ (integer kernels).
     "w8a8": dict(bits=8, group_size=None, symmetric=True, act_bits=8, act="tensor",
                  act_symmetric=False, format="qdq"),
@@ -61,8 +59,6 @@ def build_recipe(preset: str | None = None, *, bits: int | None = None,
     grid = Grid(bits=bits or p["bits"],
                 group_size=None if per_channel else (group_size or p["group_size"]),
                 symmetric=p["symmetric"] if symmetric is None else symmetric)
-    if damping is None and algo == "qronos":
-        damping = p.get("qronos_damping")
     act = None
     if p.get("act") is not None:
         act = ActQuant(bits=act_bits or p["act_bits"], granularity=p["act"],

@@ -143,8 +143,8 @@ def parser() -> argparse.ArgumentParser:
                    help="skip (default) or quantize the lm_head to int8 per channel")
     o.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
     o.add_argument("--force", action="store_true", help="overwrite an existing output")
-    o.add_argument("--damping", type=float, help="relative damping (gptq 0.01 x mean diag H; "
-                                                 "qronos 1e-6 x lambda_max(H), 1e-3 for w4a4)")
+    o.add_argument("--damping", type=float, help="relative damping (gptq: 0.01 x mean diag H; "
+                                                 "qronos: 1e-3 x lambda_max(H))")
     o.add_argument("--no-act-order", action="store_true", help="solve columns in stored order")
     o.add_argument("--reference", choices=["network", "stage"], default="network",
                    help="where X comes from: the float network (default) or the float stage "

@@ -42,7 +42,7 @@ def qronos(problem: LayerProblem, lam: float, solver_block: int,
     w, G = problem.weight, problem.G
     U = U.to(w.dtype)
     if variant == "ls":
-        Y = _refit(w, G, U, lam, first=0)
+        Y = _refit(w, G, U, lam, first=0, dead=problem.dead)
         codes, _ = gptq_sweep(torch.zeros_like(w), U, problem.cols, solver_block, Y=Y)
         return codes, lam, retries
     if variant != "step":
@@ -52,25 +52,32 @@ def qronos(problem: LayerProblem, lam: float, solver_block: int,
     p1 = (w @ G[:, 0] - w[:, 1:] @ h0[1:]) / h0[0]
     codes[:, 0], q1 = problem.cols.round(p1, 0)
     U1 = U[1:, 1:]
-    Y = _refit(w, G, U1, lam, first=1)
+    Y = _refit(w, G, U1, lam, first=1, dead=problem.dead)
     Y.addr_(q1, h0[1:] @ U1.T, alpha=-1)
     codes[:, 1:], _ = gptq_sweep(torch.zeros_like(Y), U1, problem.cols.columns(1), solver_block,
                                  Y=Y)
     return codes, lam, retries
 
 
-def _refit(w: Tensor, G: Tensor, U: Tensor, lam: float, first: int) -> Tensor:
-    """``Y = w (G + lam I)[:, first:] U^T``, for a sweep over ``Y U`` (see ``gptq_sweep``).
+def _refit(w: Tensor, G: Tensor, U: Tensor, lam: float, first: int, dead: Tensor) -> Tensor:
+    """``Y = (w G + lam w_ridge)[:, first:] U^T``, for a sweep over ``Y U`` (see ``gptq_sweep``).
 
-    ``w`` ``[C, d]``, ``G`` ``[d, d]``, ``U`` ``[m, m]`` upper with ``m = d - first``. The
-    product order follows the shape: ``(w G) U^T`` costs ``C d^2`` + ``C d m / 2``;
+    ``w`` ``[C, d]``, ``G`` ``[d, d]``, ``U`` ``[m, m]`` upper with ``m = d - first``, ``dead``
+    ``[d]`` bool. The ridge pulls toward the original weights, except on dead columns (never
+    active in the quantized stream), which it pulls to zero: their weights cannot matter.
+    The product order follows the shape: ``(w G) U^T`` costs ``C d^2`` + ``C d m / 2``;
     ``w (G U^T)`` costs ``d^2 m / 2`` + ``C d m``, cheaper when ``C > d``.
     """
     C, d = w.shape
     if C > d:
         M = times_upper_t(G[:, first:], U)
         M[first:].add_(U.T, alpha=lam)
-        return w @ M
-    R = (w @ G)[:, first:]                        # the contiguous product, then the view
-    R.add_(w[:, first:], alpha=lam)
-    return times_upper_t(R, U)
+        Y = w @ M
+    else:
+        R = (w @ G)[:, first:]                    # the contiguous product, then the view
+        R.add_(w[:, first:], alpha=lam)
+        Y = times_upper_t(R, U)
+    idle = torch.nonzero(dead[first:]).flatten()
+    if idle.numel():
+        Y.sub_(w[:, first + idle] @ U[:, idle].T, alpha=lam)
+    return Y

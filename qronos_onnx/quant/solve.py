@@ -21,9 +21,11 @@ log = logging.getLogger("qronos_onnx")
 ALGORITHMS = ("rtn", "gptq", "gpfq", "qronos")
 
 #: Default relative damping. GPTQ: ``lam = damping * mean(diag H)``. Qronos:
-#: ``lam = damping * lambda_max(H)`` (1e-6 is the reference's weight-only value; it uses 1e-3
-#: with activation quantization). GPFQ and RTN take no damping.
-DEFAULT_DAMPING = {"gptq": 0.01, "qronos": 1e-6}
+#: ``lam = damping * lambda_max(H)``. The reference implementation uses 1e-6 for weight-only
+#: and 1e-3 with activation quantization; with a few tens of thousands of calibration tokens
+#: 1e-6 overfits H, and 1e-3 was best on held-out data (benchmarks/RESULTS.md, "Qronos damping").
+#: GPFQ and RTN take no damping.
+DEFAULT_DAMPING = {"gptq": 0.01, "qronos": 1e-3}
 
 
 def solve(algorithm: str, weight: Tensor, H: Tensor | None = None, G: Tensor | None = None, *,

@@ -1,0 +1,161 @@
+"""Quality of RTN, GPTQ, GPFQ, Qronos and ONNX Runtime's own quantizer on SmolLM2-135M.
+
+    python benchmarks/quality.py [--only SETTING ...] [--fresh]
+
+Protocol of EVALUATION.md: perplexity on the first 40 windows of 512 tokens of the test side
+of wiki-vital; calibration on 32 windows of 512 tokens of the train side (ONNX Runtime's GPTQ on
+8, see below). Every row runs in its own process (its peak RSS is its own) and is cached in
+``benchmarks/quality.json`` as soon as it is measured, so an interrupted run resumes where it
+stopped (``--fresh`` starts over). The table printed at the end goes to RESULTS.md.
+
+Rows per setting: RTN, GPTQ, GPFQ and Qronos (this tool, MatMulNBits); ONNX Runtime's
+``matmul_nbits_quantizer`` default (RTN) where its bits are supported (2, 4, 8), and its GPTQ
+where it can run the setting (4 bits, grouped). ONNX Runtime's GPTQ re-runs the whole model once
+per activation name (about 20 minutes for 8 windows here), so it gets 8 calibration windows.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+MODEL = ROOT / "models" / "smollm2-135m" / "model.onnx"
+CACHE = Path(__file__).with_name("quality.json")
+WORK = ROOT / "models" / "smollm2-135m-bench"
+
+# name -> (bits, group_size or None, symmetric)
+SETTINGS = {
+    "W4 g64 asym": (4, 64, False),
+    "W4 g128 sym": (4, 128, True),
+    "W4 per-channel asym": (4, None, False),
+    "W3 g64 asym": (3, 64, False),
+    "W2 g32 asym": (2, 32, False),
+}
+OURS = ("rtn", "gptq", "gpfq", "qronos")
+ORT_WINDOWS = 8
+
+
+def rows_for(setting: str) -> list[str]:
+    bits, group, _ = SETTINGS[setting]
+    rows = list(OURS)
+    if bits in (2, 4, 8):
+        rows.append("ort-rtn")
+    if bits == 4 and group is not None:
+        rows.append("ort-gptq")
+    return rows
+
+
+def run_one(setting: str, method: str) -> dict:
+    """Quantize (unless float) and evaluate; returns the measured row."""
+    from qronos_onnx.api import token_windows
+    from qronos_onnx.eval import evaluate_windows
+
+    out = WORK / f"{setting.replace(' ', '_')}_{method}" / "model.onnx"
+    t0 = time.perf_counter()
+    if method == "float":
+        path, seconds = MODEL, 0.0
+    else:
+        if method.startswith("ort-"):
+            ort_quantize(setting, method, out)
+        else:
+            import qronos_onnx
+
+            bits, group, sym = SETTINGS[setting]
+            qronos_onnx.optimize(MODEL, out, bits=bits, group_size=group,
+                                 per_channel=group is None, symmetric=sym, algo=method,
+                                 force=True, progress=False)
+        path, seconds = out, time.perf_counter() - t0
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    windows = token_windows("wiki-vital", MODEL.parent, 512, 40, "test", random=False)
+    result = evaluate_windows(path, windows, progress=False)
+    size = sum(p.stat().st_size for p in path.parent.glob(path.name + "*"))
+    return {"perplexity": result.perplexity, "seconds": seconds, "peak_rss_mb": rss,
+            "size_mb": size / 1e6}
+
+
+def ort_quantize(setting: str, method: str, out: Path) -> None:
+    """ONNX Runtime's own weight-only quantizer (onnxruntime.quantization)."""
+    import onnx
+    from onnxruntime.quantization.matmul_nbits_quantizer import (DefaultWeightOnlyQuantConfig,
+                                                                 GPTQWeightOnlyQuantConfig,
+                                                                 MatMulNBitsQuantizer)
+
+    from qronos_onnx.api import calibration_samples
+
+    bits, group, sym = SETTINGS[setting]
+    block = group or 1024
+    if method == "ort-gptq":
+        reader = calibration_samples(MODEL, "wiki-vital", ORT_WINDOWS, 512, None)
+        config = GPTQWeightOnlyQuantConfig(calibration_data_reader=reader, percdamp=0.01,
+                                           block_size=128, actorder=False, perchannel=True)
+    else:
+        config = DefaultWeightOnlyQuantConfig(block_size=block, is_symmetric=sym, bits=bits,
+                                              channel_wised_quantize=group is None)
+    quantizer = MatMulNBitsQuantizer(onnx.load(str(MODEL)), bits=bits, block_size=block,
+                                     is_symmetric=sym, algo_config=config)
+    quantizer.process()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    quantizer.model.save_model_to_file(str(out), use_external_data_format=True)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--only", nargs="+", choices=list(SETTINGS), help="settings to run")
+    ap.add_argument("--fresh", action="store_true", help="ignore cached rows")
+    ap.add_argument("--row", nargs=2, help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.row:
+        print(json.dumps(run_one(*args.row)))
+        return
+    if not MODEL.is_file():
+        sys.exit(f"{MODEL} is missing: run python models/smollm2.py first")
+    cache = {} if args.fresh or not CACHE.exists() else json.loads(CACHE.read_text())
+    jobs = [("float", "float")] + [(s, m) for s in (args.only or SETTINGS) for m in rows_for(s)]
+    for setting, method in jobs:
+        key = f"{setting}|{method}"
+        if key in cache:
+            continue
+        print(f"running {setting} / {method} ...", flush=True)
+        done = subprocess.run([sys.executable, __file__, "--row", setting, method],
+                              capture_output=True, text=True)
+        if done.returncode != 0:
+            cache[key] = {"error": done.stderr.strip().splitlines()[-1][:300]}
+        else:
+            cache[key] = json.loads(done.stdout.strip().splitlines()[-1])
+        print(f"  {cache[key]}", flush=True)
+        CACHE.write_text(json.dumps(cache, indent=1))
+    print(table(cache))
+
+
+LABELS = {"rtn": "RTN (ours)", "gptq": "GPTQ (ours)", "gpfq": "GPFQ (ours)",
+          "qronos": "**Qronos (ours)**", "ort-rtn": "ORT quantizer, default (RTN)",
+          "ort-gptq": f"ORT quantizer, GPTQ ({ORT_WINDOWS} windows)"}
+
+
+def table(cache: dict) -> str:
+    lines = ["| setting | method | perplexity | quantization time (s) | peak RSS (MB) | size (MB) |",
+             "|---|---|---|---|---|---|"]
+    f = cache.get("float|float")
+    if f:
+        lines.append(f"| float32 | - | {f['perplexity']:.2f} | - | - | {f['size_mb']:.0f} |")
+    for setting in SETTINGS:
+        for method in rows_for(setting):
+            row = cache.get(f"{setting}|{method}")
+            if row is None:
+                continue
+            if "error" in row:
+                lines.append(f"| {setting} | {LABELS[method]} | failed: {row['error']} | | | |")
+                continue
+            lines.append(f"| {setting} | {LABELS[method]} | {row['perplexity']:.2f} | "
+                         f"{row['seconds']:.0f} | {row['peak_rss_mb']:.0f} | {row['size_mb']:.0f} |")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    main()
