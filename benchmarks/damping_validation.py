@@ -1,0 +1,30 @@
+"""Score the damping pilot's models on held-out train-side windows (validation).
+
+    python benchmarks/damping_validation.py
+
+Validation windows: the last 20 non-overlapping 512-token windows of the train side of
+wiki-vital that the calibration protocol (32 windows drawn with numpy seed 0) did not draw.
+"""
+
+import glob
+from pathlib import Path
+
+import numpy as np
+
+from qronos_onnx.calibration.data import all_windows, load_tokenizer, wiki_vital_text
+from qronos_onnx.eval import evaluate_windows
+
+TOKENIZER = Path(__file__).resolve().parents[1] / "models" / "smollm2-135m"
+
+
+def main() -> None:
+    windows = all_windows(load_tokenizer(TOKENIZER)(wiki_vital_text("train")), 512)
+    calibration = set(np.random.default_rng(0).choice(len(windows), 32, replace=False).tolist())
+    held_out = [i for i in range(len(windows) - 1, -1, -1) if i not in calibration][:20]
+    for path in sorted(glob.glob("/tmp/tl/pilot_*/m.onnx")):
+        result = evaluate_windows(path, windows[sorted(held_out)], progress=False)
+        print(Path(path).parent.name, round(result.perplexity, 3), flush=True)
+
+
+if __name__ == "__main__":
+    main()
