@@ -16,7 +16,7 @@ QUANT  := models/smollm2-135m-w4/model.onnx
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PIP) install -q torch==2.13.0
-	$(PIP) install -q -e ".[$(ORT),test]"
+	$(PIP) install -q -e ".[$(ORT),test,olive]"
 	touch $@
 
 install: $(VENV)/.installed

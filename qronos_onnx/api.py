@@ -139,7 +139,11 @@ def calibration_samples(model, data, windows: int, seqlen: int, tokenizer) -> li
                                "train", random=True)
         signature = detect_signature(load_model(model))
         return [signature.feed(w[None]) for w in chosen]
-    return list(feeds_from(data))
+    signature = detect_signature(load_model(model))
+    try:
+        return [signature.complete(feed) for feed in feeds_from(data)]
+    except KeyError as err:
+        raise QronosError(f"a calibration feed has no {err} input") from err
 
 
 def evaluate(model: str | os.PathLike, *, reference: str | os.PathLike | None = None,

@@ -98,10 +98,29 @@ def _inspect(args: argparse.Namespace) -> int:
     return 0
 
 
+def _olive_config(args: argparse.Namespace) -> int:
+    try:
+        from .olive.registry import REGISTRY, merged_package_config
+    except ImportError as err:
+        raise QronosError(f"Olive is not installed ({err}): pip install 'qronos-onnx[olive]'") from err
+    try:
+        config = REGISTRY if args.ours_only else merged_package_config()
+    except ImportError as err:
+        raise QronosError(f"Olive is not installed ({err}): pip install 'qronos-onnx[olive]'") from err
+    text = json.dumps(config, indent=2) + "\n"
+    if args.output is None:
+        print(text, end="")
+    else:
+        Path(args.output).write_text(text, encoding="utf-8")
+        print(f"wrote {args.output}: Olive's passes and QronosQuantization "
+              f"(use: olive run --config WORKFLOW --package-config {args.output})")
+    return 0
+
+
 def parser() -> argparse.ArgumentParser:
     root = argparse.ArgumentParser(prog="qronos-onnx", epilog=EPILOG,
                                    description="Post-training quantization of ONNX LLMs with Qronos.")
-    sub = root.add_subparsers(dest="command", required=True)
+    sub = root.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     o = sub.add_parser("optimize", help="quantize a model", epilog=EPILOG,
                        description="Quantize an ONNX decoder LLM (presets are recipes; explicit "
@@ -173,6 +192,14 @@ def parser() -> argparse.ArgumentParser:
     i.add_argument("model")
     i.add_argument("--lm-head", action="store_true", help="count the lm_head as a target")
     i.set_defaults(func=_inspect)
+
+    c = sub.add_parser("olive-config", epilog=EPILOG,
+                       help="Olive package config with QronosQuantization registered",
+                       description="Olive's --package-config replaces its default registry; "
+                                   "this writes Olive's registry and ours together.")
+    c.add_argument("-o", "--output", help="file to write (default: print)")
+    c.add_argument("--ours-only", action="store_true", help="only the QronosQuantization entry")
+    c.set_defaults(func=_olive_config)
     return root
 
 

@@ -53,6 +53,15 @@ class LLMSignature:
         return feed
 
 
+    def complete(self, feed: dict) -> dict:
+        """``feed`` with the LLM inputs it lacks filled in (mask of ones, positions from 0, an
+        empty cache), so that feeds from any data reader run on this graph."""
+        ids = np.asarray(feed[self.input_ids])
+        full = self.feed(ids, feed.get(self.attention_mask) if self.attention_mask else None)
+        full.update({k: np.asarray(v) for k, v in feed.items() if k in full})
+        return full
+
+
 def detect_signature(model: ir.Model) -> LLMSignature:
     """Find the LLM signature of ``model``.
 

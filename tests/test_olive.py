@@ -1,0 +1,54 @@
+"""The Olive pass, run by Olive's own workflow runner on the tiny Llama."""
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+
+olive_workflows = pytest.importorskip("olive.workflows")
+
+import onnx  # noqa: E402
+import onnxruntime as ort  # noqa: E402
+import yaml  # noqa: E402
+
+from conftest import random_samples  # noqa: E402
+from qronos_onnx.ir.model_io import load_model  # noqa: E402
+from qronos_onnx.ir.signature import detect_signature  # noqa: E402
+from qronos_onnx.olive.registry import REGISTRY, merged_package_config  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+WORKFLOW = ROOT / "passes" / "qronos_tiny_llama.json"
+
+
+def test_package_config_file_is_the_registry():
+    assert json.loads((ROOT / "passes" / "olive_config.json").read_text()) == REGISTRY
+
+
+def test_yaml_and_json_workflows_agree():
+    assert yaml.safe_load((ROOT / "passes" / "qronos_tiny_llama.yaml").read_text()) == \
+        json.loads(WORKFLOW.read_text())
+
+
+def test_merged_package_config_keeps_olives_passes():
+    from olive.package_config import OlivePackageConfig
+
+    merged = OlivePackageConfig.model_validate(merged_package_config())
+    assert "qronosquantization" in merged.passes and "onnxblockwisertnquantization" in merged.passes
+
+
+def test_example_workflow_runs_through_olive(tiny_models, tmp_path, monkeypatch):
+    shutil.copytree(tiny_models("nokv").parent, tmp_path / "models" / "tiny-llama")
+    monkeypatch.chdir(tmp_path)
+    config = json.loads(WORKFLOW.read_text())
+    config["passes"]["qronos"].update(calib_windows=2, seqlen=64)   # keep the test quick
+    olive_workflows.run(config, package_config=merged_package_config())
+    out = tmp_path / "olive-output" / "qronos-tiny-llama"
+    model = onnx.load(str(out / "model.onnx"))
+    ops = [n.op_type for n in model.graph.node]
+    assert ops.count("MatMulNBits") == 14 and "MatMul" in ops       # attention products stay
+    report = json.loads((out / "report.json").read_text())
+    assert report["totals"]["targets"] == 14 and report["targets"][0]["algorithm"] == "qronos"
+    feed = random_samples(detect_signature(load_model(out / "model.onnx")), count=1)[0]
+    logits = ort.InferenceSession(str(out / "model.onnx")).run(["logits"], feed)[0]
+    assert logits.shape[-1] == 256
