@@ -77,7 +77,7 @@ def main() -> None:
         runs[name] = json.loads(out.strip().splitlines()[-1])
         print(name, runs[name], flush=True)
     f, q = runs["forward"], runs["quantize"]
-    print(f"\n| part | wall time (s) | peak RSS (MB) |\n|---|---|---|")
+    print("\n| part | wall time (s) | peak RSS (MB) |\n|---|---|---|")
     print(f"| plain ORT forward, {args.windows} x {args.seqlen} tokens | {f['seconds']:.1f} | "
           f"{f['peak_rss_mb']:.0f} |")
     print(f"| calibration + Qronos solve | {q['seconds']:.1f} | {q['peak_rss_mb']:.0f} |")

@@ -13,7 +13,7 @@ import importlib.util
 import json
 import subprocess
 import sys
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -140,8 +140,3 @@ def feeds_from(data: Any) -> Iterator[dict[str, np.ndarray]]:
     if isinstance(data, dict):
         raise QronosError("calibration data must be an iterable of feed dicts, not one dict")
     yield from data
-
-
-def windows_to_feeds(windows: Iterable[np.ndarray], make_feed) -> list[dict[str, np.ndarray]]:
-    """One feed per window (batch 1): ``make_feed(ids[1, seqlen])`` completes the inputs."""
-    return [make_feed(np.asarray(w, dtype=np.int64)[None]) for w in windows]

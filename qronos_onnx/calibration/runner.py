@@ -19,7 +19,6 @@ inputs (the block mode of the reference implementation); the float stream is the
 from __future__ import annotations
 
 import json
-import logging
 import os
 import tempfile
 import time
@@ -39,8 +38,6 @@ from ..ir.stages import Stage, fed_constants, last_uses, stage_model
 from ..ir.targets import TargetGroup
 from .session import make_session
 from .stats import GroupStats
-
-log = logging.getLogger("qronos_onnx")
 
 Reference = Literal["network", "stage"]
 

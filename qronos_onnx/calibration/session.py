@@ -2,14 +2,11 @@
 
 from __future__ import annotations
 
-import logging
 
 import onnx
 import onnxruntime as ort
 
 from ..errors import QronosError
-
-log = logging.getLogger("qronos_onnx")
 
 CUDA = "CUDAExecutionProvider"
 CPU = "CPUExecutionProvider"

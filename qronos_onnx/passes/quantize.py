@@ -10,7 +10,6 @@ the layers left in float, with the reason.
 
 from __future__ import annotations
 
-import logging
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -28,8 +27,6 @@ from ..ir.signature import detect_signature
 from ..ir.stages import plan_stages
 from ..ir.targets import Skipped, Target, TargetGroup, find_targets, untie_lm_head
 from ..quant import Grid, QuantizedWeight, solve
-
-log = logging.getLogger("qronos_onnx")
 
 #: ``Node.meta`` keys of a solved target: its ``QuantizedWeight`` and its ``Target``.
 QUANTIZED = "qronos.quantized"
