@@ -43,13 +43,47 @@ DEFAULT_EVAL_WINDOWS = 40
 DEFAULT_SEQLEN = 512
 
 
+def parse_override(spec: str, default: Grid) -> tuple[str, Grid]:
+    """``PATTERN=bits:8,group:32,sym`` -> ``(pattern, grid)``.
+
+    Keys: ``bits:N``, ``group:N`` or ``group:channel``, ``sym`` or ``asym``; unspecified ones
+    come from ``default``.
+    """
+    pattern, sep, rest = spec.rpartition("=")
+    if not sep or not pattern:
+        raise QronosError(f"override {spec!r}: expected PATTERN=bits:N,group:N|channel,sym|asym")
+    fields = {"bits": default.bits, "group_size": default.group_size, "symmetric": default.symmetric}
+    for item in filter(None, rest.split(",")):
+        key, _, value = item.partition(":")
+        try:
+            if key == "bits":
+                fields["bits"] = int(value)
+            elif key == "group":
+                fields["group_size"] = None if value == "channel" else int(value)
+            elif key in ("sym", "asym") and not value:
+                fields["symmetric"] = key == "sym"
+            else:
+                raise ValueError(item)
+        except ValueError as err:
+            raise QronosError(f"override {spec!r}: cannot read {item!r} (keys: bits:N, "
+                              "group:N|channel, sym, asym)") from err
+    try:
+        return pattern, Grid(**fields)
+    except ValueError as err:
+        raise QronosError(f"override {spec!r}: {err}") from err
+
+
 def build_recipe(preset: str | None = None, *, bits: int | None = None,
                  group_size: int | None = None, per_channel: bool = False,
                  symmetric: bool | None = None, algo: str = "qronos",
                  damping: float | None = None, act_order: bool = True,
-                 exclude=(), include=(), lm_head: str = "skip",
+                 exclude=(), include=(), lm_head: str = "skip", overrides=(),
                  act_bits: int | None = None) -> tuple[Recipe, str | None]:
-    """The recipe for a preset with explicit overrides; also returns the preset's format."""
+    """The recipe for a preset with explicit options; also returns the preset's format.
+
+    ``overrides``: ``PATTERN=bits:N,group:N|channel,sym|asym`` strings (see
+    ``parse_override``) or ``(pattern, Grid)`` pairs.
+    """
     preset = preset or DEFAULT_PRESET
     if preset not in PRESETS:
         raise QronosError(f"unknown preset {preset!r}; choose one of {', '.join(PRESETS)}")
@@ -66,6 +100,8 @@ def build_recipe(preset: str | None = None, *, bits: int | None = None,
     recipe = Recipe(grid=grid, solver=SolverOptions(algorithm=algo, act_order=act_order,
                                                     damping=damping),
                     lm_head=lm_head, include=tuple(include), exclude=tuple(exclude),
+                    overrides=tuple(parse_override(o, grid) if isinstance(o, str) else tuple(o)
+                                    for o in overrides),
                     act_quant=act)
     return recipe, p.get("format")
 
@@ -92,8 +128,9 @@ def optimize(model: str | os.PathLike, output: str | os.PathLike, *, preset: str
              symmetric: bool | None = None, algo: str = "qronos", format: str | None = None,
              calib_data: Any = WIKI_VITAL, calib_windows: int = DEFAULT_WINDOWS,
              seqlen: int = DEFAULT_SEQLEN, tokenizer: str | os.PathLike | None = None,
-             exclude=(), include=(), lm_head: str = "skip", device: str = "auto",
-             force: bool = False, damping: float | None = None, act_order: bool = True,
+             exclude=(), include=(), lm_head: str = "skip", overrides=(),
+             device: str = "auto", force: bool = False, damping: float | None = None,
+             act_order: bool = True,
              reference: str = "network", accuracy_level: int | None = None,
              report: str | None = "report.json", progress: bool = True) -> dict:
     """Quantize an ONNX LLM; returns the report (also written as ``report`` beside ``output``).
@@ -105,7 +142,7 @@ def optimize(model: str | os.PathLike, output: str | os.PathLike, *, preset: str
     recipe, preset_format = build_recipe(preset, bits=bits, group_size=group_size,
                                          per_channel=per_channel, symmetric=symmetric, algo=algo,
                                          damping=damping, act_order=act_order, exclude=exclude,
-                                         include=include, lm_head=lm_head)
+                                         include=include, lm_head=lm_head, overrides=overrides)
     fmt = format or preset_format or "matmulnbits"
     if fmt not in FORMATS:
         raise QronosError(f"format must be one of {', '.join(FORMATS)}, got {fmt!r}")

@@ -22,7 +22,7 @@ def _optimize(args: argparse.Namespace) -> int:
         per_channel=args.per_channel, symmetric=args.symmetric, algo=args.algo, format=args.format,
         calib_data=args.calib_data, calib_windows=args.calib_windows, seqlen=args.seqlen,
         tokenizer=args.tokenizer, exclude=args.exclude, include=args.include,
-        lm_head=args.lm_head, device=args.device, force=args.force, damping=args.damping,
+        lm_head=args.lm_head, overrides=args.override, device=args.device, force=args.force, damping=args.damping,
         act_order=not args.no_act_order, reference=args.reference,
         accuracy_level=args.accuracy_level, report=args.report, progress=not args.quiet)
     print(summary_table(report))
@@ -158,6 +158,9 @@ def parser() -> argparse.ArgumentParser:
                    help="leave matching layers in float (globs, or re:REGEX)")
     o.add_argument("--include", nargs="+", default=[], metavar="PATTERN",
                    help="quantize only matching layers")
+    o.add_argument("--override", nargs="+", default=[], metavar="PATTERN=SPEC",
+                   help="per-layer grids, e.g. '*down_proj=bits:8,group:32' or "
+                        "'*.k_proj=group:channel,sym' (keys: bits:N, group:N|channel, sym, asym)")
     o.add_argument("--lm-head", choices=["skip", "int8"], default="skip",
                    help="skip (default) or quantize the lm_head to int8 per channel")
     o.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")

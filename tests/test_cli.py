@@ -31,11 +31,16 @@ def test_optimize_eval_inspect(tiny_models, tmp_path, corpus):
     model = tiny_models("kv")
     out = tmp_path / "sub" / "q.onnx"                   # missing directories are created
     r = cli("optimize", model, "-o", out, "--w4", "--group-size", "32", "--calib-data", corpus,
-            "--calib-windows", "4", "--seqlen", "64", "-q", "--exclude", "*down_proj")
+            "--calib-windows", "4", "--seqlen", "64", "-q", "--exclude", "*down_proj",
+            "--override", "*.k_proj=bits:8,group:channel,sym")
     assert r.returncode == 0, r.stderr
     assert "layers (qronos, matmulnbits)" in r.stdout and "wrote" in r.stdout
     report = json.loads((out.parent / "report.json").read_text())
     assert report["totals"]["targets"] == 12
+    grids = {t["name"]: t["grid"] for t in report["targets"]}
+    assert grids["model.layers.0.self_attn.k_proj"] == {"bits": 8, "group_size": None, "symmetric": True,
+                                                        "narrow_range": False, "scale_search": "minmax"}
+    assert grids["model.layers.0.self_attn.q_proj"]["bits"] == 4
     assert (out.parent / "q.onnx.data").is_file() and (out.parent / "tokenizer.json").is_file()
     r = cli("eval", out, "--reference", model, "--data", corpus, "--windows", "3", "--seqlen", "64",
             "--json")
@@ -55,6 +60,7 @@ def test_optimize_eval_inspect(tiny_models, tmp_path, corpus):
     (["optimize", "{model}", "-o", "x.onnx", "--tokenizer", "nope.json"], "tokenizer not found"),
     (["optimize", "{model}", "-o", "x.onnx", "--group-size", "24"], "power-of-two"),
     (["optimize", "{model}", "-o", "x.onnx", "--calib-data", "nope.txt"], "data file not found"),
+    (["optimize", "{model}", "-o", "x.onnx", "--override", "*q_proj=bits:nine"], "cannot read"),
     (["eval", "missing.onnx"], "model file not found"),
     (["inspect", "{corpus}"], "not a readable ONNX model"),
 ])

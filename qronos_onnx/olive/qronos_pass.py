@@ -60,6 +60,8 @@ class QronosQuantization(Pass):
                                        description="Quantize only these layers."),
             "lm_head": PassConfigParam(type_=str, default_value="skip",
                                        description="skip (default) or int8."),
+            "overrides": PassConfigParam(type_=list, default_value=[], description=(
+                "Per-layer grids: PATTERN=bits:N,group:N|channel,sym|asym strings.")),
             "damping": PassConfigParam(type_=Optional[float], default_value=None,
                                        description="Relative damping; default per algorithm."),
             "calib_data": PassConfigParam(type_=str, default_value="wiki-vital", description=(
@@ -86,7 +88,7 @@ class QronosQuantization(Pass):
             config.preset, bits=config.bits, group_size=config.group_size,
             per_channel=config.per_channel, symmetric=config.symmetric, algo=config.algorithm,
             damping=config.damping, exclude=config.exclude, include=config.include,
-            lm_head=config.lm_head)
+            lm_head=config.lm_head, overrides=config.overrides)
         fmt = config.format or preset_format or "matmulnbits"
         notes = check_format(recipe, fmt)
         samples = api.calibration_samples(model.model_path, self._calibration_data(model, config),
