@@ -28,7 +28,10 @@ class EntryGrid:
 
 
 def minmax_params(w: np.ndarray, group_len: int, bits: int, symmetric: bool):
-    """Min-max scales (and zero points) of every group, one group at a time."""
+    """Min-max scales (and zero points) of every group, one group at a time.
+
+    Symmetric: the weight of largest magnitude ``m`` (with its sign) maps to code ``-2^(b-1)``.
+    """
     C, d = w.shape
     n = -(-d // group_len)
     scales = np.zeros((C, n))
@@ -38,7 +41,7 @@ def minmax_params(w: np.ndarray, group_len: int, bits: int, symmetric: bool):
             v = w[r, g * group_len:(g + 1) * group_len]
             lo, hi = min(v.min(), 0.0), max(v.max(), 0.0)
             if symmetric:
-                scales[r, g] = max(-lo, hi) / (2 ** (bits - 1) - 1)
+                scales[r, g] = v[np.argmax(np.abs(v))] / -(2 ** (bits - 1))
             else:
                 scales[r, g] = (hi - lo) / (2**bits - 1)
                 zeros[r, g] = np.clip(np.round(-lo / scales[r, g]), 0, 2**bits - 1) if scales[r, g] else 0

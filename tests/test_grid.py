@@ -53,8 +53,8 @@ def test_short_last_group_is_fitted_on_its_own_columns():
     w[:, 32:] = 100.0          # the short group (2 columns) has its own, much larger range
     scales, _ = Grid(bits=4, group_size=16, symmetric=True).fit(w)
     assert scales.shape == (2, 3)
-    np.testing.assert_allclose(scales[:, 2].numpy(), 100.0 / 7)
-    np.testing.assert_allclose(scales[:, :2].numpy(), 1.0 / 7)
+    np.testing.assert_allclose(scales[:, 2].numpy(), 100.0 / -8)   # the extreme sits on code -8
+    np.testing.assert_allclose(scales[:, :2].numpy(), 1.0 / -8)
 
 
 @pytest.mark.parametrize("symmetric", [False, True])
@@ -73,7 +73,7 @@ def test_mse_search_picks_best_shrink_per_group(symmetric):
                 p = 1 - 0.01 * i
                 lo, hi = min(v.min(), 0) * p, max(v.max(), 0) * p
                 if symmetric:
-                    s, z = max(-lo, hi) / grid.qmax, 0.0
+                    s, z = v[np.argmax(np.abs(v))] * p / grid.qmin, 0.0
                 else:
                     s = (hi - lo) / grid.qmax
                     z = np.clip(np.round(-lo / s), 0, grid.qmax)
@@ -93,6 +93,14 @@ def test_mse_never_worse_than_minmax_on_weight_error():
         q = solve("rtn", w, grid=Grid(bits=3, group_size=32, scale_search=search))
         errs.append(float(((q.dequantize() - w) ** 2).sum()))
     assert errs[1] < errs[0]
+
+
+def test_symmetric_grid_uses_every_code_and_keeps_the_extreme_exact():
+    w = torch.tensor([[0.1, -0.3, 0.8, 0.2], [-0.9, 0.5, 0.1, 0.0]])
+    q = solve("rtn", w, grid=Grid(bits=4, group_size=None, symmetric=True))
+    assert q.codes[0, 2] == -8 and q.codes[1, 0] == -8                 # both extremes on -8
+    np.testing.assert_allclose(q.dequantize()[[0, 1], [2, 0]].numpy(), [0.8, -0.9], rtol=1e-6)
+    assert float(q.scales[0, 0]) < 0 < float(q.scales[1, 0])
 
 
 @pytest.mark.parametrize("grid", [Grid(bits=4, group_size=16), Grid(bits=3, symmetric=True),
@@ -116,9 +124,10 @@ def test_rtn_and_dequantize_match_numpy(grid):
     assert int(q.codes.min()) >= grid.qmin and int(q.codes.max()) <= grid.qmax
 
 
-def test_all_zero_group_stays_zero_with_a_positive_scale():
+@pytest.mark.parametrize("symmetric", [False, True])
+def test_all_zero_group_stays_zero_with_a_nonzero_scale(symmetric):
     w = torch.randn(2, 32)
     w[0, :16] = 0
-    q = solve("rtn", w, grid=Grid(bits=4, group_size=16))
-    assert bool((q.scales > 0).all())
+    q = solve("rtn", w, grid=Grid(bits=4, group_size=16, symmetric=symmetric))
+    assert bool((q.scales != 0).all())
     assert bool((q.dequantize()[0, :16] == 0).all())

@@ -10,6 +10,10 @@ Conventions (see ALGORITHM.md):
   ``[-(2^(b-1)-1), 2^(b-1)-1]``, so 2-bit narrow is ternary ``{-1, 0, 1}``) and no zero point.
   Asymmetric grids use unsigned codes ``[0, 2^b-1]`` and an integer zero point per group.
 - A code ``q`` stands for ``(q - zero_point) * scale``.
+- A symmetric group's scale is ``m / -2^(b-1)``, with ``m`` its weight of largest magnitude
+  (sign included): ``m`` sits exactly on the most negative code and all ``2^b`` codes are used
+  (llama.cpp's Q4_0 and ONNX Runtime's quantizer do the same). The scale is negative when ``m``
+  is positive. Narrow-range grids use ``max|w| / qmax``.
 
 Scales and zero points are fitted once, from the original weight, and then frozen: every solver
 rounds onto exactly these parameters ("static groups" when columns are reordered).
@@ -116,8 +120,9 @@ class Grid:
         Args:
             weight: ``[C, d]`` float.
         Returns:
-            ``scales`` ``[C, n_groups]`` float32 (all positive) and ``zero_points``
-            ``[C, n_groups]`` uint8 (``None`` for symmetric grids).
+            ``scales`` ``[C, n_groups]`` float32 and ``zero_points``
+            ``[C, n_groups]`` uint8 (``None`` for symmetric grids). Scales are non-zero;
+            symmetric ones carry the sign of their group's extreme (see the module docstring).
         """
         if weight.ndim != 2:
             raise ValueError(f"weight must be 2-D [out, in], got shape {tuple(weight.shape)}")
@@ -130,6 +135,9 @@ class Grid:
         w = torch.nn.functional.pad(w, (0, n * g - d)).reshape(C, n, g)
         lo = w.amin(dim=-1).clamp(max=0)
         hi = w.amax(dim=-1).clamp(min=0)
+        if self.symmetric and not self.narrow_range:      # signed extreme of each group
+            lo = torch.where(-lo >= hi, lo, hi)
+            hi = lo
         scales, zeros = self._params(lo, hi)
         if self.scale_search == "mse":
             scales, zeros = self._mse_search(w, lo, hi, scales, zeros)
@@ -139,7 +147,12 @@ class Grid:
         return scales, zeros
 
     def _params(self, lo: Tensor, hi: Tensor) -> tuple[Tensor, Tensor | None]:
-        """Scales (and zero points as float) covering ``[lo, hi]``; 0 where the range is empty."""
+        """Scales (and zero points as float) covering ``[lo, hi]``; 0 where the range is empty.
+
+        Symmetric full-range grids get ``lo == hi ==`` the signed extreme ``m``: ``m / qmin``.
+        """
+        if self.symmetric and not self.narrow_range:
+            return lo / self.qmin, None
         if self.symmetric:
             return torch.maximum(-lo, hi) / self.qmax, None
         scale = (hi - lo) / (self.qmax - self.qmin)
@@ -153,7 +166,7 @@ class Grid:
         for i in range(_MSE_STEPS):
             shrink = 1.0 - _MSE_STEP * i
             s, z = self._params(lo * shrink, hi * shrink)
-            s_safe = torch.where(s > 0, s, torch.ones_like(s))
+            s_safe = torch.where(s != 0, s, torch.ones_like(s))
             z_or_0 = torch.zeros_like(s) if z is None else z
             codes = quantize(w, s_safe[..., None], z_or_0[..., None], self.qmin, self.qmax)
             err = (dequantize(codes, s_safe[..., None], z_or_0[..., None]) - w).abs_()
@@ -167,14 +180,14 @@ class Grid:
 
 
 def _fill_empty_groups(scales: Tensor) -> Tensor:
-    """Give all-zero groups (scale 0) the smallest positive scale of the layer.
+    """Give all-zero groups (scale 0) the smallest scale magnitude of the layer.
 
     Their codes stay exactly on zero; a small scale keeps any error the solver diffuses into
     them small instead of letting them jump to a full step of an arbitrary size.
     """
-    positive = scales[scales > 0]
-    fill = positive.min() if positive.numel() else torch.tensor(1.0, device=scales.device)
-    return torch.where(scales > 0, scales, fill)
+    nonzero = scales[scales != 0].abs()
+    fill = nonzero.min() if nonzero.numel() else torch.tensor(1.0, device=scales.device)
+    return torch.where(scales != 0, scales, fill)
 
 
 def quantize(w: Tensor, scale: Tensor, zero: Tensor, qmin: int, qmax: int) -> Tensor:
@@ -196,7 +209,7 @@ class ColumnGrid:
     ``scale`` are columns of the weight, so one column's parameters are contiguous in memory.
 
     Attributes:
-        scale: ``[m, C]`` positive; ``scale[j]`` belongs to solve-order column ``j``.
+        scale: ``[m, C]`` non-zero; ``scale[j]`` belongs to solve-order column ``j``.
         zero: ``[m, C]`` zero points as floats (0 for symmetric grids).
         qmin, qmax: code range.
     """

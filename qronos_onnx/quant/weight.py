@@ -38,7 +38,8 @@ class QuantizedWeight:
     Attributes:
         codes: ``[C, d]``, ``int8`` for symmetric grids, ``uint8`` for asymmetric ones, in the
             original column order.
-        scales: ``[C, n_groups]`` float32, positive.
+        scales: ``[C, n_groups]`` float32, non-zero (negative for a symmetric group whose
+            largest-magnitude weight is positive; see ``grid``).
         zero_points: ``[C, n_groups]`` uint8, or ``None`` for symmetric grids.
         grid: the grid.
         info: how the codes were found.
