@@ -1,6 +1,6 @@
 """Pilot for the Qronos damping default: quantize SmolLM2 at one setting, print test perplexity.
 
-    WINDOWS=32 python benchmarks/damping_pilot.py BITS GROUP ALGO [DAMPING]
+    [WINDOWS=32] python benchmarks/damping_pilot.py BITS GROUP ALGO [DAMPING]
 
 Writes ``/tmp/tl/pilot_BITS_GROUP_ALGO_DAMPING/m.onnx`` and prints its perplexity on the first
 10 test windows; ``benchmarks/damping_validation.py`` then scores those models on held-out
@@ -23,7 +23,7 @@ def main() -> None:
     damping = float(sys.argv[4]) if len(sys.argv) > 4 else None
     out = Path(f"/tmp/tl/pilot_{bits}_{group}_{algo}_{damping}/m.onnx")
     report = qronos_onnx.optimize(MODEL, out, bits=bits, group_size=group, algo=algo,
-                                  damping=damping, calib_windows=int(os.environ.get("WINDOWS", 8)),
+                                  damping=damping, calib_windows=int(os.environ.get("WINDOWS", 32)),
                                   force=True, progress=False)
     windows = token_windows("wiki-vital", MODEL.parent, 512, 10, "test", random=False)
     result = evaluate_windows(out, windows, progress=False)

@@ -28,7 +28,7 @@ GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 FILES = ("model.onnx", "model.onnx.data", "tokenizer.json")
 
 
-def build(out_dir: str | Path = DEFAULT_DIR, seqlen: int = 16) -> Path:
+def build(out_dir: str | Path = DEFAULT_DIR) -> Path:
     """Build (or find) the model; returns the path of ``model.onnx``."""
     out_dir = Path(out_dir)
     if all((out_dir / f).is_file() for f in FILES):

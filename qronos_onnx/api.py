@@ -23,7 +23,8 @@ from .eval import EvalResult, evaluate_windows
 from .ir.act_quant import ActQuant
 from .ir.model_io import check_output_path, load_model
 from .ir.signature import detect_signature
-from .pipeline import FORMATS, quantize_file
+from .ir.targets import check_patterns
+from .pipeline import check_format, quantize_file
 from .quant import Grid
 
 #: Recipes behind ``--w4`` etc. Explicit options override any field.
@@ -52,6 +53,7 @@ def parse_override(spec: str, default: Grid) -> tuple[str, Grid]:
     pattern, sep, rest = spec.rpartition("=")
     if not sep or not pattern:
         raise QronosError(f"override {spec!r}: expected PATTERN=bits:N,group:N|channel,sym|asym")
+    check_patterns([pattern], "override")
     fields = {"bits": default.bits, "group_size": default.group_size, "symmetric": default.symmetric}
     for item in filter(None, rest.split(",")):
         key, _, value = item.partition(":")
@@ -77,32 +79,38 @@ def build_recipe(preset: str | None = None, *, bits: int | None = None,
                  group_size: int | None = None, per_channel: bool = False,
                  symmetric: bool | None = None, algo: str = "qronos",
                  damping: float | None = None, act_order: bool = True,
-                 exclude=(), include=(), lm_head: str = "skip", overrides=(),
-                 act_bits: int | None = None) -> tuple[Recipe, str | None]:
+                 exclude=(), include=(), lm_head: str = "skip",
+                 overrides=()) -> tuple[Recipe, str | None]:
     """The recipe for a preset with explicit options; also returns the preset's format.
 
     ``overrides``: ``PATTERN=bits:N,group:N|channel,sym|asym`` strings (see
-    ``parse_override``) or ``(pattern, Grid)`` pairs.
+    ``parse_override``) or ``(pattern, Grid)`` pairs. Invalid values raise ``QronosError``.
     """
     preset = preset or DEFAULT_PRESET
     if preset not in PRESETS:
         raise QronosError(f"unknown preset {preset!r}; choose one of {', '.join(PRESETS)}")
-    p = dict(PRESETS[preset])
+    p = PRESETS[preset]
     if group_size is not None and per_channel:
         raise QronosError("give --group-size or --per-channel, not both")
-    grid = Grid(bits=bits or p["bits"],
-                group_size=None if per_channel else (group_size or p["group_size"]),
-                symmetric=p["symmetric"] if symmetric is None else symmetric)
-    act = None
-    if p.get("act") is not None:
-        act = ActQuant(bits=act_bits or p["act_bits"], granularity=p["act"],
-                       symmetric=p.get("act_symmetric", True))
-    recipe = Recipe(grid=grid, solver=SolverOptions(algorithm=algo, act_order=act_order,
-                                                    damping=damping),
-                    lm_head=lm_head, include=tuple(include), exclude=tuple(exclude),
-                    overrides=tuple(parse_override(o, grid) if isinstance(o, str) else tuple(o)
-                                    for o in overrides),
-                    act_quant=act)
+    try:
+        grid = Grid(bits=p["bits"] if bits is None else bits,
+                    group_size=None if per_channel else
+                    (p["group_size"] if group_size is None else group_size),
+                    symmetric=p["symmetric"] if symmetric is None else symmetric)
+        act = None
+        if p.get("act") is not None:
+            act = ActQuant(bits=p["act_bits"], granularity=p["act"],
+                           symmetric=p.get("act_symmetric", True))
+        recipe = Recipe(grid=grid, solver=SolverOptions(algorithm=algo, act_order=act_order,
+                                                        damping=damping),
+                        lm_head=lm_head, include=tuple(include), exclude=tuple(exclude),
+                        overrides=tuple(parse_override(o, grid) if isinstance(o, str) else tuple(o)
+                                        for o in overrides),
+                        act_quant=act)
+    except ValueError as err:
+        raise QronosError(str(err)) from err
+    check_patterns(recipe.include, "include")
+    check_patterns(recipe.exclude, "exclude")
     return recipe, p.get("format")
 
 
@@ -144,15 +152,18 @@ def optimize(model: str | os.PathLike, output: str | os.PathLike, *, preset: str
                                          damping=damping, act_order=act_order, exclude=exclude,
                                          include=include, lm_head=lm_head, overrides=overrides)
     fmt = format or preset_format or "matmulnbits"
-    if fmt not in FORMATS:
-        raise QronosError(f"format must be one of {', '.join(FORMATS)}, got {fmt!r}")
+    check_format(recipe, fmt)                       # all cheap checks before any data work
+    if accuracy_level is not None and accuracy_level not in range(5):
+        raise QronosError(f"accuracy_level must be 0..4, got {accuracy_level}")
     if not Path(model).is_file():
         raise QronosError(f"model file not found: {model}")
     check_output_path(output, [model], force)
-    samples = calibration_samples(model, calib_data, calib_windows, seqlen, tokenizer)
-    outcome = quantize_file(model, output, recipe, samples,
-                            CalibrationOptions(reference=reference, device=device, progress=progress),
-                            force=force, fmt=fmt, accuracy_level=accuracy_level, report=report)
+    calibration = CalibrationOptions(reference=reference, device=device, progress=progress)
+    needs_data = recipe.solver.algorithm != "rtn" or recipe.act_quant is not None
+    samples = (calibration_samples(model, calib_data, calib_windows, seqlen, tokenizer)
+               if needs_data else [])
+    outcome = quantize_file(model, output, recipe, samples, calibration, force=force, fmt=fmt,
+                            accuracy_level=accuracy_level, report=report)
     _copy_tokenizer(tokenizer or default_tokenizer(model), Path(output).parent)
     return outcome.report
 
@@ -169,14 +180,13 @@ def _copy_tokenizer(tokenizer: str | os.PathLike, out_dir: Path) -> None:
 
 def calibration_samples(model, data, windows: int, seqlen: int, tokenizer) -> list[dict]:
     """Feed dicts for calibration from a text source or from ready feeds."""
+    signature = detect_signature(load_model(model))
     if isinstance(data, (str, os.PathLike)):
         if windows < 1 or seqlen < 2:
             raise QronosError("calibration needs at least one window of two tokens")
         chosen = token_windows(data, tokenizer or default_tokenizer(model), seqlen, windows,
                                "train", random=True)
-        signature = detect_signature(load_model(model))
         return [signature.feed(w[None]) for w in chosen]
-    signature = detect_signature(load_model(model))
     try:
         return [signature.complete(feed) for feed in feeds_from(data)]
     except KeyError as err:
@@ -192,6 +202,8 @@ def evaluate(model: str | os.PathLike, *, reference: str | os.PathLike | None = 
     for path in (model, reference):
         if path is not None and not Path(path).is_file():
             raise QronosError(f"model file not found: {path}")
+    if windows < 1 or seqlen < 2:
+        raise QronosError("evaluation needs at least one window of two tokens")
     chosen = token_windows(data, tokenizer or default_tokenizer(model), seqlen, windows,
                            "test", random=False)
     return evaluate_windows(model, chosen, reference, device, progress)

@@ -74,10 +74,12 @@ def _inspect(args: argparse.Namespace) -> int:
     from .ir.model_io import load_model
     from .ir.signature import detect_signature
     from .ir.stages import plan_stages
-    from .ir.targets import find_targets
+    from .ir.targets import find_targets, untie_lm_head
 
     model = load_model(args.model)
     sig = detect_signature(model)
+    if args.lm_head:
+        untie_lm_head(model)
     print(f"model {args.model}: opsets {dict(model.opset_imports)}")
     print(f"signature: input_ids, attention_mask={sig.attention_mask is not None}, "
           f"position_ids={sig.position_ids is not None}, KV-cache inputs={len(sig.past)}, logits")
@@ -101,9 +103,7 @@ def _inspect(args: argparse.Namespace) -> int:
 def _olive_config(args: argparse.Namespace) -> int:
     try:
         from .olive.registry import REGISTRY, merged_package_config
-    except ImportError as err:
-        raise QronosError(f"Olive is not installed ({err}): pip install 'qronos-onnx[olive]'") from err
-    try:
+
         config = REGISTRY if args.ours_only else merged_package_config()
     except ImportError as err:
         raise QronosError(f"Olive is not installed ({err}): pip install 'qronos-onnx[olive]'") from err
@@ -145,8 +145,8 @@ def parser() -> argparse.ArgumentParser:
                      help="asymmetric grid with an integer zero point")
     o.add_argument("--algo", choices=["qronos", "gptq", "gpfq", "rtn"], default="qronos")
     o.add_argument("--format", choices=["matmulnbits", "qdq"],
-                   help="matmulnbits (default; ONNX Runtime's kernel) or qdq (opset-21 "
-                        "DequantizeLinear)")
+                   help="matmulnbits (ONNX Runtime's kernel; the default except for --w8a8) or "
+                        "qdq (opset-21 DequantizeLinear)")
     o.add_argument("--calib-data", default="wiki-vital", help="text file or 'wiki-vital' (default)")
     o.add_argument("--calib-windows", type=int, default=api.DEFAULT_WINDOWS,
                    help=f"calibration windows (default {api.DEFAULT_WINDOWS})")

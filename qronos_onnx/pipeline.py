@@ -10,6 +10,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
+import onnx_ir as ir
+
 from .calibration.runner import CalibrationOptions
 from .config import Recipe
 from .errors import QronosError
@@ -56,6 +58,19 @@ def check_format(recipe: Recipe, fmt: Format | None) -> list[str]:
     return notes
 
 
+def quantize_model(model: ir.Model, recipe: Recipe, samples: Sequence[dict],
+                   calibration: CalibrationOptions | None = None, fmt: Format | None = "matmulnbits",
+                   accuracy_level: int | None = None, observer=None) -> QuantizePass:
+    """Quantize an in-memory model and write it in ``fmt``; returns the quantize pass."""
+    quantize = QuantizePass(recipe, samples, calibration, observer)
+    quantize(model)
+    if fmt == "matmulnbits":
+        ToMatMulNBitsPass(accuracy_level)(model)
+    elif fmt == "qdq":
+        ToQDQPass()(model)
+    return quantize
+
+
 def quantize_file(model_path: str | os.PathLike, output: str | os.PathLike, recipe: Recipe,
                   samples: Sequence[dict], calibration: CalibrationOptions | None = None,
                   force: bool = False, fmt: Format | None = "matmulnbits",
@@ -72,12 +87,7 @@ def quantize_file(model_path: str | os.PathLike, output: str | os.PathLike, reci
     output = check_output_path(output, [model_path], force)
     notes = check_format(recipe, fmt)
     model = load_model(model_path)
-    quantize = QuantizePass(recipe, samples, calibration, observer)
-    quantize(model)
-    if fmt == "matmulnbits":
-        ToMatMulNBitsPass(accuracy_level)(model)
-    elif fmt == "qdq":
-        ToQDQPass()(model)
+    quantize = quantize_model(model, recipe, samples, calibration, fmt, accuracy_level, observer)
     files = save_model(model, output)
     result = build_report(model_path, files, quantize, fmt, notes, time.perf_counter() - t0)
     if report is not None:

@@ -8,7 +8,6 @@ import os
 import resource
 from pathlib import Path
 
-from .ir.targets import Skipped
 from .passes.quantize import QuantizePass, TargetResult
 
 
@@ -57,7 +56,7 @@ def build_report(model_path, files, quantize: QuantizePass, fmt: str | None, not
             "seconds": {k: round(v, 2) for k, v in run.seconds.items()},
         },
         "targets": [_target_entry(r) for r in results],
-        "skipped": [dataclasses.asdict(s) for s in quantize.skipped if isinstance(s, Skipped)],
+        "skipped": [dataclasses.asdict(s) for s in quantize.skipped],
         "notes": notes,
         "totals": {
             "targets": len(results),
@@ -73,6 +72,7 @@ def build_report(model_path, files, quantize: QuantizePass, fmt: str | None, not
 
 def write_report(report: dict, path: Path) -> Path:
     """Write ``report`` as JSON to ``path`` (through a temporary file)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp")
     tmp.write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
     os.replace(tmp, path)

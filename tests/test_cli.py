@@ -61,13 +61,21 @@ def test_optimize_eval_inspect(tiny_models, tmp_path, corpus):
     (["optimize", "{model}", "-o", "x.onnx", "--group-size", "24"], "power-of-two"),
     (["optimize", "{model}", "-o", "x.onnx", "--calib-data", "nope.txt"], "data file not found"),
     (["optimize", "{model}", "-o", "x.onnx", "--override", "*q_proj=bits:nine"], "cannot read"),
+    (["optimize", "{model}", "-o", "x.onnx", "--override", "re:(=bits:8"], "bad override regex"),
+    (["optimize", "{model}", "-o", "x.onnx", "--include", "re:(("], "bad include regex"),
+    (["optimize", "{model}", "-o", "x.onnx", "--bits", "9"], "bits must be"),
+    (["optimize", "{model}", "-o", "x.onnx", "--damping", "-1"], "damping must be"),
+    (["optimize", "{model}", "-o", "x.onnx", "--calib-data", "{binary}"], "not UTF-8"),
+    (["eval", "{model}", "--windows", "0"], "at least one window"),
     (["eval", "missing.onnx"], "model file not found"),
     (["inspect", "{corpus}"], "not a readable ONNX model"),
 ])
 def test_user_errors_are_one_line_and_exit_2(tiny_models, tmp_path, corpus, args, message, capsys,
                                             monkeypatch):
     monkeypatch.chdir(tmp_path)
-    args = [a.format(model=tiny_models("nokv"), corpus=corpus) for a in args]
+    binary = tmp_path / "binary.txt"
+    binary.write_bytes(bytes(range(256)) * 8)
+    args = [a.format(model=tiny_models("nokv"), corpus=corpus, binary=binary) for a in args]
     assert main(args) == 2
     err = capsys.readouterr().err
     assert message in err and "Traceback" not in err and len(err.strip().splitlines()) == 1

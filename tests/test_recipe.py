@@ -112,3 +112,36 @@ def test_matmulnbits_group_size_is_checked_before_any_work(tiny_models, tmp_path
         quantize_file(tiny_models("nokv"), tmp_path / "q.onnx", Recipe(grid=Grid(bits=4, group_size=24)),
                       samples=[], calibration=QUIET)
     assert list(tmp_path.iterdir()) == []
+
+
+def test_gemm_with_beta_is_skipped():
+    import onnx_ir as ir
+    from onnx import TensorProto, helper, numpy_helper
+
+    from qronos_onnx.ir.targets import find_targets
+
+    inits = [numpy_helper.from_array(np.ones((4, 8), np.float32), "w"),
+             numpy_helper.from_array(np.ones(4, np.float32), "b")]
+    nodes = [helper.make_node("Gemm", ["x", "w", "b"], ["y"], name="g1", transB=1, beta=0.5)]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 8])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)], inits)
+    groups, skipped = find_targets(ir.serde.deserialize_model(helper.make_model(graph)))
+    assert not groups and skipped[0].reason == "Gemm with beta != 1"
+
+
+def test_feeds_from_readers_are_completed_with_the_right_types(tiny_models):
+    sig = detect_signature(load_model(tiny_models("kv")))
+    feed = sig.complete({"input_ids": np.array([[5, 6, 7, 8]], np.int32),
+                         "attention_mask": np.array([[0, 0, 1, 1]], np.int32)})
+    assert all(v.dtype == np.int64 for k, v in feed.items() if not k.startswith("past"))
+    np.testing.assert_array_equal(feed["position_ids"], [[0, 0, 0, 1]])   # left padding
+    assert feed["past_key_values.0.key"].shape == (1, 2, 0, 16)
+
+
+def test_half_precision_weights_get_scales_representable_in_their_dtype():
+    import torch
+
+    w = torch.randn(8, 64).half()
+    for grid in (Grid(bits=4, group_size=16), Grid(bits=4, group_size=16, symmetric=True)):
+        scales, _ = grid.fit(w)
+        assert torch.equal(scales.half().float(), scales)

@@ -103,11 +103,16 @@ def read_text(source: str | Path, split: str = "train") -> str:
     path = Path(source)
     if not path.is_file():
         raise QronosError(f"data file not found: {path} (give a text file or '{WIKI_VITAL}')")
-    return path.read_text(encoding="utf-8")
+    try:
+        return path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as err:
+        raise QronosError(f"{path} is not UTF-8 text: {err}") from err
 
 
 def all_windows(ids: list[int] | np.ndarray, seqlen: int) -> np.ndarray:
     """Every non-overlapping window of ``seqlen`` tokens: ``[n_windows, seqlen]`` int64."""
+    if seqlen < 2:
+        raise QronosError(f"windows need at least 2 tokens, got seqlen={seqlen}")
     ids = np.asarray(ids, dtype=np.int64)
     n = len(ids) // seqlen
     if n == 0:

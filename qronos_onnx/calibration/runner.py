@@ -65,6 +65,10 @@ class CalibrationOptions:
     optimize_graph: bool = True
     profile: bool = False
 
+    def __post_init__(self) -> None:
+        if self.reference not in ("network", "stage"):
+            raise QronosError(f"reference must be 'network' or 'stage', got {self.reference!r}")
+
 
 @dataclass
 class CalibrationRun:
@@ -155,7 +159,7 @@ class TwoStreamCalibrator:
 
     def run(self, solve: SolveFn) -> CalibrationRun:
         """Calibrate every stage and solve every group, in order."""
-        per_sample = sum(len(self._passes(st)) for st in self.stages)
+        per_sample = sum(len(self._passes(st)) for st in self.stages if st.nodes)
         bar = tqdm(total=per_sample * len(self.samples), desc="calibrating", unit="run",
                    disable=not self.options.progress, dynamic_ncols=True)
         try:

@@ -47,7 +47,9 @@ class LLMSignature:
             feed[self.attention_mask] = (np.ones((batch, seq), np.int64) if attention_mask is None
                                          else np.asarray(attention_mask, dtype=np.int64))
         if self.position_ids is not None:
-            feed[self.position_ids] = np.broadcast_to(np.arange(seq, dtype=np.int64), (batch, seq)).copy()
+            # positions count the real tokens: left padding (mask 0) does not advance them
+            mask = feed.get(self.attention_mask, np.ones((batch, seq), np.int64))
+            feed[self.position_ids] = np.maximum(np.cumsum(mask, axis=1) - 1, 0).astype(np.int64)
         for p in self.past:
             feed[p.name] = np.zeros((batch, p.kv_heads, 0, p.head_dim), dtype=p.dtype)
         return feed
@@ -58,7 +60,9 @@ class LLMSignature:
         empty cache), so that feeds from any data reader run on this graph."""
         ids = np.asarray(feed[self.input_ids])
         full = self.feed(ids, feed.get(self.attention_mask) if self.attention_mask else None)
-        full.update({k: np.asarray(v) for k, v in feed.items() if k in full})
+        for name, value in feed.items():
+            if name in full:
+                full[name] = np.asarray(value, dtype=full[name].dtype)
         return full
 
 

@@ -37,6 +37,7 @@ class Target:
         in_features, out_features: ``W`` is ``[out_features, in_features]``.
         output: the layer's output value.
         lm_head: the layer computes the logits.
+        bias: the Gemm bias input, if any.
     """
 
     node: str
@@ -49,6 +50,7 @@ class Target:
     out_features: int
     output: str
     lm_head: bool
+    bias: str | None = None
 
 
 @dataclass(frozen=True)
@@ -94,6 +96,16 @@ def readable_name(node: ir.Node) -> str:
     return node.name or "<unnamed>"
 
 
+def check_patterns(patterns: Sequence[str], option: str) -> None:
+    """Refuse ``re:`` patterns that do not compile, naming the option they came from."""
+    for pattern in patterns:
+        if pattern.startswith("re:"):
+            try:
+                re.compile(pattern[3:])
+            except re.error as err:
+                raise QronosError(f"bad {option} regex {pattern!r}: {err}") from err
+
+
 def matches(patterns: Sequence[str], *names: str) -> bool:
     """Whether any pattern matches any of ``names``: globs, or regexes written ``re:PATTERN``."""
     for pattern in patterns:
@@ -112,12 +124,8 @@ def find_targets(model: ir.Model, *, include_lm_head: bool = False, include: Seq
     ``include`` (when given: only these) and ``exclude`` take globs or ``re:`` regexes, matched
     against readable and node names.
     """
-    for pattern in (*include, *exclude):
-        if pattern.startswith("re:"):
-            try:
-                re.compile(pattern[3:])
-            except re.error as err:
-                raise QronosError(f"bad exclude regex {pattern!r}: {err}") from err
+    check_patterns(include, "include")
+    check_patterns(exclude, "exclude")
     logits = _logits_producers(model)
     targets: list[Target] = []
     skipped: list[Skipped] = []
@@ -189,6 +197,9 @@ def _as_target(node: ir.Node, name: str, lm_head: bool) -> tuple[Target | None, 
             return None, "Gemm with transA=1"
         if attrs.get("alpha") is not None and attrs["alpha"].value != 1.0:
             return None, "Gemm with alpha != 1"
+        if len(node.inputs) > 2 and node.inputs[2] is not None and \
+                attrs.get("beta") is not None and attrs["beta"].value != 1.0:
+            return None, "Gemm with beta != 1"
         transposed = bool(attrs["transB"].value) if attrs.get("transB") is not None else False
     if b.const_value is None:
         producer = b.producer()
@@ -207,9 +218,11 @@ def _as_target(node: ir.Node, name: str, lm_head: bool) -> tuple[Target | None, 
     if len(b.uses()) != 1:
         return None, f"weight is shared with {len(b.uses()) - 1} other node(s)"
     in_f, out_f = (shape[1], shape[0]) if transposed else shape
+    bias = node.inputs[2] if node.op_type == "Gemm" and len(node.inputs) > 2 else None
     return Target(node=node.name, name=name, op_type=node.op_type, input=a.name, weight=b.name,
                   transposed=transposed, in_features=int(in_f), out_features=int(out_f),
-                  output=node.outputs[0].name, lm_head=lm_head), None
+                  output=node.outputs[0].name, lm_head=lm_head,
+                  bias=None if bias is None else bias.name), None
 
 
 def _logits_producers(model: ir.Model) -> set[ir.Node]:

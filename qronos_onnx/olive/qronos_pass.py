@@ -24,9 +24,7 @@ from olive.passes.pass_config import BasePassConfig, PassConfigParam
 from .. import api
 from ..calibration.runner import CalibrationOptions
 from ..ir.model_io import load_model
-from ..passes.formats import ToMatMulNBitsPass, ToQDQPass
-from ..passes.quantize import QuantizePass
-from ..pipeline import check_format
+from ..pipeline import check_format, quantize_model
 from ..report import build_report, write_report
 
 
@@ -94,14 +92,12 @@ class QronosQuantization(Pass):
         samples = api.calibration_samples(model.model_path, self._calibration_data(model, config),
                                           config.calib_windows, config.seqlen, config.tokenizer)
         ir_model = load_model(model.model_path)
-        quantize = QuantizePass(recipe, samples, CalibrationOptions(device=config.device))
-        quantize(ir_model)
-        if fmt == "matmulnbits":
-            ToMatMulNBitsPass(config.accuracy_level)(ir_model)
-        else:
-            ToQDQPass()(ir_model)
+        quantize = quantize_model(ir_model, recipe, samples, CalibrationOptions(device=config.device),
+                                  fmt, config.accuracy_level)
         handler = ir_model_to_olive_model(ir_model, output_model_path, config)
-        report = build_report(model.model_path, [Path(output_model_path)], quantize, fmt, notes,
+        output = Path(output_model_path)
+        files = [output, *(p for p in output.parent.glob(output.name + "*") if p != output)]
+        report = build_report(model.model_path, files, quantize, fmt, notes,
                               time.perf_counter() - t0)
         write_report(report, Path(output_model_path).parent / "report.json")
         return handler

@@ -27,6 +27,7 @@ from ..ir.signature import detect_signature
 from ..ir.stages import plan_stages
 from ..ir.targets import Skipped, Target, TargetGroup, find_targets, untie_lm_head
 from ..quant import Grid, QuantizedWeight, solve
+from ..quant.solve import rtn_codes
 
 #: ``Node.meta`` keys of a solved target: its ``QuantizedWeight`` and its ``Target``.
 QUANTIZED = "qronos.quantized"
@@ -61,7 +62,8 @@ class TargetResult:
 
     @property
     def error_rtn(self) -> float | None:
-        if not self.output_ref:
+        """``None`` for a Gemm with a bias: the measured reference then includes the bias."""
+        if not self.output_ref or self.target.bias is not None:
             return None
         return (self.output_ref - 2 * self.cross_rtn + self.quad_rtn) / self.output_ref
 
@@ -166,7 +168,8 @@ class QuantizePass(ir.passes.InPlacePass):
             q = solve(opts.algorithm, W, H, G, grid=grid, act_order=opts.act_order,
                       damping=opts.damping, solver_block=opts.solver_block, variant=opts.variant,
                       name=targets[0].name)
-            rtn = solve("rtn", W, grid=grid).dequantize().double()
+            rtn = QuantizedWeight(rtn_codes(W, grid, q.scales, q.zero_points), q.scales,
+                                  q.zero_points, grid, q.info).dequantize().double()
             cross_rtn = ((W.double() @ G) * rtn).sum(dim=1).cpu()     # per row: tr(W G Q^T)
             quad_rtn = ((rtn @ H) * rtn).sum(dim=1).cpu()
         seconds = time.perf_counter() - t0

@@ -57,7 +57,8 @@ def gptq_sweep(W: Tensor, U: Tensor, cols: ColumnGrid, solver_block: int,
     return codes, loss
 
 
-def gptq(problem: LayerProblem, lam: float, solver_block: int) -> tuple[Tensor, float, int]:
+def gptq(problem: LayerProblem, lam: float, solver_block: int,
+         name: str = "layer") -> tuple[Tensor, float, int]:
     """GPTQ on a prepared layer with ridge ``lam``.
 
     Dead columns are zeroed first (their inputs are always 0, so their weights do not matter).
@@ -65,7 +66,7 @@ def gptq(problem: LayerProblem, lam: float, solver_block: int) -> tuple[Tensor, 
     Returns:
         codes ``[C, d]`` in solve order (floats), the damping used, and the damping retries.
     """
-    U, lam, retries = inverse_factor(problem.H, lam)
+    U, lam, retries = inverse_factor(problem.H, lam, name)
     W = problem.weight.clone()
     W[:, problem.dead] = 0
     codes, _ = gptq_sweep(W, U, problem.cols, solver_block)

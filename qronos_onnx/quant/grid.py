@@ -120,7 +120,8 @@ class Grid:
         Args:
             weight: ``[C, d]`` float.
         Returns:
-            ``scales`` ``[C, n_groups]`` float32 and ``zero_points``
+            ``scales`` ``[C, n_groups]`` float32 (holding values representable in the weight's
+            dtype when it is float16 or bfloat16) and ``zero_points``
             ``[C, n_groups]`` uint8 (``None`` for symmetric grids). Scales are non-zero;
             symmetric ones carry the sign of their group's extreme (see the module docstring).
         """
@@ -141,6 +142,10 @@ class Grid:
         scales, zeros = self._params(lo, hi)
         if self.scale_search == "mse":
             scales, zeros = self._mse_search(w, lo, hi, scales, zeros)
+        if weight.dtype in (torch.float16, torch.bfloat16):
+            # Exported scales are stored in the weight's dtype: round them now, so that the
+            # solver rounds onto the grid the deployed model will use.
+            scales = scales.to(weight.dtype).to(torch.float32)
         scales = _fill_empty_groups(scales)
         if zeros is not None:
             zeros = zeros.to(torch.uint8)

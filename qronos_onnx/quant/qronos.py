@@ -21,8 +21,8 @@ from .problem import LayerProblem, inverse_factor, times_upper_t
 Variant = Literal["step", "ls"]
 
 
-def qronos(problem: LayerProblem, lam: float, solver_block: int,
-           variant: Variant = "step") -> tuple[Tensor, float, int]:
+def qronos(problem: LayerProblem, lam: float, solver_block: int, variant: Variant = "step",
+           name: str = "layer") -> tuple[Tensor, float, int]:
     """Qronos on a prepared layer (``problem.G`` required) with ridge ``lam``.
 
     ``variant="step"`` (the paper): with ``w`` the original row, ``Hd = H + lam I``,
@@ -38,7 +38,7 @@ def qronos(problem: LayerProblem, lam: float, solver_block: int,
     """
     if problem.G is None:
         raise ValueError("qronos needs G = X X~^T / n")
-    U, lam, retries = inverse_factor(problem.H, lam)
+    U, lam, retries = inverse_factor(problem.H, lam, name)
     w, G = problem.weight, problem.G
     U = U.to(w.dtype)
     if variant == "ls":

@@ -72,9 +72,9 @@ def solve(algorithm: str, weight: Tensor, H: Tensor | None = None, G: Tensor | N
             ref = (float(torch.diagonal(H64).abs().mean()) if algorithm == "gptq"
                    else largest_eigenvalue(H64))
             if algorithm == "gptq":
-                codes, lam, retries = gptq(problem, rel * ref, solver_block)
+                codes, lam, retries = gptq(problem, rel * ref, solver_block, name)
             else:
-                codes, lam, retries = qronos(problem, rel * ref, solver_block, variant)
+                codes, lam, retries = qronos(problem, rel * ref, solver_block, variant, name)
     except FactorizationError as err:
         msg = f"{name}: {err}; falling back to RTN"
         log.warning(msg)
