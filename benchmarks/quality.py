@@ -108,10 +108,10 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--only", nargs="+", choices=list(SETTINGS), help="settings to run")
     ap.add_argument("--fresh", action="store_true", help="ignore cached rows")
-    ap.add_argument("--row", nargs=2, help=argparse.SUPPRESS)
+    ap.add_argument("--row", nargs=3, help=argparse.SUPPRESS)    # setting method result.json
     args = ap.parse_args()
     if args.row:
-        print(json.dumps(run_one(*args.row)))
+        Path(args.row[2]).write_text(json.dumps(run_one(*args.row[:2])))
         return
     if not MODEL.is_file():
         sys.exit(f"{MODEL} is missing: run python models/smollm2.py first")
@@ -122,12 +122,15 @@ def main() -> None:
         if key in cache:
             continue
         print(f"running {setting} / {method} ...", flush=True)
-        done = subprocess.run([sys.executable, __file__, "--row", setting, method],
+        result = WORK / "row.json"            # results by file: quantizers print to stdout
+        result.parent.mkdir(parents=True, exist_ok=True)
+        result.unlink(missing_ok=True)
+        done = subprocess.run([sys.executable, __file__, "--row", setting, method, str(result)],
                               capture_output=True, text=True)
-        if done.returncode != 0:
-            cache[key] = {"error": done.stderr.strip().splitlines()[-1][:300]}
+        if done.returncode != 0 or not result.exists():
+            cache[key] = {"error": (done.stderr.strip().splitlines() or ["no result"])[-1][:300]}
         else:
-            cache[key] = json.loads(done.stdout.strip().splitlines()[-1])
+            cache[key] = json.loads(result.read_text())
         print(f"  {cache[key]}", flush=True)
         CACHE.write_text(json.dumps(cache, indent=1))
     print(table(cache))
