@@ -9,9 +9,10 @@ of wiki-vital; calibration on 32 windows of 512 tokens of the train side (ONNX R
 stopped (``--fresh`` starts over). The table printed at the end goes to RESULTS.md.
 
 Rows per setting: RTN, GPTQ, GPFQ and Qronos (this tool, MatMulNBits); ONNX Runtime's
-``matmul_nbits_quantizer`` default (RTN) where its bits are supported (2, 4, 8), and its GPTQ
-where it can run the setting (4 bits, grouped). ONNX Runtime's GPTQ re-runs the whole model once
-per activation name (about 20 minutes for 8 windows here), so it gets 8 calibration windows.
+``matmul_nbits_quantizer`` default (RTN) where its bits are supported (2, 4, 8), and its GPTQ at
+4 bits, the only width it supports (a failure is recorded as the row). ONNX Runtime's GPTQ re-runs
+the whole model once per activation name (about 20 minutes for 8 windows here), so it gets 8
+calibration windows.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from __future__ import annotations
 import argparse
 import json
 import resource
+import shutil
 import subprocess
 import sys
 import time
@@ -46,7 +48,7 @@ def rows_for(setting: str) -> list[str]:
     rows = list(OURS)
     if bits in (2, 4, 8):
         rows.append("ort-rtn")
-    if bits == 4 and group is not None:
+    if bits == 4:
         rows.append("ort-gptq")
     return rows
 
@@ -82,6 +84,7 @@ def run_one(setting: str, method: str) -> dict:
 def ort_quantize(setting: str, method: str, out: Path) -> None:
     """ONNX Runtime's own weight-only quantizer (onnxruntime.quantization)."""
     import onnx
+    from onnxruntime.quantization import QuantFormat
     from onnxruntime.quantization.matmul_nbits_quantizer import (DefaultWeightOnlyQuantConfig,
                                                                  GPTQWeightOnlyQuantConfig,
                                                                  MatMulNBitsQuantizer)
@@ -89,18 +92,24 @@ def ort_quantize(setting: str, method: str, out: Path) -> None:
     from qronos_onnx.api import calibration_samples
 
     bits, group, sym = SETTINGS[setting]
-    block = group or 1024
+    fmt = QuantFormat.QOperator                     # MatMulNBits
     if method == "ort-gptq":
         reader = calibration_samples(MODEL, "wiki-vital", ORT_WINDOWS, 512, None)
         config = GPTQWeightOnlyQuantConfig(calibration_data_reader=reader, percdamp=0.01,
                                            block_size=128, actorder=False, perchannel=True)
+    elif group is None:
+        # Its MatMulNBits blocks stop at 256, so per-channel weights are written as QDQ,
+        # which ONNX Runtime fuses into MatMulNBits when it loads the model.
+        fmt = QuantFormat.QDQ
+        config = DefaultWeightOnlyQuantConfig(is_symmetric=sym, bits=bits, quant_format=fmt,
+                                              channel_wised_quantize=True)
     else:
-        config = DefaultWeightOnlyQuantConfig(block_size=block, is_symmetric=sym, bits=bits,
-                                              channel_wised_quantize=group is None)
-    quantizer = MatMulNBitsQuantizer(onnx.load(str(MODEL)), bits=bits, block_size=block,
-                                     is_symmetric=sym, algo_config=config)
+        config = DefaultWeightOnlyQuantConfig(block_size=group, is_symmetric=sym, bits=bits)
+    quantizer = MatMulNBitsQuantizer(onnx.load(str(MODEL)), bits=bits, block_size=group or -1,
+                                     is_symmetric=sym, algo_config=config, quant_format=fmt)
     quantizer.process()
-    out.parent.mkdir(parents=True, exist_ok=True)
+    shutil.rmtree(out.parent, ignore_errors=True)   # onnx appends to an existing data file
+    out.parent.mkdir(parents=True)
     quantizer.model.save_model_to_file(str(out), use_external_data_format=True)
 
 
