@@ -22,8 +22,8 @@ def _optimize(args: argparse.Namespace) -> int:
         per_channel=args.per_channel, symmetric=args.symmetric, algo=args.algo, format=args.format,
         calib_data=args.calib_data, calib_windows=args.calib_windows, seqlen=args.seqlen,
         tokenizer=args.tokenizer, exclude=args.exclude, include=args.include,
-        lm_head=args.lm_head, overrides=args.override, device=args.device, force=args.force, damping=args.damping,
-        act_order=not args.no_act_order, reference=args.reference,
+        lm_head=args.lm_head, overrides=args.override, device=args.device, force=args.force,
+        damping=args.damping, act_order=not args.no_act_order, reference=args.reference,
         accuracy_level=args.accuracy_level, report=args.report, progress=not args.quiet)
     print(summary_table(report))
     return 0

@@ -54,7 +54,6 @@ class LLMSignature:
             feed[p.name] = np.zeros((batch, p.kv_heads, 0, p.head_dim), dtype=p.dtype)
         return feed
 
-
     def complete(self, feed: dict) -> dict:
         """``feed`` with the LLM inputs it lacks filled in (mask of ones, positions from 0, an
         empty cache), so that feeds from any data reader run on this graph."""

@@ -99,7 +99,7 @@ class QronosQuantization(Pass):
         files = [output, *(p for p in output.parent.glob(output.name + "*") if p != output)]
         report = build_report(model.model_path, files, quantize, fmt, notes,
                               time.perf_counter() - t0)
-        write_report(report, Path(output_model_path).parent / "report.json")
+        write_report(report, output.parent / "report.json")
         return handler
 
     @staticmethod
