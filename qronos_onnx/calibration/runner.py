@@ -92,6 +92,12 @@ class CalibrationRun:
     output_error: dict[str, tuple[float, float]] = field(default_factory=dict)
 
 
+def _square_sum(a: np.ndarray) -> float:
+    """``sum(a^2)`` accumulated in float64, without a float64 copy of ``a``."""
+    flat = a.reshape(-1)
+    return float(np.einsum("i,i->", flat, flat, dtype=np.float64))
+
+
 def torch_device(device: str) -> torch.device:
     """``auto`` -> CUDA when torch sees a GPU, else CPU."""
     if device == "auto":
@@ -207,13 +213,15 @@ class TwoStreamCalibrator:
                 bar.update(1)
             if measured:
                 for i, (y, y_quant) in enumerate(zip(layer_outputs["float"], layer_outputs["quant"])):
-                    y = y.astype(np.float64)
-                    sums[i] += (np.square(y).sum(), np.square(y - y_quant).sum())
+                    sums[i] += (_square_sum(y), _square_sum(y - y_quant))
                 tokens += layer_outputs["float"][0].size // layer_outputs["float"][0].shape[-1]
-            if stats is not None:
-                t0 = time.perf_counter()
+        if stats is not None:
+            # After all the stage's runs, not between them: torch's OpenMP workers spin for a
+            # while after each parallel op and would slow the next ONNX Runtime run down.
+            t0 = time.perf_counter()
+            for s in range(len(self.samples)):
                 self._accumulate(stats, group, s)
-                self.run_info.seconds["statistics"] += time.perf_counter() - t0
+            self.run_info.seconds["statistics"] += time.perf_counter() - t0
         for (node, _), (ref, err) in zip(stage.target_outputs, sums):
             self.run_info.output_error[node] = (ref / tokens, err / tokens)
         if self.options.reference == "stage":

@@ -33,27 +33,33 @@ def gptq_sweep(W: Tensor, U: Tensor, cols: ColumnGrid, solver_block: int,
     """
     C, m = W.shape
     U = U.to(W.dtype)
+    inv_diag = (1.0 / torch.diagonal(U)).tolist()     # Python floats: no 0-d tensors per step
     codes = torch.empty_like(W)
     loss = torch.zeros(C, dtype=W.dtype, device=W.device)
     for i1 in range(0, m, solver_block):
         i2 = min(i1 + solver_block, m)
+        Ub = U[i1:i2, i1:i2]
         # Column-major copies of the block: each column is a contiguous row here.
         block = W[:, i1:i2].T.contiguous()
-        y = None if Y is None else Y[:, i1:i2].T.contiguous()
+        y = None
+        if Y is not None:
+            # w_t = W_t + sum_{s<=t} Y_s U_st - sum_{s<t} e_s U_st. The Y terms from inside
+            # the block are known up front: one triangular product instead of one per column.
+            y = Y[:, i1:i2].T
+            block.addmm_(Ub.T, y)
         block_codes = torch.empty_like(block)
-        deltas = torch.empty_like(block)
+        errors = torch.empty_like(block)
         for i in range(i2 - i1):
-            t = i1 + i
-            # w_t = W_t + sum_{s<=t} Y_s U_st - sum_{s<t} e_s U_st; the sums over s<t are
-            # already in `block` as -sum (e_s - Y_s) U_st.
-            w = block[i] if y is None else block[i] + y[i] * U[t, t]
-            block_codes[i], q = cols.round(w, t)
-            e = (w - q) / U[t, t]
-            loss += e * e
-            deltas[i] = e if y is None else e - y[i]
-            block[i + 1:].addr_(U[t, t + 1:i2], deltas[i], alpha=-1)
+            w = block[i]
+            block_codes[i], q = cols.round(w, i1 + i)
+            e = errors[i]
+            torch.sub(w, q, out=e).mul_(inv_diag[i1 + i])
+            block[i + 1:].addr_(Ub[i, i + 1:], e, alpha=-1)
         codes[:, i1:i2] = block_codes.T
-        W[:, i2:].addmm_(deltas.T, U[i1:i2, i2:], alpha=-1)
+        loss += (errors * errors).sum(dim=0)
+        if y is not None:
+            errors -= y                     # what the later blocks still owe: e_s - Y_s
+        W[:, i2:].addmm_(errors.T, U[i1:i2, i2:], alpha=-1)
     return codes, loss
 
 
