@@ -7,12 +7,13 @@
 
 from .api import PRESETS, evaluate, optimize
 from .config import Recipe, SolverOptions
-from .errors import QronosError
+from .errors import CalibrationWarning, QronosError
 from .eval import EvalResult
 from .ir.act_quant import ActQuant
 from .quant import Grid
+from .quant.problem import SolverWarning
 
 __version__ = "0.1.0"
 
-__all__ = ["ActQuant", "EvalResult", "Grid", "PRESETS", "QronosError", "Recipe", "SolverOptions",
-           "evaluate", "optimize"]
+__all__ = ["ActQuant", "CalibrationWarning", "EvalResult", "Grid", "PRESETS", "QronosError",
+           "Recipe", "SolverOptions", "SolverWarning", "evaluate", "optimize"]

@@ -1,4 +1,4 @@
-"""The one exception type for problems a user can fix."""
+"""The exception type for problems a user can fix, and the warning for weak calibration data."""
 
 
 class QronosError(Exception):
@@ -6,3 +6,7 @@ class QronosError(Exception):
 
     The CLI prints it as one line, without a traceback, and exits non-zero.
     """
+
+
+class CalibrationWarning(UserWarning):
+    """The calibration data is too small for a well-posed solve (the message says how much more)."""

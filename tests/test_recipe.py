@@ -1,10 +1,12 @@
 """Per-node control (include, exclude, per-pattern grids, lm_head policy) and report.json."""
 
 import json
+import warnings
 
 import numpy as np
 import onnxruntime as ort
 import pytest
+import torch
 
 from conftest import random_samples
 from qronos_onnx.calibration.runner import CalibrationOptions
@@ -76,8 +78,11 @@ def test_lm_head_int8_policy(tiny_models, tmp_path, variant):
     assert np.abs(a - b).max() < 0.5 * np.abs(b).max()
 
 
-def test_report_errors_match_the_statistics(tiny_models, tmp_path):
-    """The error measured by ORT on each layer's outputs equals the one the statistics give."""
+@pytest.mark.parametrize("padded", [False, True])
+def test_report_errors_match_the_statistics(tiny_models, tmp_path, padded):
+    """The error measured by ORT on each layer's outputs, and the RTN error computed from the
+    statistics, equal float64 evaluations of ``||W X - Q X~||^2 / ||W X||^2`` from ``H``, ``G``;
+    with padding, both count only the real tokens, as the statistics do."""
     seen = {}
 
     def observe(group, H, G, results):
@@ -85,7 +90,13 @@ def test_report_errors_match_the_statistics(tiny_models, tmp_path):
             seen[r.target.node] = (H.double(), G.double())
 
     path = tiny_models("kv")
-    samples = random_samples(detect_signature(load_model(path)))
+    signature = detect_signature(load_model(path))
+    samples = random_samples(signature)
+    if padded:                              # batch 2, right padding on the second window
+        rng = np.random.default_rng(1)
+        mask = np.ones((2, 48), np.int64)
+        mask[1, 20:] = 0
+        samples = [signature.feed(rng.integers(0, 256, (2, 48)), mask) for _ in range(3)]
     outcome = quantize_file(path, tmp_path / "q.onnx", Recipe(grid=Grid(bits=3, group_size=16)),
                             samples, QUIET, observer=observe)
     from qronos_onnx.passes.quantize import weight_matrix
@@ -97,6 +108,13 @@ def test_report_errors_match_the_statistics(tiny_models, tmp_path):
         Q = r.weight.dequantize().double()
         predicted = r.output_ref - 2 * float(((W @ G) * Q).sum()) + float(((Q @ H) * Q).sum())
         assert r.error == pytest.approx(predicted / r.output_ref, rel=2e-3, abs=1e-6)
+        scales, zeros = r.weight.scales.double(), r.weight.zero_points
+        step = scales.repeat_interleave(r.weight.grid.group_size, dim=1)[:, :W.shape[1]]
+        zero = zeros.double().repeat_interleave(r.weight.grid.group_size, dim=1)[:, :W.shape[1]]
+        Q_rtn = (torch.clamp(torch.round(W / step) + zero, r.weight.grid.qmin,
+                             r.weight.grid.qmax) - zero) * step
+        rtn = r.output_ref - 2 * float(((W @ G) * Q_rtn).sum()) + float(((Q_rtn @ H) * Q_rtn).sum())
+        assert r.error_rtn == pytest.approx(rtn / r.output_ref, rel=1e-4)
         assert 0 < r.error < 1 and 0 < r.error_rtn < 2
     errors = [(t["error"], t["error_rtn"]) for t in outcome.report["targets"]]
     assert np.mean([e for e, _ in errors]) < np.mean([e for _, e in errors])   # solving helps
@@ -139,9 +157,27 @@ def test_feeds_from_readers_are_completed_with_the_right_types(tiny_models):
 
 
 def test_half_precision_weights_get_scales_representable_in_their_dtype():
-    import torch
 
     w = torch.randn(8, 64).half()
     for grid in (Grid(bits=4, group_size=16), Grid(bits=4, group_size=16, symmetric=True)):
         scales, _ = grid.fit(w)
         assert torch.equal(scales.half().float(), scales)
+
+
+def test_fewer_tokens_than_input_features_warn(tiny_models, tmp_path):
+    """The warning counts real tokens (padding excluded) against each group's input features."""
+    from qronos_onnx import CalibrationWarning
+
+    path = tiny_models("kv")
+    signature = detect_signature(load_model(path))
+    rng = np.random.default_rng(0)
+    mask = np.ones((1, 48), np.int64)
+    mask[0, 20:] = 0
+    padded = [signature.feed(rng.integers(0, 256, (1, 48)), mask) for _ in range(3)]   # 60 real
+    recipe = Recipe(grid=Grid(bits=4, group_size=16))
+    with pytest.warns(CalibrationWarning, match=r"60 tokens.* of 8 layer groups \(up to 128"):
+        quantize_file(path, tmp_path / "a.onnx", recipe, padded, QUIET, fmt=None)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", CalibrationWarning)
+        quantize_file(path, tmp_path / "b.onnx", recipe, random_samples(signature), QUIET,
+                      fmt=None)                                            # 3 x 48 = 144 tokens

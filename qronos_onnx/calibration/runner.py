@@ -37,7 +37,7 @@ from ..ir.act_quant import ACT_SCALE, fit_static_scale
 from ..ir.stages import Stage, fed_constants, last_uses, stage_model
 from ..ir.targets import TargetGroup
 from .session import make_session
-from .stats import GroupStats
+from .stats import GroupStats, token_rows
 
 Reference = Literal["network", "stage"]
 
@@ -80,8 +80,9 @@ class CalibrationRun:
         seconds: wall time of the stage runs, of the statistics and of the solves.
         providers: execution providers actually used.
         node_runs: with ``profile``, how many times each graph node ran.
-        output_error: per target node, ``(||y||^2 / n, ||y - y~||^2 / n)`` over the calibration
-            tokens, with ``y`` its float-side and ``y~`` its quantized-side output.
+        output_error: per target node, ``(||y||^2 / n, ||y - y~||^2 / n)`` over the ``n``
+            calibration tokens that are not padding (the tokens the statistics count), with
+            ``y`` its float-side and ``y~`` its quantized-side output.
     """
 
     stages: int = 0
@@ -212,9 +213,11 @@ class TwoStreamCalibrator:
                 layer_outputs[side] = [outputs[n] for n in measured]
                 bar.update(1)
             if measured:
+                mask = self._mask(s)
                 for i, (y, y_quant) in enumerate(zip(layer_outputs["float"], layer_outputs["quant"])):
+                    y, y_quant = token_rows(y, mask), token_rows(y_quant, mask)
                     sums[i] += (_square_sum(y), _square_sum(y - y_quant))
-                tokens += layer_outputs["float"][0].size // layer_outputs["float"][0].shape[-1]
+                tokens += y.shape[0]
         if stats is not None:
             # After all the stage's runs, not between them: torch's OpenMP workers spin for a
             # while after each parallel op and would slow the next ONNX Runtime run down.
@@ -264,10 +267,12 @@ class TwoStreamCalibrator:
                     f"NaN or Inf in the calibration activations of the {label} network at "
                     f"{group.input!r} (input of {group.targets[0].name}), sample {s}: check the "
                     "model and the calibration data")
+        stats.add(x, x_quant, self._mask(s))
+
+    def _mask(self, s: int) -> np.ndarray | None:
+        """Sample ``s``'s attention mask, or ``None`` when it has no padding."""
         mask = self.samples[s].get("attention_mask")
-        if mask is not None and mask.all():
-            mask = None
-        stats.add(x, x_quant, mask)
+        return None if mask is None or mask.all() else mask
 
     def _float_input(self, group: TargetGroup, s: int):
         """``X`` of sample ``s``: the float stream's (or, in stage mode, the float stage's)

@@ -16,6 +16,18 @@ FLUSH_TOKENS = 8192
 _H_PANELS = 4
 
 
+def token_rows(a: np.ndarray, mask: np.ndarray | None) -> np.ndarray:
+    """Activation ``[..., d]`` as ``[tokens, d]`` rows, keeping only the tokens where ``mask``
+    (shaped like ``a``'s leading dims, e.g. an attention mask ``[batch, seq]``) is non-zero.
+
+    Without a mask, or with one that does not cover ``a``'s leading dims, every row is kept.
+    """
+    rows = a.reshape(-1, a.shape[-1])
+    if mask is not None and mask.size == rows.shape[0]:
+        rows = rows[mask.reshape(-1) != 0]
+    return rows
+
+
 class GroupStats:
     """Sums of ``X~ X~^T`` and ``X X~^T`` over the calibration tokens of one group input."""
 
@@ -68,9 +80,7 @@ class GroupStats:
     def _tokens(self, a: np.ndarray, mask: np.ndarray | None) -> torch.Tensor:
         if a.shape[-1] != self.in_features:
             raise ValueError(f"activation has {a.shape[-1]} features, expected {self.in_features}")
-        rows = a.reshape(-1, self.in_features)
-        if mask is not None and mask.size * self.in_features == a.size:
-            rows = rows[mask.reshape(-1) != 0]
+        rows = token_rows(a, mask)
         return torch.from_numpy(np.ascontiguousarray(rows, dtype=np.float32)).to(self.device)
 
     def finalize(self) -> tuple[torch.Tensor, torch.Tensor]:
