@@ -26,6 +26,7 @@ from .ir.signature import detect_signature
 from .ir.targets import check_patterns
 from .pipeline import check_format, quantize_file
 from .quant import Grid
+from .report import DEFAULT_REPORT, report_path
 
 #: Recipes behind ``--w4`` etc. Explicit options override any field.
 PRESETS: dict[str, dict[str, Any]] = {
@@ -140,7 +141,7 @@ def optimize(model: str | os.PathLike, output: str | os.PathLike, *, preset: str
              device: str = "auto", force: bool = False, damping: float | None = None,
              act_order: bool = True,
              reference: str = "network", accuracy_level: int | None = None,
-             report: str | None = "report.json", progress: bool = True) -> dict:
+             report: str | None = DEFAULT_REPORT, progress: bool = True) -> dict:
     """Quantize an ONNX LLM; returns the report (also written as ``report`` beside ``output``).
 
     ``calib_data`` is a text file, ``"wiki-vital"`` (default), or an iterable of feed dicts /
@@ -157,7 +158,8 @@ def optimize(model: str | os.PathLike, output: str | os.PathLike, *, preset: str
         raise QronosError(f"accuracy_level must be 0..4, got {accuracy_level}")
     if not Path(model).is_file():
         raise QronosError(f"model file not found: {model}")
-    check_output_path(output, [model], force)
+    report_names = [report_path(Path(output), report).name] if report else []
+    check_output_path(output, [model], force, report_names)
     calibration = CalibrationOptions(reference=reference, device=device, progress=progress)
     needs_data = recipe.solver.algorithm != "rtn" or recipe.act_quant is not None
     samples = (calibration_samples(model, calib_data, calib_windows, seqlen, tokenizer)

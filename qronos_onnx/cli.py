@@ -12,6 +12,7 @@ from pathlib import Path
 
 from . import api
 from .errors import QronosError
+from .report import DEFAULT_REPORT
 
 EPILOG = "Errors a user can fix print one line and exit with status 2."
 
@@ -30,7 +31,7 @@ def _optimize(args: argparse.Namespace) -> int:
 
 
 def summary_table(report: dict) -> str:
-    """A short, readable summary of ``report.json``."""
+    """A short, readable summary of the JSON report."""
     rows = [("layer", "shape", "grid", "error rtn", "error", "s")]
     for t in report["targets"]:
         g = t["grid"]
@@ -173,7 +174,9 @@ def parser() -> argparse.ArgumentParser:
                         "on quantized inputs")
     o.add_argument("--accuracy-level", type=int, choices=range(5),
                    help="MatMulNBits accuracy_level (4: int8 activations in the CPU kernel)")
-    o.add_argument("--report", default="report.json", help="report file name beside the output")
+    o.add_argument("--report", default=DEFAULT_REPORT,
+                   help="report file name beside the output; {stem} is the output's name "
+                        "without .onnx (default: %(default)s)")
     o.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
     o.set_defaults(func=_optimize)
 

@@ -19,7 +19,7 @@ from .ir.model_io import check_output_path, load_model, save_model
 from .ir.packing import block_size_for, container_bits
 from .passes.formats import ToMatMulNBitsPass, ToQDQPass
 from .passes.quantize import QuantizePass
-from .report import build_report, write_report
+from .report import DEFAULT_REPORT, build_report, report_path, write_report
 
 Format = Literal["matmulnbits", "qdq"]
 FORMATS = ("matmulnbits", "qdq")
@@ -74,7 +74,7 @@ def quantize_model(model: ir.Model, recipe: Recipe, samples: Sequence[dict],
 def quantize_file(model_path: str | os.PathLike, output: str | os.PathLike, recipe: Recipe,
                   samples: Sequence[dict], calibration: CalibrationOptions | None = None,
                   force: bool = False, fmt: Format | None = "matmulnbits",
-                  accuracy_level: int | None = None, report: str | os.PathLike | None = "report.json",
+                  accuracy_level: int | None = None, report: str | None = DEFAULT_REPORT,
                   observer=None) -> QuantizationOutcome:
     """Quantize ``model_path`` into ``output``.
 
@@ -84,12 +84,13 @@ def quantize_file(model_path: str | os.PathLike, output: str | os.PathLike, reci
         report: file name of the JSON report, written beside ``output``; ``None`` for none.
     """
     t0 = time.perf_counter()
-    output = check_output_path(output, [model_path], force)
+    output = check_output_path(output, [model_path], force,
+                               [report_path(Path(output), report).name] if report else [])
     notes = check_format(recipe, fmt)
     model = load_model(model_path)
     quantize = quantize_model(model, recipe, samples, calibration, fmt, accuracy_level, observer)
     files = save_model(model, output)
     result = build_report(model_path, files, quantize, fmt, notes, time.perf_counter() - t0)
     if report is not None:
-        files.append(write_report(result, output.parent / report))
+        files.append(write_report(result, report_path(output, report)))
     return QuantizationOutcome(files, result, quantize)

@@ -1,4 +1,4 @@
-"""``report.json``: what was quantized, how, how well, and at what cost."""
+"""The JSON report (``OUT.report.json``): what was quantized, how, how well, and at what cost."""
 
 from __future__ import annotations
 
@@ -68,6 +68,16 @@ def build_report(model_path, files, quantize: QuantizePass, fmt: str | None, not
             "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
         },
     }
+
+
+#: Default report file name beside the output; ``{stem}`` is the output's name without ``.onnx``,
+#: so that models written to one directory keep one report each.
+DEFAULT_REPORT = "{stem}.report.json"
+
+
+def report_path(output: Path, name: str = DEFAULT_REPORT) -> Path:
+    """Where the report of ``output`` goes: ``name`` (``{stem}`` filled in) beside it."""
+    return output.with_name(name.format(stem=output.stem))
 
 
 def write_report(report: dict, path: Path) -> Path:

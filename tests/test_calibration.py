@@ -205,5 +205,27 @@ def test_existing_output_is_not_overwritten_without_force(tiny_models, tmp_path)
     with pytest.raises(QronosError, match="exists"):
         quantize_file(tiny_models("nokv"), tmp_path / "out.onnx", RECIPE, [{}])
     assert (tmp_path / "out.onnx").read_text() == "keep me"
-    with pytest.raises(QronosError, match="refusing to overwrite the input"):
+    with pytest.raises(QronosError, match="refusing to overwrite .* the input model"):
         quantize_file(tiny_models("nokv"), tiny_models("nokv"), RECIPE, [{}], force=True)
+
+
+def test_input_data_files_and_existing_companions_are_never_overwritten(tiny_models, tmp_path):
+    """The output's data file and report count as outputs: one the input model reads is refused
+    even with force; an existing one needs force."""
+    source = onnx.load(tiny_models("nokv"))
+    onnx.save(source, tmp_path / "float.onnx", save_as_external_data=True,
+              location="model.onnx.data")                 # the data name of an output model.onnx
+    before = (tmp_path / "model.onnx.data").read_bytes()
+    for force in (False, True):
+        with pytest.raises(QronosError, match="model.onnx.data: the input model .* reads it"):
+            quantize_file(tmp_path / "float.onnx", tmp_path / "model.onnx", RECIPE, [{}],
+                          force=force)
+    assert (tmp_path / "model.onnx.data").read_bytes() == before
+    assert not (tmp_path / "model.onnx").exists()
+    (tmp_path / "q.report.json").write_text("an earlier run")
+    with pytest.raises(QronosError, match="q.report.json exists"):
+        quantize_file(tmp_path / "float.onnx", tmp_path / "q.onnx", RECIPE, [{}])
+    (tmp_path / "q.onnx.data").write_text("stale")
+    with pytest.raises(QronosError, match="q.onnx.data exists"):
+        quantize_file(tmp_path / "float.onnx", tmp_path / "q.onnx", RECIPE, [{}], report=None)
+    assert (tmp_path / "q.report.json").read_text() == "an earlier run"

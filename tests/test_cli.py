@@ -35,7 +35,7 @@ def test_optimize_eval_inspect(tiny_models, tmp_path, corpus):
             "--override", "*.k_proj=bits:8,group:channel,sym")
     assert r.returncode == 0, r.stderr
     assert "layers (qronos, matmulnbits)" in r.stdout and "wrote" in r.stdout
-    report = json.loads((out.parent / "report.json").read_text())
+    report = json.loads((out.parent / "q.report.json").read_text())
     assert report["totals"]["targets"] == 12
     grids = {t["name"]: t["grid"] for t in report["targets"]}
     assert grids["model.layers.0.self_attn.k_proj"] == {"bits": 8, "group_size": None, "symmetric": True,
@@ -56,7 +56,7 @@ def test_optimize_eval_inspect(tiny_models, tmp_path, corpus):
 
 @pytest.mark.parametrize("args,message", [
     (["optimize", "missing.onnx", "-o", "x.onnx"], "model file not found"),
-    (["optimize", "{model}", "-o", "{model}"], "refusing to overwrite the input"),
+    (["optimize", "{model}", "-o", "{model}"], "reads it; choose another output"),
     (["optimize", "{model}", "-o", "x.onnx", "--tokenizer", "nope.json"], "tokenizer not found"),
     (["optimize", "{model}", "-o", "x.onnx", "--group-size", "24"], "power-of-two"),
     (["optimize", "{model}", "-o", "x.onnx", "--calib-data", "nope.txt"], "data file not found"),

@@ -118,7 +118,7 @@ def test_report_errors_match_the_statistics(tiny_models, tmp_path, padded):
         assert 0 < r.error < 1 and 0 < r.error_rtn < 2
     errors = [(t["error"], t["error_rtn"]) for t in outcome.report["targets"]]
     assert np.mean([e for e, _ in errors]) < np.mean([e for _, e in errors])   # solving helps
-    on_disk = json.loads((tmp_path / "report.json").read_text())
+    on_disk = json.loads((tmp_path / "q.report.json").read_text())
     assert on_disk["totals"]["targets"] == 14 and on_disk["format"] == "matmulnbits"
     assert on_disk["totals"]["output_bytes"] > 0 and on_disk["totals"]["peak_rss_mb"] > 0
     assert set(on_disk["targets"][0]) >= {"name", "shape", "grid", "algorithm", "damping",

@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import shutil
 import tempfile
+from collections.abc import Sequence
 from pathlib import Path
 
 import onnx
@@ -74,19 +75,48 @@ def _external_tensors(graph: onnx.GraphProto):
                 yield from _external_tensors(sub)
 
 
-def check_output_path(output: str | os.PathLike, inputs: list[str | os.PathLike],
-                      force: bool) -> Path:
-    """Refuse to write over an input, or over an existing file unless ``force``."""
+def model_files(path: str | os.PathLike) -> set[Path]:
+    """The files a model reads: ``path`` and its external data files (resolved).
+
+    A file that is not a readable model counts as itself alone (``load_model`` says why later).
+    """
+    path = Path(path)
+    files = {path.resolve()}
+    try:
+        proto = onnx.load(str(path), load_external_data=False)
+    except (DecodeError, RuntimeError, ValueError, OSError):
+        return files
+    for tensor in _external_tensors(proto.graph):
+        info = {e.key: e.value for e in tensor.external_data}
+        files.add((path.parent / info.get("location", "")).resolve())
+    return files
+
+
+def check_output_path(output: str | os.PathLike, inputs: Sequence[str | os.PathLike],
+                      force: bool, companions: Sequence[str] = ()) -> Path:
+    """Check where ``output`` will be written, before any work.
+
+    What gets written is ``output``, its data file ``<output>.data`` and the ``companions``
+    (file names beside ``output``, e.g. the report). None of them may be a file an input model
+    reads (its ``.onnx`` or external data), even with ``force``; an existing one is only
+    replaced with ``force``.
+    """
     output = Path(output)
-    for source in inputs:
-        if output.resolve() == Path(source).resolve():
-            raise QronosError(f"refusing to overwrite the input model {source}: choose another output")
-    if output.exists() and not force:
-        raise QronosError(f"{output} exists; pass --force (force=True) to overwrite it")
     if output.suffix != ".onnx":
         raise QronosError(f"output must end in .onnx, got {output}")
     if output.parent.exists() and not output.parent.is_dir():
         raise QronosError(f"{output.parent} is not a directory")
+    written = [output, output.with_name(output.name + ".data"),
+               *(output.with_name(name) for name in companions)]
+    for source in inputs:
+        read = model_files(source)
+        for path in written:
+            if path.resolve() in read:
+                raise QronosError(f"refusing to overwrite {path}: the input model {source} reads "
+                                  "it; choose another output")
+    existing = [path for path in written if path.exists()]
+    if existing and not force:
+        raise QronosError(f"{existing[0]} exists; pass --force (force=True) to overwrite it")
     return output
 
 

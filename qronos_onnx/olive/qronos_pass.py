@@ -25,7 +25,7 @@ from .. import api
 from ..calibration.runner import CalibrationOptions
 from ..ir.model_io import load_model
 from ..pipeline import check_format, quantize_model
-from ..report import build_report, write_report
+from ..report import build_report, report_path, write_report
 
 
 class QronosQuantization(Pass):
@@ -99,7 +99,7 @@ class QronosQuantization(Pass):
         files = [output, *(p for p in output.parent.glob(output.name + "*") if p != output)]
         report = build_report(model.model_path, files, quantize, fmt, notes,
                               time.perf_counter() - t0)
-        write_report(report, output.parent / "report.json")
+        write_report(report, report_path(output))
         return handler
 
     @staticmethod
