@@ -31,9 +31,10 @@ def random_quantized(N, K, grid, seed):
     return QuantizedWeight(codes, scales, zp, grid, SolveInfo("rtn"))
 
 
-def one_matmul_model(q, transposed=False, bias=None):
+def one_matmul_model(q, transposed=False, bias=None, opset=20):
     """An IR model ``Y = A @ W^T`` (MatMul on W^T, or Gemm with transB=1 and a bias) whose
-    node carries the codes the way QuantizePass leaves them."""
+    node carries the codes the way QuantizePass leaves them. Below opset 18, ``A`` is first
+    centred with a ``ReduceMean`` whose axes are an attribute (an input from opset 18 on)."""
     N, K = q.codes.shape
     w = q.dequantize().numpy()
     inits = [numpy_helper.from_array(w if transposed else w.T.copy(), "w")]
@@ -44,9 +45,14 @@ def one_matmul_model(q, transposed=False, bias=None):
         node = helper.make_node("Gemm", inputs, ["Y"], name="layer", transB=1)
     else:
         node = helper.make_node("MatMul", ["A", "w"], ["Y"], name="layer")
-    graph = helper.make_graph([node], "g", [helper.make_tensor_value_info("A", TensorProto.FLOAT, [7, K])],
+    nodes = [node]
+    if opset < 18:
+        node.input[0] = "centred"
+        nodes = [helper.make_node("ReduceMean", ["A"], ["mean"], axes=[-1], keepdims=1),
+                 helper.make_node("Sub", ["A", "mean"], ["centred"]), node]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("A", TensorProto.FLOAT, [7, K])],
                               [helper.make_tensor_value_info("Y", TensorProto.FLOAT, None)], inits)
-    model = ir.serde.deserialize_model(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 20)]))
+    model = ir.serde.deserialize_model(helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)]))
     groups, _ = _targets(model)
     model.graph.node("layer").meta.update({QUANTIZED: q, TARGET: groups[0].targets[0]})
     return model
@@ -143,6 +149,20 @@ def test_qdq_equals_numpy_dequant(N, K, grid, transposed):
     assert len(dq) == 1 and dq[0].inputs[0].const_value.dtype.bitwidth == (8 if grid.bits > 4 else 4)
     A = np.random.default_rng(1).standard_normal((7, K)).astype(np.float32)
     expected = A @ q.dequantize().numpy().T
+    np.testing.assert_allclose(run(model, A), expected, rtol=1e-4, atol=1e-4 * np.abs(expected).max())
+
+
+def test_qdq_converts_older_opsets_with_their_reduce_axes():
+    """Opset 17 -> 21 moves ReduceMean's axes from attribute to input (what onnxscript's own
+    converter does not do below opset 18); the result loads and computes the same."""
+    q = random_quantized(16, 64, Grid(bits=4, group_size=32), seed=3)
+    model = one_matmul_model(q, opset=17)
+    ToQDQPass()(model)
+    assert model.opset_imports[""] == 21
+    mean = next(n for n in model.graph if n.op_type == "ReduceMean")
+    assert "axes" not in mean.attributes and len(mean.inputs) == 2
+    A = np.random.default_rng(2).standard_normal((7, 64)).astype(np.float32)
+    expected = (A - A.mean(axis=-1, keepdims=True)) @ q.dequantize().numpy().T
     np.testing.assert_allclose(run(model, A), expected, rtol=1e-4, atol=1e-4 * np.abs(expected).max())
 
 
