@@ -49,6 +49,31 @@ def test_per_token_quantizer_equals_numpy(bits):
     np.testing.assert_allclose(y, expected @ w, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("opset", [17, 20])
+def test_static_int8_quantizer_on_float16_equals_numpy(opset):
+    """uint8 QDQ on float16 activations, also below opset 19 (no float16 QuantizeLinear)."""
+    w = np.random.default_rng(0).standard_normal((16, 8)).astype(np.float16)
+    graph = helper.make_graph(
+        [helper.make_node("MatMul", ["X", "w"], ["Y"], name="mm")],
+        "g", [helper.make_tensor_value_info("X", TensorProto.FLOAT16, [2, 5, 16])],
+        [helper.make_tensor_value_info("Y", TensorProto.FLOAT16, None)], [numpy_helper.from_array(w, "w")])
+    model = ir.serde.deserialize_model(helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)]))
+    group = find_targets(model)[0][0]
+    out = insert_act_quant(model, group, ActQuant(8, "tensor", symmetric=False), ir.DataType.FLOAT16)
+    scale, zero = (model.graph.initializers[f"X_aq_{k}"] for k in ("scale", "zero_point"))
+    scale.const_value = ir.Tensor(np.asarray(0.03, scale.const_value.dtype.numpy()), name=scale.name)
+    zero.const_value = ir.Tensor(np.asarray(100, np.uint8), name=zero.name)
+    model.graph.outputs.append(out)
+    x = (np.random.default_rng(1).standard_normal((2, 5, 16)) * 3).astype(np.float16)
+    session = ort.InferenceSession(ir.serde.serialize_model(model).SerializeToString(),
+                                   providers=["CPUExecutionProvider"])
+    _, xq = session.run(None, {"X": x})
+    s = np.float32(scale.const_value.numpy())
+    expected = ((np.clip(np.round(x.astype(np.float32) / s) + 100, 0, 255) - 100) * s).astype(np.float16)
+    assert xq.dtype == np.float16
+    np.testing.assert_array_equal(xq, expected)
+
+
 @pytest.mark.parametrize("act", [ActQuant(4, "token"), ActQuant(4, "tensor"),
                                  ActQuant(8, "tensor", symmetric=False)], ids=str)
 def test_quantized_stream_agrees_with_the_final_graph(tiny_models, tmp_path, act):

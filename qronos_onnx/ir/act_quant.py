@@ -10,7 +10,8 @@ sees exactly the activations the deployed model computes.
 - ``granularity="tensor"`` (static): one scale (and zero point) per tensor, fitted on the
   quantized stream's calibration activations. 8 bits use ``QuantizeLinear``/``DequantizeLinear``
   (uint8 asymmetric or int8 symmetric), the QDQ form ONNX Runtime runs with integer kernels;
-  other widths the same arithmetic as above with a constant scale.
+  other widths the same arithmetic as above with a constant scale. Below opset 19, where
+  ``QuantizeLinear`` takes only float32, half-precision activations are cast around it.
 """
 
 from __future__ import annotations
@@ -110,11 +111,16 @@ def insert_act_quant(model: ir.Model, group: TargetGroup, spec: ActQuant,
 
     if spec.granularity == "tensor" and spec.bits == 8:
         zp_type = np.int8 if spec.symmetric else np.uint8
-        scale = const("scale", np.array(1.0, np_type))
+        # QuantizeLinear takes float16/bfloat16 input from opset 19 on: before, go via float32.
+        widen = np_type != np.float32 and opset < 19
+        x = add("Cast", [source], to=int(ir.DataType.FLOAT)) if widen else source
+        scale = const("scale", np.array(1.0, np.float32 if widen else np_type))
         zero = const("zero_point", np.array(0, zp_type))
         scale.meta[ACT_SCALE] = StaticScale(spec, group.input, zero.name)
-        q = add("QuantizeLinear", [source, scale, zero])
+        q = add("QuantizeLinear", [x, scale, zero])
         out = add("DequantizeLinear", [q, scale, zero])
+        if widen:
+            out = add("Cast", [out], to=int(dtype))
     else:
         if spec.granularity == "tensor":
             scale = const("scale", np.array(1.0, np_type))
