@@ -126,3 +126,32 @@ def test_w8a8_runs_on_integer_kernels_and_stays_close_to_float(tiny_models, tmp_
     out = session.run(["logits"], feed)[0]
     ref = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(["logits"], feed)[0]
     assert rel(out, ref) < 0.05
+
+
+def test_stage_reference_with_static_quantizers_equals_brute_force(tiny_models, tmp_path):
+    """reference="stage": the last group's X is the float stage run on the quantized stream's
+    inputs, i.e. the previous group with float weights reading its input before its quantizer.
+    Brute force: the saved model edited that way, run whole by ONNX Runtime."""
+    path = tiny_models("nokv")
+    samples = random_samples(detect_signature(load_model(path)))
+    seen = []
+    recipe = Recipe(grid=Grid(bits=4, group_size=32), act_quant=ActQuant(8, "tensor", symmetric=False))
+    outcome = quantize_file(path, tmp_path / "q.onnx", recipe, samples,
+                            CalibrationOptions(reference="stage", progress=False), fmt=None,
+                            report=None, observer=lambda g, H, G, r: seen.append((g, H.numpy(), G.numpy())))
+    (last, H, G), (previous, *_) = seen[-1], seen[-2]
+    saved = onnx.load(str(outcome.files[0]))
+    original = {t.name: t for t in onnx.load(str(path)).graph.initializer}
+    weights = {t.weight for t in previous.targets}
+    for init in saved.graph.initializer:
+        if init.name in weights:
+            init.CopyFrom(original[init.name])
+    for node in saved.graph.node:
+        if weights & set(node.input):
+            node.input[list(node.input).index(previous.input)] = previous.source
+    saved.graph.output.extend([onnx.ValueInfoProto(name=last.source)])
+    session = ort.InferenceSession(saved.SerializeToString(), providers=["CPUExecutionProvider"])
+    x = [session.run([last.source], feed)[0] for feed in samples]
+    x_quant = full_model_capture(outcome.files[0], [last.input], {}, samples)[last.input]
+    assert rel(H, gram(x_quant, x_quant)) < 1e-5
+    assert rel(G, gram(x, x_quant)) < 1e-5

@@ -227,8 +227,10 @@ class TwoStreamCalibrator:
             self.run_info.seconds["statistics"] += time.perf_counter() - t0
         for (node, _), (ref, err) in zip(stage.target_outputs, sums):
             self.run_info.output_error[node] = (ref / tokens, err / tokens)
-        if self.options.reference == "stage":
-            self._values["float"].clear()       # the float stage's outputs only give this X
+        if self.options.reference == "stage" and group is not None:
+            # The float stage's outputs only give this group's X (kept until here: a static
+            # activation quantizer runs in a quant-only stage between its source and the group).
+            self._values["float"].clear()
         if session is not None and self.options.profile:
             self._count_node_runs(session)
         return stats
