@@ -155,3 +155,29 @@ def test_stage_reference_with_static_quantizers_equals_brute_force(tiny_models, 
     x_quant = full_model_capture(outcome.files[0], [last.input], {}, samples)[last.input]
     assert rel(H, gram(x_quant, x_quant)) < 1e-5
     assert rel(G, gram(x, x_quant)) < 1e-5
+
+
+def test_static_scales_are_fitted_on_real_tokens_only(tiny_models, tmp_path):
+    """Padding (attention mask 0) does not widen a static activation scale."""
+    path = tiny_models("nokv")
+    signature = detect_signature(load_model(path))
+    rng = np.random.default_rng(3)
+    mask = np.ones((2, 48), np.int64)
+    mask[1, 12:] = 0
+    samples = [signature.feed(rng.integers(0, 256, (2, 48)), mask) for _ in range(2)]
+    seen = []
+    spec = ActQuant(8, "tensor", symmetric=True)
+    outcome = quantize_file(path, tmp_path / "q.onnx", Recipe(grid=Grid(bits=4, group_size=32), act_quant=spec),
+                            samples, CalibrationOptions(progress=False), fmt=None, report=None,
+                            observer=lambda g, H, G, r: seen.append(g))
+    scales = {t.name: float(numpy_helper.to_array(t)) for t in onnx.load(str(outcome.files[0])).graph.initializer
+              if t.name.endswith("_aq_scale")}
+    differs = 0
+    for group in seen:
+        # the source in the saved (fake-quantized) model is the quantized stream's value
+        x = full_model_capture(outcome.files[0], [group.source], {}, samples)[group.source]
+        real = max(np.abs(a[mask != 0]).max() for a in x) / spec.qmax
+        every = max(np.abs(a).max() for a in x) / spec.qmax
+        assert scales[f"{group.source}_aq_scale"] == pytest.approx(real, rel=1e-6)
+        differs += not np.isclose(every, real, rtol=1e-6)
+    assert differs > 0                                    # padding would have changed some scale

@@ -251,7 +251,8 @@ class TwoStreamCalibrator:
         for name in stage.act_scales:
             value = graph.initializers[name]
             static = value.meta[ACT_SCALE]
-            arrays = [self._lookup("quant", static.source, s) for s in range(len(self.samples))]
+            arrays = [token_rows(self._lookup("quant", static.source, s), self._mask(s))
+                      for s in range(len(self.samples))]
             scale, zero = fit_static_scale(arrays, static.spec)
             old = value.const_value
             value.const_value = ir.Tensor(np.asarray(scale, dtype=old.dtype.numpy()), name=name)
