@@ -4,9 +4,11 @@ import json
 import warnings
 
 import numpy as np
+import onnx
 import onnxruntime as ort
 import pytest
 import torch
+from onnx import TensorProto, helper, numpy_helper
 
 from conftest import random_samples
 from qronos_onnx.calibration.runner import CalibrationOptions
@@ -181,3 +183,39 @@ def test_fewer_tokens_than_input_features_warn(tiny_models, tmp_path):
         warnings.simplefilter("error", CalibrationWarning)
         quantize_file(path, tmp_path / "b.onnx", recipe, random_samples(signature), QUIET,
                       fmt=None)                                            # 3 x 48 = 144 tokens
+
+
+def half_precision_llm(path, dtype=np.float16):
+    """A minimal decoder-shaped graph in ``dtype``: embedding, two MatMuls, logits."""
+    rng = np.random.default_rng(0)
+    inits = [numpy_helper.from_array((rng.standard_normal(shape) / 8).astype(dtype), name)
+             for name, shape in (("emb", (256, 64)), ("w1", (64, 128)), ("w2", (128, 64)),
+                                 ("lm_head", (64, 256)))]
+    nodes = [helper.make_node("Gather", ["emb", "input_ids"], ["x"]),
+             helper.make_node("MatMul", ["x", "w1"], ["h"], name="/model/layers.0/mlp/up_proj/MatMul"),
+             helper.make_node("Relu", ["h"], ["a"]),
+             helper.make_node("MatMul", ["a", "w2"], ["y"], name="/model/layers.0/mlp/down_proj/MatMul"),
+             helper.make_node("MatMul", ["y", "lm_head"], ["logits"], name="/lm_head/MatMul")]
+    elem = helper.np_dtype_to_tensor_dtype(np.dtype(dtype))
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("input_ids", TensorProto.INT64, ["b", "s"])],
+                              [helper.make_tensor_value_info("logits", elem, None)], inits)
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21)]), path)
+    return path
+
+
+def test_half_precision_model_is_solved_on_the_grid_it_deploys(tmp_path):
+    """float16 weights: the solver's scales are float16 values, so the MatMulNBits file (float16
+    scales) computes exactly what was solved."""
+    path = half_precision_llm(tmp_path / "half.onnx")
+    samples = random_samples(detect_signature(load_model(path)), count=4)
+    outcome = quantize_file(path, tmp_path / "q.onnx", Recipe(grid=Grid(bits=4, group_size=32)),
+                            samples, QUIET)
+    assert len(outcome.quantize.results) == 2
+    proto = onnx.load(str(tmp_path / "q.onnx"))
+    stored = {t.name: numpy_helper.to_array(t) for t in proto.graph.initializer}
+    for r in outcome.quantize.results:
+        scales = r.weight.scales
+        assert torch.equal(scales.half().float(), scales)
+        node = next(n for n in proto.graph.node if n.name.startswith(r.target.node))
+        np.testing.assert_array_equal(stored[node.input[2]].astype(np.float32).reshape(scales.shape),
+                                      scales.numpy())

@@ -96,15 +96,27 @@ def _warn_if_too_few_tokens(groups: Sequence[TargetGroup], samples: Sequence[dic
     warnings.warn(msg, CalibrationWarning, stacklevel=3)
 
 
-def _row_dots(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """Per-row dot products of two ``[C, d]`` tensors, summed in float64, on the CPU: ``[C]``."""
-    return torch.einsum("cd,cd->c", a.double(), b.double()).cpu()
+def _row_dots(a: torch.Tensor, b: torch.Tensor, rows: int = 1024) -> torch.Tensor:
+    """Per-row dot products of two ``[C, d]`` tensors, summed in float64, on the CPU: ``[C]``.
+
+    A block of ``rows`` rows at a time, so the float64 copies stay small for any ``C``.
+    """
+    return torch.cat([torch.einsum("cd,cd->c", a[i:i + rows].double(), b[i:i + rows].double())
+                      for i in range(0, a.shape[0], rows)]).cpu()
 
 
 def weight_matrix(tensor: ir.TensorProtocol, target: Target) -> torch.Tensor:
-    """``W`` ``[out, in]`` float32 from the stored initializer (``W^T`` for MatMul)."""
-    array = np.array(tensor.numpy(), dtype=np.float32)      # a copy: the source is memory-mapped
-    return torch.from_numpy(array if target.transposed else array.T)
+    """``W`` ``[out, in]`` from the stored initializer (``W^T`` for MatMul), in its dtype.
+
+    Half-precision weights stay half precision: the grid then rounds its scales to that dtype
+    before solving (exported scales are stored in it); the solvers work in float32 anyway.
+    """
+    if tensor.dtype == ir.DataType.BFLOAT16:        # numpy has no bfloat16: go by the bits
+        bits = np.array(tensor.numpy()).view(np.uint16)
+        matrix = torch.from_numpy(bits).view(torch.bfloat16)
+    else:
+        matrix = torch.from_numpy(np.array(tensor.numpy()))     # a copy: the source is mapped
+    return matrix if target.transposed else matrix.T
 
 
 def stored_layout(w: torch.Tensor, target: Target, dtype: np.dtype) -> np.ndarray:
@@ -207,8 +219,8 @@ class QuantizePass(ir.passes.InPlacePass):
             # float32 (half the time of float64; ~1e-6 relative), row sums in float64.
             rtn = QuantizedWeight(rtn_codes(W, grid, q.scales, q.zero_points), q.scales,
                                   q.zero_points, grid, q.info).dequantize()
-            cross_rtn = _row_dots(W @ G.to(W.dtype), rtn)
-            quad_rtn = _row_dots(rtn @ H.to(W.dtype), rtn)
+            cross_rtn = _row_dots(W.float() @ G.float(), rtn)
+            quad_rtn = _row_dots(rtn @ H.float(), rtn)
         seconds = time.perf_counter() - t0
         q = QuantizedWeight(q.codes.cpu(), q.scales.cpu(),
                             None if q.zero_points is None else q.zero_points.cpu(), q.grid, q.info)
