@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from qronos_onnx.calibration import stats as stats_mod
-from qronos_onnx.calibration.stats import GroupStats
+from qronos_onnx.calibration.stats import GroupStats, token_rows
 
 
 @pytest.mark.parametrize("d", [7, 64, 130])
@@ -39,3 +39,12 @@ def test_same_activations_give_g_equal_h():
         s2 = GroupStats(8)
         s2.add(x, x)
         s2.add(x, x.copy())
+
+
+def test_token_rows_reads_the_new_tokens_of_a_mask_over_a_kv_cache():
+    a = np.arange(2 * 3 * 4, dtype=np.float32).reshape(2, 3, 4)          # batch 2, 3 new tokens
+    mask = np.array([[0, 1, 1, 0, 1], [1, 1, 1, 1, 1]])                  # 2 cached + 3 new
+    expected = np.concatenate([a[0, [0, 2]], a[1]])
+    np.testing.assert_array_equal(token_rows(a, mask), expected)
+    np.testing.assert_array_equal(token_rows(a, mask[:, 2:]), expected)   # no cache
+    np.testing.assert_array_equal(token_rows(a, None), a.reshape(-1, 4))

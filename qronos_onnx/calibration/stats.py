@@ -17,12 +17,16 @@ _H_PANELS = 4
 
 
 def token_rows(a: np.ndarray, mask: np.ndarray | None) -> np.ndarray:
-    """Activation ``[..., d]`` as ``[tokens, d]`` rows, keeping only the tokens where ``mask``
-    (shaped like ``a``'s leading dims, e.g. an attention mask ``[batch, seq]``) is non-zero.
+    """Activation ``[..., seq, d]`` as ``[tokens, d]`` rows, keeping only the tokens where
+    ``mask`` (an attention mask ``[..., past + seq]``) is non-zero.
 
-    Without a mask, or with one that does not cover ``a``'s leading dims, every row is kept.
+    A mask longer than ``seq`` also covers a KV cache: its last ``seq`` columns are the tokens
+    of ``a``. Without a mask, or with one that does not match ``a``, every row is kept.
     """
     rows = a.reshape(-1, a.shape[-1])
+    if (mask is not None and a.ndim >= 2 and mask.ndim == a.ndim - 1
+            and mask.shape[:-1] == a.shape[:-2] and mask.shape[-1] > a.shape[-2]):
+        mask = mask[..., -a.shape[-2]:]
     if mask is not None and mask.size == rows.shape[0]:
         rows = rows[mask.reshape(-1) != 0]
     return rows
