@@ -26,7 +26,7 @@ from .ir.signature import detect_signature
 from .ir.targets import check_patterns
 from .pipeline import check_format, quantize_file
 from .quant import Grid
-from .report import DEFAULT_REPORT, report_path
+from .report import DEFAULT_REPORT, report_name
 
 #: Recipes behind ``--w4`` etc. Explicit options override any field.
 PRESETS: dict[str, dict[str, Any]] = {
@@ -158,7 +158,7 @@ def optimize(model: str | os.PathLike, output: str | os.PathLike, *, preset: str
         raise QronosError(f"accuracy_level must be 0..4, got {accuracy_level}")
     if not Path(model).is_file():
         raise QronosError(f"model file not found: {model}")
-    report_names = [report_path(Path(output), report).name] if report else []
+    report_names = [report_name(Path(output), report)] if report else []
     check_output_path(output, [model], force, report_names)
     calibration = CalibrationOptions(reference=reference, device=device, progress=progress)
     needs_data = recipe.solver.algorithm != "rtn" or recipe.act_quant is not None
@@ -188,6 +188,7 @@ def calibration_samples(model, data, windows: int, seqlen: int, tokenizer) -> li
             raise QronosError("calibration needs at least one window of two tokens")
         chosen = token_windows(data, tokenizer or default_tokenizer(model), seqlen, windows,
                                "train", random=True)
+        signature.check_token_ids(chosen, "the tokenizer")
         return [signature.feed(w[None]) for w in chosen]
     try:
         return [signature.complete(feed) for feed in feeds_from(data)]
@@ -201,11 +202,12 @@ def evaluate(model: str | os.PathLike, *, reference: str | os.PathLike | None = 
              device: str = "auto", progress: bool = True) -> EvalResult:
     """Perplexity (and KL / top-1 agreement against ``reference``) on the first ``windows``
     windows of ``data`` (the test side of wiki-vital by default)."""
-    for path in (model, reference):
-        if path is not None and not Path(path).is_file():
-            raise QronosError(f"model file not found: {path}")
     if windows < 1 or seqlen < 2:
         raise QronosError("evaluation needs at least one window of two tokens")
+    signatures = [detect_signature(load_model(path)) for path in (model, reference)
+                  if path is not None]                 # clear errors for either model
     chosen = token_windows(data, tokenizer or default_tokenizer(model), seqlen, windows,
                            "test", random=False)
+    for signature in signatures:
+        signature.check_token_ids(chosen, "the tokenizer")
     return evaluate_windows(model, chosen, reference, device, progress)

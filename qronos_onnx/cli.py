@@ -111,10 +111,17 @@ def _olive_config(args: argparse.Namespace) -> int:
     text = json.dumps(config, indent=2) + "\n"
     if args.output is None:
         print(text, end="")
-    else:
-        Path(args.output).write_text(text, encoding="utf-8")
-        print(f"wrote {args.output}: Olive's passes and QronosQuantization "
-              f"(use: olive run --config WORKFLOW --package-config {args.output})")
+        return 0
+    output = Path(args.output)
+    if output.exists() and not args.force:
+        raise QronosError(f"{output} exists; pass --force to overwrite it")
+    try:
+        output.parent.mkdir(parents=True, exist_ok=True)
+        output.write_text(text, encoding="utf-8")
+    except OSError as err:
+        raise QronosError(f"could not write {output}: {err}") from err
+    what = "QronosQuantization" if args.ours_only else "Olive's passes and QronosQuantization"
+    print(f"wrote {output}: {what} (use: olive run --config WORKFLOW --package-config {output})")
     return 0
 
 
@@ -205,6 +212,7 @@ def parser() -> argparse.ArgumentParser:
                                    "this writes Olive's registry and ours together.")
     c.add_argument("-o", "--output", help="file to write (default: print)")
     c.add_argument("--ours-only", action="store_true", help="only the QronosQuantization entry")
+    c.add_argument("--force", action="store_true", help="overwrite an existing output file")
     c.set_defaults(func=_olive_config)
     return root
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -34,8 +36,8 @@ class SolverOptions:
             raise ValueError(f"algorithm must be one of {', '.join(ALGORITHMS)}, got {self.algorithm!r}")
         if self.solver_block < 1:
             raise ValueError(f"solver_block must be >= 1, got {self.solver_block}")
-        if self.damping is not None and self.damping < 0:
-            raise ValueError(f"damping must be >= 0, got {self.damping}")
+        if self.damping is not None and not 0 <= self.damping < math.inf:
+            raise ValueError(f"damping must be a finite number >= 0, got {self.damping}")
 
 
 #: The lm_head grid under ``lm_head="int8"``.

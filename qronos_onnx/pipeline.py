@@ -19,7 +19,7 @@ from .ir.model_io import check_output_path, load_model, save_model
 from .ir.packing import block_size_for, container_bits
 from .passes.formats import ToMatMulNBitsPass, ToQDQPass
 from .passes.quantize import QuantizePass
-from .report import DEFAULT_REPORT, build_report, report_path, write_report
+from .report import DEFAULT_REPORT, build_report, report_name, report_path, write_report
 
 Format = Literal["matmulnbits", "qdq"]
 FORMATS = ("matmulnbits", "qdq")
@@ -85,7 +85,7 @@ def quantize_file(model_path: str | os.PathLike, output: str | os.PathLike, reci
     """
     t0 = time.perf_counter()
     output = check_output_path(output, [model_path], force,
-                               [report_path(Path(output), report).name] if report else [])
+                               [report_name(Path(output), report)] if report else [])
     notes = check_format(recipe, fmt)
     model = load_model(model_path)
     quantize = quantize_model(model, recipe, samples, calibration, fmt, accuracy_level, observer)

@@ -8,6 +8,7 @@ import os
 import resource
 from pathlib import Path
 
+from .errors import QronosError
 from .passes.quantize import QuantizePass, TargetResult
 
 
@@ -75,9 +76,17 @@ def build_report(model_path, files, quantize: QuantizePass, fmt: str | None, not
 DEFAULT_REPORT = "{stem}.report.json"
 
 
+def report_name(output: Path, name: str = DEFAULT_REPORT) -> str:
+    """The report's file name for ``output``: ``name`` with ``{stem}`` filled in."""
+    try:
+        return name.format(stem=output.stem)
+    except (KeyError, IndexError, ValueError) as err:
+        raise QronosError(f"report name {name!r}: only {{stem}} may be used ({err})") from err
+
+
 def report_path(output: Path, name: str = DEFAULT_REPORT) -> Path:
-    """Where the report of ``output`` goes: ``name`` (``{stem}`` filled in) beside it."""
-    return output.with_name(name.format(stem=output.stem))
+    """Where the report of ``output`` goes (``check_output_path`` has vetted the name)."""
+    return output.with_name(report_name(output, name))
 
 
 def write_report(report: dict, path: Path) -> Path:

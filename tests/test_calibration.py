@@ -1,5 +1,6 @@
 """The two-stream calibration engine against brute-force full-model captures."""
 
+import os
 import shutil
 
 import numpy as np
@@ -229,3 +230,23 @@ def test_input_data_files_and_existing_companions_are_never_overwritten(tiny_mod
     with pytest.raises(QronosError, match="q.onnx.data exists"):
         quantize_file(tmp_path / "float.onnx", tmp_path / "q.onnx", RECIPE, [{}], report=None)
     assert (tmp_path / "q.report.json").read_text() == "an earlier run"
+
+
+@pytest.mark.parametrize("output,report,message", [
+    ("q.onnx", "../r.json", "not a plain file name"),
+    ("q.onnx", "q.onnx.data", "output model's own file name"),
+    ("q.onnx", "other.onnx", "not a plain file name"),
+    ("adir", "r.json", "must end in .onnx"),
+    ("adir.onnx", "r.json", "is a directory"),
+    ("locked/sub/q.onnx", "r.json", "permission denied"),
+])
+def test_bad_output_places_are_refused_before_any_work(tiny_models, tmp_path, output, report,
+                                                       message):
+    (tmp_path / "adir.onnx").mkdir()
+    (tmp_path / "locked").mkdir(mode=0o500)
+    if os.access(tmp_path / "locked", os.W_OK) and "locked" in output:
+        pytest.skip("running as a user who can write anywhere")
+    before = sorted(p.name for p in tmp_path.rglob("*"))
+    with pytest.raises(QronosError, match=message):
+        quantize_file(tiny_models("nokv"), tmp_path / output, RECIPE, [], report=report)
+    assert sorted(p.name for p in tmp_path.rglob("*")) == before

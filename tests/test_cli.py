@@ -1,11 +1,14 @@
 """The command line and the Python API, end to end on the tiny Llama."""
 
 import json
+import shutil
 import subprocess
 import sys
 
 import numpy as np
+import onnx
 import pytest
+from onnx import numpy_helper
 
 import qronos_onnx
 from qronos_onnx.cli import main
@@ -65,6 +68,9 @@ def test_optimize_eval_inspect(tiny_models, tmp_path, corpus):
     (["optimize", "{model}", "-o", "x.onnx", "--include", "re:(("], "bad include regex"),
     (["optimize", "{model}", "-o", "x.onnx", "--bits", "9"], "bits must be"),
     (["optimize", "{model}", "-o", "x.onnx", "--damping", "-1"], "damping must be"),
+    (["optimize", "{model}", "-o", "x.onnx", "--damping", "nan"], "damping must be"),
+    (["optimize", "{model}", "-o", "x.onnx", "--report", "../r.json"], "not a plain file name"),
+    (["eval", "{model}", "--reference", "{corpus}"], "not a readable ONNX model"),
     (["optimize", "{model}", "-o", "x.onnx", "--calib-data", "{binary}"], "not UTF-8"),
     (["eval", "{model}", "--windows", "0"], "at least one window"),
     (["eval", "missing.onnx"], "model file not found"),
@@ -106,3 +112,21 @@ def test_python_api_and_presets(tiny_models, tmp_path, corpus):
     result = qronos_onnx.evaluate(tmp_path / "c.onnx", data=corpus, windows=2, seqlen=64,
                                   progress=False)
     assert np.isfinite(result.perplexity) and result.kl is None
+
+
+def test_a_tokenizer_with_ids_beyond_the_vocabulary_is_refused(tiny_models, tmp_path, corpus, capsys):
+    """A model whose embedding has 100 rows, with the 256-byte tokenizer: a clear error, not an
+    index error inside ONNX Runtime."""
+    source = tiny_models("nokv")
+    proto = onnx.load(str(source))
+    gather = next(n for n in proto.graph.node if n.op_type == "Gather" and n.input[1] == "input_ids")
+    table = next(t for t in proto.graph.initializer if t.name == gather.input[0])
+    table.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(table)[:100], table.name))
+    onnx.save(proto, tmp_path / "small.onnx")
+    shutil.copy(source.parent / "tokenizer.json", tmp_path / "tokenizer.json")
+    for args in (["eval", tmp_path / "small.onnx", "--data", corpus, "--windows", "1", "--seqlen", "32"],
+                 ["optimize", tmp_path / "small.onnx", "-o", tmp_path / "q.onnx", "--calib-data", corpus,
+                  "--calib-windows", "1", "--seqlen", "32"]):
+        assert main([str(a) for a in args]) == 2
+        assert "vocabulary has 100 entries" in capsys.readouterr().err
+    assert not (tmp_path / "q.onnx").exists()

@@ -52,3 +52,17 @@ def test_example_workflow_runs_through_olive(tiny_models, tmp_path, monkeypatch)
     feed = random_samples(detect_signature(load_model(out / "model.onnx")), count=1)[0]
     logits = ort.InferenceSession(str(out / "model.onnx")).run(["logits"], feed)[0]
     assert logits.shape[-1] == 256
+
+
+def test_olive_config_command_keeps_existing_files(tmp_path, capsys):
+    from qronos_onnx.cli import main
+
+    out = tmp_path / "sub" / "ours.json"
+    assert main(["olive-config", "--ours-only", "-o", str(out)]) == 0
+    assert json.loads(out.read_text()) == REGISTRY
+    assert "wrote" in capsys.readouterr().out
+    out.write_text("mine")
+    assert main(["olive-config", "-o", str(out)]) == 2
+    assert "exists" in capsys.readouterr().err and out.read_text() == "mine"
+    assert main(["olive-config", "-o", str(out), "--force"]) == 0
+    assert "QronosQuantization" in json.dumps(json.loads(out.read_text()))

@@ -104,10 +104,16 @@ def check_output_path(output: str | os.PathLike, inputs: Sequence[str | os.PathL
     output = Path(output)
     if output.suffix != ".onnx":
         raise QronosError(f"output must end in .onnx, got {output}")
-    if output.parent.exists() and not output.parent.is_dir():
-        raise QronosError(f"{output.parent} is not a directory")
-    written = [output, output.with_name(output.name + ".data"),
-               *(output.with_name(name) for name in companions)]
+    if output.is_dir():
+        raise QronosError(f"{output} is a directory; give the output model's file name")
+    _check_writable_dir(output.parent)
+    written = [output, output.with_name(output.name + ".data")]
+    for name in companions:
+        if Path(name).name != name or name in ("", ".", "..") or name.endswith(".onnx"):
+            raise QronosError(f"{name!r} is not a plain file name for beside the output")
+        if output.with_name(name) in written:
+            raise QronosError(f"{name!r} is the output model's own file name")
+        written.append(output.with_name(name))
     for source in inputs:
         read = model_files(source)
         for path in written:
@@ -120,21 +126,36 @@ def check_output_path(output: str | os.PathLike, inputs: Sequence[str | os.PathL
     return output
 
 
+def _check_writable_dir(directory: Path) -> None:
+    """``directory`` exists and is writable, or can be created (its nearest existing ancestor
+    is a writable directory)."""
+    existing = directory
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        raise QronosError(f"{existing} is not a directory")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise QronosError(f"cannot write into {existing}: permission denied")
+
+
 def save_model(model: ir.Model, output: str | os.PathLike) -> list[Path]:
     """Write ``model`` to ``output`` and its tensors to ``<output>.data``.
 
     Both files are first written into a temporary directory beside ``output`` and renamed into
     place when complete (data first, then the model), so an interrupted save leaves no
     half-written model. Returns the paths written.
+
+    Raises:
+        QronosError: the files could not be written (what was placed is removed again).
     """
     output = Path(output)
-    output.parent.mkdir(parents=True, exist_ok=True)
     data_name = output.name + ".data"
-    tmp = Path(tempfile.mkdtemp(prefix=f".{output.name}.", suffix=".tmp", dir=output.parent))
+    tmp, written = None, []
     try:
+        output.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{output.name}.", suffix=".tmp", dir=output.parent))
         ir.save(model, tmp / output.name, external_data=data_name,
                 size_threshold_bytes=EXTERNAL_THRESHOLD_BYTES)
-        written = []
         for name in (data_name, output.name):
             if (tmp / name).exists():
                 os.replace(tmp / name, output.parent / name)
@@ -142,5 +163,10 @@ def save_model(model: ir.Model, output: str | os.PathLike) -> list[Path]:
             elif name == data_name:
                 (output.parent / name).unlink(missing_ok=True)   # stale data of an old output
         return written[::-1]
+    except OSError as err:
+        for path in written:
+            path.unlink(missing_ok=True)
+        raise QronosError(f"could not write {output}: {err}") from err
     finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+        if tmp is not None:
+            shutil.rmtree(tmp, ignore_errors=True)

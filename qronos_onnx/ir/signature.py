@@ -37,6 +37,15 @@ class LLMSignature:
     position_ids: str | None
     past: tuple[PastInput, ...]
     logits: str
+    vocab: int | None = None      # token ids the graph accepts and scores (None: not static)
+
+    def check_token_ids(self, windows: np.ndarray, source: str) -> None:
+        """Refuse token ids the model has no embedding row or logit for (a wrong tokenizer)."""
+        top = int(np.max(windows)) if np.size(windows) else -1
+        if self.vocab is not None and top >= self.vocab:
+            raise QronosError(f"{source} produces token id {top}, but the model's vocabulary has "
+                              f"{self.vocab} entries: is it the model's own tokenizer? "
+                              "(pass --tokenizer)")
 
     def feed(self, input_ids: np.ndarray, attention_mask: np.ndarray | None = None) -> dict:
         """A full feed for a batch of windows ``[batch, seq]`` with an empty (length-0) cache."""
@@ -99,7 +108,21 @@ def detect_signature(model: ir.Model) -> LLMSignature:
         position_ids="position_ids" if "position_ids" in inputs else None,
         past=tuple(sorted(past, key=lambda p: _past_key(p.name))),
         logits="logits",
+        vocab=_vocab_size(inputs["input_ids"], model.graph.outputs[outputs.index("logits")]),
     )
+
+
+def _vocab_size(input_ids: ir.Value, logits: ir.Value) -> int | None:
+    """The smaller of the embedding's rows (a Gather of ``input_ids`` from an initializer) and
+    the logits' static last dimension; ``None`` when neither is known."""
+    sizes = []
+    for node in input_ids.consumers():
+        table = node.inputs[0]
+        if node.op_type == "Gather" and node.inputs[1] is input_ids and table.const_value is not None:
+            sizes.append(table.const_value.shape[0])
+    if logits.shape is not None and len(logits.shape) and isinstance(logits.shape[-1], int):
+        sizes.append(logits.shape[-1])
+    return min(sizes) if sizes else None
 
 
 def _past_key(name: str) -> tuple[int, str]:

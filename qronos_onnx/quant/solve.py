@@ -66,8 +66,8 @@ def solve(algorithm: str, weight: Tensor, H: Tensor | None = None, G: Tensor | N
             codes = gpfq(problem, solver_block)
         else:
             rel = DEFAULT_DAMPING[algorithm] if damping is None else float(damping)
-            if rel < 0:
-                raise ValueError(f"damping must be >= 0, got {rel}")
+            if not 0 <= rel < math.inf:
+                raise ValueError(f"damping must be a finite number >= 0, got {rel}")
             H64 = H.to(device=weight.device, dtype=torch.float64)
             ref = (float(torch.diagonal(H64).abs().mean()) if algorithm == "gptq"
                    else largest_eigenvalue(H64))
@@ -76,7 +76,7 @@ def solve(algorithm: str, weight: Tensor, H: Tensor | None = None, G: Tensor | N
             else:
                 codes, lam, retries = qronos(problem, rel * ref, solver_block, variant, name)
     except FactorizationError as err:
-        msg = f"{name}: {err}; falling back to RTN"
+        msg = f"{err}; falling back to RTN"                # err starts with the layer name
         log.warning(msg)
         warnings.warn(msg, SolverWarning, stacklevel=2)
         info = SolveInfo(algorithm, act_order, 0.0, 0, True, n_dead)
