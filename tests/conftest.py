@@ -30,6 +30,15 @@ def tiny_models(tmp_path_factory):
     return get
 
 
+def padded_samples(signature, count=3, batch=2, seqlen=48, real=20, seed=1):
+    """Calibration feeds of random windows, ``batch`` rows each, the last row right-padded
+    (attention mask 0) after ``real`` tokens."""
+    rng = np.random.default_rng(seed)
+    mask = np.ones((batch, seqlen), np.int64)
+    mask[-1, real:] = 0
+    return [signature.feed(rng.integers(0, 256, (batch, seqlen)), mask) for _ in range(count)]
+
+
 def random_samples(signature, count=3, seqlen=48, seed=0):
     """Calibration feeds of random token windows (batch 1)."""
     rng = np.random.default_rng(seed)

@@ -8,7 +8,7 @@ import onnxruntime as ort
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from conftest import random_samples
+from conftest import padded_samples, random_samples
 from qronos_onnx.calibration.runner import CalibrationOptions
 from qronos_onnx.config import Recipe
 from qronos_onnx.ir.act_quant import ActQuant, insert_act_quant
@@ -161,10 +161,8 @@ def test_static_scales_are_fitted_on_real_tokens_only(tiny_models, tmp_path):
     """Padding (attention mask 0) does not widen a static activation scale."""
     path = tiny_models("nokv")
     signature = detect_signature(load_model(path))
-    rng = np.random.default_rng(3)
-    mask = np.ones((2, 48), np.int64)
-    mask[1, 12:] = 0
-    samples = [signature.feed(rng.integers(0, 256, (2, 48)), mask) for _ in range(2)]
+    samples = padded_samples(signature, count=2, real=12, seed=3)
+    mask = samples[0]["attention_mask"]
     seen = []
     spec = ActQuant(8, "tensor", symmetric=True)
     outcome = quantize_file(path, tmp_path / "q.onnx", Recipe(grid=Grid(bits=4, group_size=32), act_quant=spec),

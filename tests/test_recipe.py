@@ -10,7 +10,7 @@ import pytest
 import torch
 from onnx import TensorProto, helper, numpy_helper
 
-from conftest import random_samples
+from conftest import padded_samples, random_samples
 from qronos_onnx.calibration.runner import CalibrationOptions
 from qronos_onnx.config import Recipe
 from qronos_onnx.errors import QronosError
@@ -95,10 +95,7 @@ def test_report_errors_match_the_statistics(tiny_models, tmp_path, padded):
     signature = detect_signature(load_model(path))
     samples = random_samples(signature)
     if padded:                              # batch 2, right padding on the second window
-        rng = np.random.default_rng(1)
-        mask = np.ones((2, 48), np.int64)
-        mask[1, 20:] = 0
-        samples = [signature.feed(rng.integers(0, 256, (2, 48)), mask) for _ in range(3)]
+        samples = padded_samples(signature)
     outcome = quantize_file(path, tmp_path / "q.onnx", Recipe(grid=Grid(bits=3, group_size=16)),
                             samples, QUIET, observer=observe)
     from qronos_onnx.passes.quantize import weight_matrix
@@ -172,10 +169,7 @@ def test_fewer_tokens_than_input_features_warn(tiny_models, tmp_path):
 
     path = tiny_models("kv")
     signature = detect_signature(load_model(path))
-    rng = np.random.default_rng(0)
-    mask = np.ones((1, 48), np.int64)
-    mask[0, 20:] = 0
-    padded = [signature.feed(rng.integers(0, 256, (1, 48)), mask) for _ in range(3)]   # 60 real
+    padded = padded_samples(signature, batch=1, seed=0)                     # 3 x 20 real tokens
     recipe = Recipe(grid=Grid(bits=4, group_size=16))
     with pytest.warns(CalibrationWarning, match=r"60 tokens.* of 8 layer groups \(up to 128"):
         quantize_file(path, tmp_path / "a.onnx", recipe, padded, QUIET, fmt=None)
