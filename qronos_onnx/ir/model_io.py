@@ -49,9 +49,7 @@ def load_model(path: str | os.PathLike) -> ir.Model:
 def _check_external_data(proto: onnx.ModelProto, base: Path) -> None:
     """Every external tensor's file exists and is long enough for its offset and length."""
     sizes: dict[Path, int] = {}
-    for tensor in _external_tensors(proto.graph):
-        info = {e.key: e.value for e in tensor.external_data}
-        location = base / info.get("location", "")
+    for tensor, location, info in _external_entries(proto, base):
         if location not in sizes:
             if not location.is_file():
                 raise QronosError(f"external data file {location} (tensor {tensor.name!r}) is "
@@ -61,6 +59,13 @@ def _check_external_data(proto: onnx.ModelProto, base: Path) -> None:
         if end > sizes[location]:
             raise QronosError(f"external data file {location} is truncated: tensor "
                               f"{tensor.name!r} needs {end} bytes, the file has {sizes[location]}")
+
+
+def _external_entries(proto: onnx.ModelProto, base: Path):
+    """``(tensor, data file, external-data fields)`` of every tensor stored outside ``proto``."""
+    for tensor in _external_tensors(proto.graph):
+        info = {e.key: e.value for e in tensor.external_data}
+        yield tensor, base / info.get("location", ""), info
 
 
 def _external_tensors(graph: onnx.GraphProto):
@@ -86,9 +91,7 @@ def model_files(path: str | os.PathLike) -> set[Path]:
         proto = onnx.load(str(path), load_external_data=False)
     except (DecodeError, RuntimeError, ValueError, OSError):
         return files
-    for tensor in _external_tensors(proto.graph):
-        info = {e.key: e.value for e in tensor.external_data}
-        files.add((path.parent / info.get("location", "")).resolve())
+    files.update(location.resolve() for _, location, _ in _external_entries(proto, path.parent))
     return files
 
 

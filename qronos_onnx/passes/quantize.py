@@ -22,6 +22,7 @@ import torch
 
 from ..calibration.runner import (CalibrationOptions, CalibrationRun, TwoStreamCalibrator,
                                   torch_device)
+from ..calibration.stats import token_rows
 from ..config import Recipe
 from ..errors import CalibrationWarning, QronosError
 from ..ir.act_quant import insert_act_quant
@@ -80,8 +81,9 @@ def _warn_if_too_few_tokens(groups: Sequence[TargetGroup], samples: Sequence[dic
     """
     if algorithm == "rtn":
         return
+    # Counted as the statistics count them: the tokens of input_ids whose mask is non-zero.
     mask = signature.attention_mask
-    tokens = sum(int(np.count_nonzero(s[mask])) if mask in s else int(np.size(s[signature.input_ids]))
+    tokens = sum(token_rows(s[signature.input_ids][..., None], s.get(mask)).shape[0]
                  for s in samples)
     short = [g for g in groups if g.in_features > tokens]
     if not short:
