@@ -186,6 +186,7 @@ def calibration_samples(model, data, windows: int, seqlen: int, tokenizer) -> li
     if isinstance(data, (str, os.PathLike)):
         if windows < 1 or seqlen < 2:
             raise QronosError("calibration needs at least one window of two tokens")
+        signature.check_seqlen(seqlen)
         chosen = token_windows(data, tokenizer or default_tokenizer(model), seqlen, windows,
                                "train", random=True)
         signature.check_token_ids(chosen, "the tokenizer")
@@ -206,8 +207,10 @@ def evaluate(model: str | os.PathLike, *, reference: str | os.PathLike | None = 
         raise QronosError("evaluation needs at least one window of two tokens")
     signatures = [detect_signature(load_model(path)) for path in (model, reference)
                   if path is not None]                 # clear errors for either model
+    for signature in signatures:
+        signature.check_seqlen(seqlen)
     chosen = token_windows(data, tokenizer or default_tokenizer(model), seqlen, windows,
                            "test", random=False)
     for signature in signatures:
         signature.check_token_ids(chosen, "the tokenizer")
-    return evaluate_windows(model, chosen, reference, device, progress)
+    return evaluate_windows(model, chosen, reference, device, progress, signature=signatures[0])

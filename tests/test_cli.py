@@ -130,3 +130,48 @@ def test_a_tokenizer_with_ids_beyond_the_vocabulary_is_refused(tiny_models, tmp_
         assert main([str(a) for a in args]) == 2
         assert "vocabulary has 100 entries" in capsys.readouterr().err
     assert not (tmp_path / "q.onnx").exists()
+
+
+def _learned_positions_model(path, positions=16, vocab=256, hidden=16):
+    """A GPT-2-style decoder stub: token and learned position embeddings (the position ids
+    pass through a Cast), one residual MatMul layer and an lm_head. Written beside the tiny
+    model's tokenizer."""
+    rng = np.random.default_rng(0)
+    h = onnx.helper
+    ints = [h.make_tensor_value_info(n, onnx.TensorProto.INT64, ["batch", "seq"])
+            for n in ("input_ids", "attention_mask", "position_ids")]
+    logits = h.make_tensor_value_info("logits", onnx.TensorProto.FLOAT, ["batch", "seq", vocab])
+    weights = {"wte": (vocab, hidden), "wpe": (positions, hidden), "layer.weight": (hidden, hidden),
+               "lm_head.weight": (hidden, vocab)}
+    inits = [numpy_helper.from_array(rng.standard_normal(s).astype(np.float32), n)
+             for n, s in weights.items()]
+    nodes = [h.make_node("Gather", ["wte", "input_ids"], ["tok"]),
+             h.make_node("Cast", ["position_ids"], ["pos_i32"], to=onnx.TensorProto.INT32),
+             h.make_node("Gather", ["wpe", "pos_i32"], ["pos"]),
+             h.make_node("Add", ["tok", "pos"], ["x"]),
+             h.make_node("MatMul", ["x", "layer.weight"], ["y"], name="layer/MatMul"),
+             h.make_node("Add", ["x", "y"], ["x2"]),
+             h.make_node("MatMul", ["x2", "lm_head.weight"], ["logits"], name="lm_head/MatMul")]
+    graph = h.make_graph(nodes, "gpt2_stub", ints, [logits], inits)
+    onnx.save(h.make_model(graph, opset_imports=[h.make_opsetid("", 17)]), path)
+    return path
+
+
+def test_windows_longer_than_the_position_table_are_refused(tiny_models, tmp_path, corpus, capsys):
+    """A learned position table of 16 rows: --seqlen 32 is refused before any work, and
+    position ids beyond the table from a feed reader end in a clear error, not a traceback."""
+    model = _learned_positions_model(tmp_path / "gpt2.onnx")
+    shutil.copy(tiny_models("nokv").parent / "tokenizer.json", tmp_path / "tokenizer.json")
+    for args in (["eval", model, "--data", corpus, "--windows", "1", "--seqlen", "32"],
+                 ["optimize", model, "-o", tmp_path / "q.onnx", "--calib-data", corpus,
+                  "--calib-windows", "1", "--seqlen", "32"]):
+        assert main([str(a) for a in args]) == 2
+        assert "position table has 16 rows (use --seqlen 16 or less)" in capsys.readouterr().err
+    assert main(["eval", str(model), "--data", str(corpus), "--windows", "1", "--seqlen", "16",
+                 "-q"]) == 0
+    ids = np.zeros((1, 32), np.int64)
+    with pytest.raises(qronos_onnx.QronosError, match="ONNX Runtime failed on the stage of "
+                       r"layer/MatMul \(both streams, sample 0\) \(input_ids \[1, 32\].*--seqlen"):
+        qronos_onnx.optimize(model, tmp_path / "q.onnx", calib_data=[{"input_ids": ids}],
+                             progress=False)
+    assert not (tmp_path / "q.onnx").exists()

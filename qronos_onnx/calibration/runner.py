@@ -36,7 +36,7 @@ from ..errors import QronosError
 from ..ir.act_quant import ACT_SCALE, fit_static_scale
 from ..ir.stages import Stage, fed_constants, last_uses, stage_model
 from ..ir.targets import TargetGroup
-from .session import make_session
+from .session import make_session, run_session
 from .stats import GroupStats, token_rows
 
 Reference = Literal["network", "stage"]
@@ -97,6 +97,14 @@ def _square_sum(a: np.ndarray) -> float:
     """``sum(a^2)`` accumulated in float64, without a float64 copy of ``a``."""
     flat = a.reshape(-1)
     return float(np.einsum("i,i->", flat, flat, dtype=np.float64))
+
+
+_STREAM = {"float": "float stream", "quant": "quantized stream", "shared": "both streams"}
+
+
+def _label(stage: Stage) -> str:
+    """The stage's first target, or its index when it completes no group."""
+    return stage.group.targets[0].name if stage.group else f"stage {stage.index}"
 
 
 def torch_device(device: str) -> torch.device:
@@ -171,8 +179,7 @@ class TwoStreamCalibrator:
                    disable=not self.options.progress, dynamic_ncols=True)
         try:
             for stage in self.stages:
-                label = stage.group.targets[0].name if stage.group else f"stage {stage.index}"
-                bar.set_postfix_str(label, refresh=False)
+                bar.set_postfix_str(_label(stage), refresh=False)
                 stats = self._run_stage(stage, bar)
                 if stats is not None:
                     t0 = time.perf_counter()
@@ -206,7 +213,8 @@ class TwoStreamCalibrator:
                 feeds = {n: self._lookup(side, n, s) for n in stage.inputs}
                 feeds.update(quant_consts if side == "quant" else float_consts)
                 t0 = time.perf_counter()
-                outputs = dict(zip(stage.run_outputs, session.run(stage.run_outputs, feeds)))
+                outputs = dict(zip(stage.run_outputs, run_session(
+                    session, stage.run_outputs, feeds, f"the stage of {_label(stage)} ({_STREAM[side]}, sample {s})")))
                 self.run_info.seconds["stages"] += time.perf_counter() - t0
                 self.run_info.session_runs += 1
                 self._store(where, stage.outputs, [outputs[n] for n in stage.outputs], s)

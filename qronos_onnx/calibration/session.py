@@ -2,13 +2,19 @@
 
 from __future__ import annotations
 
+import numpy as np
 import onnx
 import onnxruntime as ort
+from onnxruntime.capi import onnxruntime_pybind11_state as _ort_state
 
 from ..errors import QronosError
 
 CUDA = "CUDAExecutionProvider"
 CPU = "CPUExecutionProvider"
+
+#: The exceptions ONNX Runtime raises from a run (its pybind module's error classes).
+_ORT_ERRORS = tuple(v for v in vars(_ort_state).values()
+                    if isinstance(v, type) and issubclass(v, Exception))
 
 
 def providers(device: str = "auto") -> list[str]:
@@ -49,3 +55,19 @@ def make_session(model: onnx.ModelProto | str, device: str = "auto", optimize: b
     if device == "cuda" and CUDA not in session.get_providers():
         raise QronosError("--device cuda: ONNX Runtime could not start its CUDA provider")
     return session
+
+
+def run_session(session: ort.InferenceSession, outputs: list[str], feeds: dict[str, np.ndarray],
+                what: str) -> list[np.ndarray]:
+    """``session.run(outputs, feeds)``; an ONNX Runtime failure becomes a ``QronosError`` that
+    names ``what`` was running and the feed shapes (a window longer than the model supports and
+    a lack of memory both end here)."""
+    try:
+        return session.run(outputs, feeds)
+    except _ORT_ERRORS as err:
+        shapes = ", ".join(f"{k} {list(np.shape(v))}" for k, v in feeds.items()
+                           if k in ("input_ids", "attention_mask", "position_ids"))
+        reason = str(err).strip().splitlines()[-1] if str(err).strip() else type(err).__name__
+        raise QronosError(f"ONNX Runtime failed on {what} ({shapes}): {reason}. If the windows "
+                          "are longer than the model supports or memory ran out, use a shorter "
+                          "--seqlen") from err

@@ -17,9 +17,9 @@ from pathlib import Path
 import numpy as np
 from tqdm.auto import tqdm
 
-from ..calibration.session import make_session
+from ..calibration.session import make_session, run_session
 from ..ir.model_io import load_model
-from ..ir.signature import detect_signature
+from ..ir.signature import LLMSignature, detect_signature
 
 
 @dataclass
@@ -57,10 +57,11 @@ def log_softmax(logits: np.ndarray) -> np.ndarray:
 
 def evaluate_windows(model_path: str | Path, windows: np.ndarray,
                      reference: str | Path | None = None, device: str = "auto",
-                     progress: bool = True) -> EvalResult:
-    """Score ``windows`` (``[n, seqlen]`` token ids) with the model at ``model_path``."""
+                     progress: bool = True, signature: LLMSignature | None = None) -> EvalResult:
+    """Score ``windows`` (``[n, seqlen]`` token ids) with the model at ``model_path``
+    (``signature``: the model's, when the caller has it already)."""
     t0 = time.perf_counter()
-    signature = detect_signature(load_model(model_path))
+    signature = signature or detect_signature(load_model(model_path))
     sessions = [make_session(str(model_path), device)]
     if reference is not None:
         sessions.append(make_session(str(reference), device))
@@ -68,12 +69,13 @@ def evaluate_windows(model_path: str | Path, windows: np.ndarray,
     count = 0
     for ids in tqdm(windows, desc="evaluating", unit="window", disable=not progress):
         feed = signature.feed(ids[None])
-        logp = log_softmax(sessions[0].run([signature.logits], feed)[0][0, :-1])
+        logp = log_softmax(run_session(sessions[0], [signature.logits], feed, "the model")[0][0, :-1])
         targets = ids[1:]
         nll -= logp[np.arange(len(targets)), targets].sum()
         count += len(targets)
         if reference is not None:
-            ref = log_softmax(sessions[1].run([signature.logits], feed)[0][0, :-1])
+            ref = log_softmax(run_session(sessions[1], [signature.logits], feed,
+                                          "the reference model")[0][0, :-1])
             kl += (np.exp(ref) * (ref - logp)).sum()
             agree += (ref.argmax(-1) == logp.argmax(-1)).sum()
     mean = nll / count

@@ -38,6 +38,7 @@ class LLMSignature:
     past: tuple[PastInput, ...]
     logits: str
     vocab: int | None = None      # token ids the graph accepts and scores (None: not static)
+    positions: int | None = None  # rows of a position table gathered by position_ids (None: none)
 
     def check_token_ids(self, windows: np.ndarray, source: str) -> None:
         """Refuse token ids the model has no embedding row or logit for (a wrong tokenizer)."""
@@ -46,6 +47,14 @@ class LLMSignature:
             raise QronosError(f"{source} produces token id {top}, but the model's vocabulary has "
                               f"{self.vocab} entries: is it the model's own tokenizer? "
                               "(pass --tokenizer)")
+
+    def check_seqlen(self, seqlen: int) -> None:
+        """Refuse windows longer than the model's position table (ONNX Runtime would fail in a
+        Gather mid-run)."""
+        if self.positions is not None and seqlen > self.positions:
+            raise QronosError(f"--seqlen {seqlen} is longer than the model supports: its position "
+                              f"table has {self.positions} rows (use --seqlen {self.positions} or "
+                              "less)")
 
     def feed(self, input_ids: np.ndarray, attention_mask: np.ndarray | None = None) -> dict:
         """A full feed for a batch of windows ``[batch, seq]`` with an empty (length-0) cache."""
@@ -109,20 +118,41 @@ def detect_signature(model: ir.Model) -> LLMSignature:
         past=tuple(sorted(past, key=lambda p: _past_key(p.name))),
         logits="logits",
         vocab=_vocab_size(inputs["input_ids"], model.graph.outputs[outputs.index("logits")]),
+        positions=(min(_gathered_rows(inputs["position_ids"]), default=None)
+                   if "position_ids" in inputs else None),
     )
 
 
 def _vocab_size(input_ids: ir.Value, logits: ir.Value) -> int | None:
     """The smaller of the embedding's rows (a Gather of ``input_ids`` from an initializer) and
     the logits' static last dimension; ``None`` when neither is known."""
-    sizes = []
-    for node in input_ids.consumers():
-        table = node.inputs[0]
-        if node.op_type == "Gather" and node.inputs[1] is input_ids and table.const_value is not None:
-            sizes.append(table.const_value.shape[0])
+    sizes = _gathered_rows(input_ids)
     if logits.shape is not None and len(logits.shape) and isinstance(logits.shape[-1], int):
         sizes.append(logits.shape[-1])
     return min(sizes) if sizes else None
+
+
+#: Ops that pass indices on unchanged (up to shape and integer type).
+_INDEX_PASSTHROUGH = {"Cast", "Identity", "Unsqueeze", "Squeeze", "Reshape", "Flatten"}
+
+
+def _gathered_rows(indices: ir.Value) -> list[int]:
+    """Row counts of the constant tables that ``indices`` (possibly through casts and
+    reshapes) index with an axis-0 Gather: an embedding or a position table."""
+    rows, todo, seen = [], [indices], set()
+    while todo:
+        value = todo.pop()
+        for node in value.consumers():
+            if id(node) in seen:
+                continue
+            seen.add(id(node))
+            if node.op_type in _INDEX_PASSTHROUGH and node.inputs[0] is value:
+                todo.extend(node.outputs)
+            elif (node.op_type == "Gather" and node.inputs[1] is value
+                  and node.inputs[0].const_value is not None
+                  and node.attributes.get_int("axis", 0) == 0):
+                rows.append(node.inputs[0].const_value.shape[0])
+    return rows
 
 
 def _past_key(name: str) -> tuple[int, str]:
