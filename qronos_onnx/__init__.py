@@ -5,15 +5,29 @@
     result = qronos_onnx.evaluate("model-w4.onnx", reference="model.onnx")
 """
 
-from .api import PRESETS, evaluate, optimize
-from .config import Recipe, SolverOptions
-from .errors import CalibrationWarning, QronosError
-from .eval import EvalResult
-from .ir.act_quant import ActQuant
-from .quant import Grid
-from .quant.problem import SolverWarning
+import importlib
+
+#: Public names and the modules that define them, imported on first use (PEP 562), so that
+#: ``import qronos_onnx`` and ``qronos-onnx --help`` do not load torch and ONNX Runtime.
+_EXPORTS = {
+    "ActQuant": ".ir.act_quant", "CalibrationWarning": ".errors", "EvalResult": ".eval",
+    "Grid": ".quant", "PRESETS": ".api", "QronosError": ".errors", "Recipe": ".config",
+    "RecipeWarning": ".errors", "SolverOptions": ".config", "SolverWarning": ".quant",
+    "evaluate": ".api", "optimize": ".api",
+}
 
 __version__ = "0.1.0"
 
-__all__ = ["ActQuant", "CalibrationWarning", "EvalResult", "Grid", "PRESETS", "QronosError",
-           "Recipe", "SolverOptions", "SolverWarning", "evaluate", "optimize"]
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str):
+    if name not in _EXPORTS:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(_EXPORTS[name], __name__), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted([*globals(), *_EXPORTS])

@@ -18,6 +18,8 @@ from .calibration.data import (WIKI_VITAL, all_windows, calibration_windows, fee
                                load_tokenizer, read_text)
 from .calibration.runner import CalibrationOptions
 from .config import Recipe, SolverOptions
+from .defaults import (DEFAULT_EVAL_WINDOWS, DEFAULT_PRESET, DEFAULT_REPORT, DEFAULT_SEQLEN,
+                       DEFAULT_WINDOWS)
 from .errors import QronosError
 from .eval import EvalResult, evaluate_windows
 from .ir.act_quant import ActQuant
@@ -26,7 +28,7 @@ from .ir.signature import detect_signature
 from .ir.targets import check_patterns
 from .pipeline import check_format, quantize_file
 from .quant import Grid
-from .report import DEFAULT_REPORT, report_name
+from .report import report_name
 
 #: Recipes behind ``--w4`` etc. Explicit options override any field.
 PRESETS: dict[str, dict[str, Any]] = {
@@ -39,10 +41,6 @@ PRESETS: dict[str, dict[str, Any]] = {
     "w8a8": dict(bits=8, group_size=None, symmetric=True, act_bits=8, act="tensor",
                  act_symmetric=False, format="qdq"),
 }
-DEFAULT_PRESET = "w4"
-DEFAULT_WINDOWS = 32
-DEFAULT_EVAL_WINDOWS = 40
-DEFAULT_SEQLEN = 512
 
 
 def parse_override(spec: str, default: Grid) -> tuple[str, Grid]:

@@ -10,14 +10,15 @@ import warnings
 from collections import Counter
 from pathlib import Path
 
-from . import api
+from .defaults import DEFAULT_EVAL_WINDOWS, DEFAULT_REPORT, DEFAULT_SEQLEN, DEFAULT_WINDOWS
 from .errors import QronosError
-from .report import DEFAULT_REPORT
 
 EPILOG = "Errors a user can fix print one line and exit with status 2."
 
 
 def _optimize(args: argparse.Namespace) -> int:
+    from . import api                           # here, not at import: --help stays instant
+
     report = api.optimize(
         args.model, args.output, preset=args.preset, bits=args.bits, group_size=args.group_size,
         per_channel=args.per_channel, symmetric=args.symmetric, algo=args.algo, format=args.format,
@@ -57,6 +58,8 @@ def _pct(x) -> str:
 
 
 def _eval(args: argparse.Namespace) -> int:
+    from . import api
+
     result = api.evaluate(args.model, reference=args.reference, data=args.data,
                           windows=args.windows, seqlen=args.seqlen, tokenizer=args.tokenizer,
                           device=args.device, progress=not args.quiet and not args.json)
@@ -156,10 +159,10 @@ def parser() -> argparse.ArgumentParser:
                    help="matmulnbits (ONNX Runtime's kernel; the default except for --w8a8) or "
                         "qdq (opset-21 DequantizeLinear)")
     o.add_argument("--calib-data", default="wiki-vital", help="text file or 'wiki-vital' (default)")
-    o.add_argument("--calib-windows", type=int, default=api.DEFAULT_WINDOWS,
-                   help=f"calibration windows (default {api.DEFAULT_WINDOWS})")
-    o.add_argument("--seqlen", type=int, default=api.DEFAULT_SEQLEN,
-                   help=f"tokens per window (default {api.DEFAULT_SEQLEN})")
+    o.add_argument("--calib-windows", type=int, default=DEFAULT_WINDOWS,
+                   help=f"calibration windows (default {DEFAULT_WINDOWS})")
+    o.add_argument("--seqlen", type=int, default=DEFAULT_SEQLEN,
+                   help=f"tokens per window (default {DEFAULT_SEQLEN})")
     o.add_argument("--tokenizer", help="tokenizer.json or tokenizer directory (default: "
                                        "tokenizer.json beside the model)")
     o.add_argument("--exclude", nargs="+", default=[], metavar="PATTERN",
@@ -184,7 +187,8 @@ def parser() -> argparse.ArgumentParser:
     o.add_argument("--report", default=DEFAULT_REPORT,
                    help="report file name beside the output; {stem} is the output's name "
                         "without .onnx (default: %(default)s)")
-    o.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
+    o.add_argument("-q", "--quiet", action="store_true",
+                   help="no progress bars (shown only when stderr is a terminal)")
     o.set_defaults(func=_optimize)
 
     e = sub.add_parser("eval", help="perplexity (and agreement with a reference model)",
@@ -192,12 +196,13 @@ def parser() -> argparse.ArgumentParser:
     e.add_argument("model")
     e.add_argument("--reference", help="float model: also report KL divergence and top-1 agreement")
     e.add_argument("--data", default="wiki-vital", help="text file or 'wiki-vital' (test side)")
-    e.add_argument("--windows", type=int, default=api.DEFAULT_EVAL_WINDOWS)
-    e.add_argument("--seqlen", type=int, default=api.DEFAULT_SEQLEN)
+    e.add_argument("--windows", type=int, default=DEFAULT_EVAL_WINDOWS)
+    e.add_argument("--seqlen", type=int, default=DEFAULT_SEQLEN)
     e.add_argument("--tokenizer")
     e.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
     e.add_argument("--json", action="store_true", help="print one JSON object")
-    e.add_argument("-q", "--quiet", action="store_true")
+    e.add_argument("-q", "--quiet", action="store_true",
+                   help="no progress bar (shown only when stderr is a terminal)")
     e.set_defaults(func=_eval)
 
     i = sub.add_parser("inspect", help="LLM signature, targets, skipped layers, stages, formats",
@@ -217,22 +222,32 @@ def parser() -> argparse.ArgumentParser:
     return root
 
 
+def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    """A warning as one line on stderr (no source line), above any progress bar."""
+    from tqdm import tqdm
+
+    tqdm.write(f"qronos-onnx: {category.__name__}: {message}", file=sys.stderr)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(message)s")
-    warnings.simplefilter("default")
-    try:
-        return args.func(args)
-    except QronosError as err:
-        print(f"qronos-onnx: error: {err}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("qronos-onnx: interrupted", file=sys.stderr)
-        return 130
-    except BrokenPipeError:                     # output piped into e.g. `head`
-        sys.stderr.close()
-        return 0
-
+    if not sys.stderr.isatty():                 # progress bars are for terminals, not log files
+        args.quiet = True
+    with warnings.catch_warnings():             # restored on return (main may run in-process)
+        warnings.simplefilter("default")
+        warnings.showwarning = _show_warning
+        try:
+            return args.func(args)
+        except QronosError as err:
+            print(f"qronos-onnx: error: {err}", file=sys.stderr)
+            return 2
+        except KeyboardInterrupt:
+            print("qronos-onnx: interrupted", file=sys.stderr)
+            return 130
+        except BrokenPipeError:                 # output piped into e.g. `head`
+            sys.stderr.close()
+            return 0
 
 if __name__ == "__main__":
     sys.exit(main())

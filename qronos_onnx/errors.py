@@ -1,4 +1,4 @@
-"""The exception type for problems a user can fix, and the warning for weak calibration data."""
+"""The exception type for problems a user can fix, and the warnings about a recipe and its data."""
 
 
 class QronosError(Exception):
@@ -10,3 +10,7 @@ class QronosError(Exception):
 
 class CalibrationWarning(UserWarning):
     """The calibration data is too small for a well-posed solve (the message says how much more)."""
+
+
+class RecipeWarning(UserWarning):
+    """A recipe option had no effect on this model (for example a pattern that matches no layer)."""

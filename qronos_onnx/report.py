@@ -8,6 +8,7 @@ import os
 import resource
 from pathlib import Path
 
+from .defaults import DEFAULT_REPORT
 from .errors import QronosError
 from .passes.quantize import QuantizePass, TargetResult
 
@@ -59,6 +60,7 @@ def build_report(model_path, files, quantize: QuantizePass, fmt: str | None, not
         "targets": [_target_entry(r) for r in results],
         "skipped": [dataclasses.asdict(s) for s in quantize.skipped],
         "notes": notes,
+        "warnings": list(quantize.warnings),
         "totals": {
             "targets": len(results),
             "quantized_parameters": sum(r.target.in_features * r.target.out_features
@@ -69,11 +71,6 @@ def build_report(model_path, files, quantize: QuantizePass, fmt: str | None, not
             "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
         },
     }
-
-
-#: Default report file name beside the output; ``{stem}`` is the output's name without ``.onnx``,
-#: so that models written to one directory keep one report each.
-DEFAULT_REPORT = "{stem}.report.json"
 
 
 def report_name(output: Path, name: str = DEFAULT_REPORT) -> str:

@@ -175,3 +175,50 @@ def test_windows_longer_than_the_position_table_are_refused(tiny_models, tmp_pat
         qronos_onnx.optimize(model, tmp_path / "q.onnx", calib_data=[{"input_ids": ids}],
                              progress=False)
     assert not (tmp_path / "q.onnx").exists()
+
+
+def test_warnings_print_once_on_one_line(tiny_models, tmp_path, corpus, capsys):
+    model = tiny_models("nokv")
+    assert main(["optimize", str(model), "-o", str(tmp_path / "q.onnx"), "--algo", "rtn",
+                 "--override", "*kproj=bits:8"]) == 0
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == ["qronos-onnx: RecipeWarning: override pattern '*kproj' matches no quantized "
+                   "layer (names look like 'model.layers.0.self_attn.q_proj'); `qronos-onnx "
+                   "inspect MODEL` lists them"]
+
+
+def test_the_command_line_parses_without_loading_torch_or_onnxruntime():
+    """`qronos-onnx --help` is instant, and Ctrl-C during start-up reaches main's handler."""
+    code = ("import sys, qronos_onnx, qronos_onnx.cli as cli; cli.parser().parse_args(['eval', 'm']);"
+            "print(sorted(m for m in ('torch', 'onnxruntime', 'onnx_ir') if m in sys.modules))")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert r.returncode == 0 and r.stdout.strip() == "[]", r.stderr
+    r = subprocess.run([sys.executable, "-c", "import qronos_onnx as q; print(q.Grid, q.optimize)"],
+                       capture_output=True, text=True)
+    assert "qronos_onnx.quant.grid.Grid" in r.stdout and "function optimize" in r.stdout
+
+
+def test_an_interrupt_exits_130_without_a_traceback(monkeypatch, capsys):
+    from qronos_onnx import api
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(api, "evaluate", interrupted)
+    assert main(["eval", "model.onnx"]) == 130
+    assert capsys.readouterr().err == "qronos-onnx: interrupted\n"
+
+
+@pytest.mark.parametrize("fmt,found", [("matmulnbits", "14 MatMulNBits"),
+                                       ("qdq", "14 MatMul on DequantizeLinear weights")])
+def test_an_already_quantized_model_is_named_so(tiny_models, tmp_path, fmt, found, capsys):
+    out = tmp_path / "q.onnx"
+    assert main(["optimize", str(tiny_models("nokv")), "-o", str(out), "--algo", "rtn",
+                 "--format", fmt]) == 0
+    assert main(["inspect", str(out)]) == 0
+    listing = capsys.readouterr().out
+    assert "targets: 0 in 0 groups" in listing
+    if fmt == "qdq":
+        assert listing.count("already quantized (weight from a DequantizeLinear)") == 14
+    assert main(["optimize", str(out), "-o", str(tmp_path / "again.onnx"), "--algo", "rtn"]) == 2
+    assert f"already quantized ({found})" in capsys.readouterr().err

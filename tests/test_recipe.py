@@ -172,11 +172,37 @@ def test_fewer_tokens_than_input_features_warn(tiny_models, tmp_path):
     padded = padded_samples(signature, batch=1, seed=0)                     # 3 x 20 real tokens
     recipe = Recipe(grid=Grid(bits=4, group_size=16))
     with pytest.warns(CalibrationWarning, match=r"60 tokens.* of 8 layer groups \(up to 128"):
-        quantize_file(path, tmp_path / "a.onnx", recipe, padded, QUIET, fmt=None)
+        outcome = quantize_file(path, tmp_path / "a.onnx", recipe, padded, QUIET, fmt=None)
+    assert len(outcome.report["warnings"]) == 1 and "60 tokens" in outcome.report["warnings"][0]
     with warnings.catch_warnings():
         warnings.simplefilter("error", CalibrationWarning)
-        quantize_file(path, tmp_path / "b.onnx", recipe, random_samples(signature), QUIET,
-                      fmt=None)                                            # 3 x 48 = 144 tokens
+        outcome = quantize_file(path, tmp_path / "b.onnx", recipe, random_samples(signature),
+                                QUIET, fmt=None)                           # 3 x 48 = 144 tokens
+    assert outcome.report["warnings"] == []
+
+
+def test_patterns_that_match_nothing_warn_and_are_reported(tiny_models, tmp_path):
+    """A typo in a pattern changes nothing silently: include / exclude patterns that match no
+    layer and overrides that match no quantized layer (here one whose layer is excluded) warn,
+    and the report keeps the warnings; patterns that match stay quiet."""
+    from qronos_onnx import RecipeWarning
+    from qronos_onnx.config import SolverOptions
+
+    recipe = Recipe(grid=Grid(bits=4, group_size=16), solver=SolverOptions(algorithm="rtn"),
+                    include=("model.layers.*", "*.nothing"), exclude=("*down_proj", "lm_head*"),
+                    overrides=(("*.kproj", Grid(bits=8)), ("*.k_proj", Grid(bits=8)),
+                               ("*down_proj", Grid(bits=8))))
+    with pytest.warns(RecipeWarning) as caught:
+        outcome = quantize_file(tiny_models("nokv"), tmp_path / "a.onnx", recipe, [], QUIET,
+                                fmt=None)
+    messages = [str(w.message) for w in caught if w.category is RecipeWarning]
+    assert [m.split(" (")[0] for m in messages] == [
+        "include pattern '*.nothing' matches no layer",
+        "override pattern '*.kproj' matches no quantized layer",
+        "override pattern '*down_proj' matches no quantized layer"]
+    assert outcome.report["warnings"] == messages
+    grids = {t["name"]: t["grid"]["bits"] for t in outcome.report["targets"]}
+    assert grids["model.layers.0.self_attn.k_proj"] == 8 and "model.layers.0.mlp.down_proj" not in grids
 
 
 def half_precision_llm(path, dtype=np.float16):

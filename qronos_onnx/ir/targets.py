@@ -207,6 +207,8 @@ def _as_target(node: ir.Node, name: str, lm_head: bool) -> tuple[Target | None, 
                 and producer.inputs[0].const_value is not None:
             what = "tied lm_head" if lm_head else "weight is a Transpose of a shared initializer"
             return None, f"{what} (MatMul on a Transpose of an initializer)"
+        if producer is not None and producer.op_type == "DequantizeLinear":
+            return None, "already quantized (weight from a DequantizeLinear)"
         return None, "no constant weight (activation x activation product)"
     if a.const_value is not None:
         return None, "constant input activation"

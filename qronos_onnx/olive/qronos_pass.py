@@ -23,6 +23,7 @@ from olive.passes.pass_config import BasePassConfig, PassConfigParam
 
 from .. import api
 from ..calibration.runner import CalibrationOptions
+from ..defaults import DEFAULT_SEQLEN, DEFAULT_WINDOWS
 from ..ir.model_io import load_model
 from ..pipeline import check_format, quantize_model
 from ..report import build_report, report_path, write_report
@@ -64,9 +65,9 @@ class QronosQuantization(Pass):
                                        description="Relative damping; default per algorithm."),
             "calib_data": PassConfigParam(type_=str, default_value="wiki-vital", description=(
                 "Text file or wiki-vital, when no data_config is given.")),
-            "calib_windows": PassConfigParam(type_=int, default_value=api.DEFAULT_WINDOWS,
+            "calib_windows": PassConfigParam(type_=int, default_value=DEFAULT_WINDOWS,
                                              description="Calibration windows."),
-            "seqlen": PassConfigParam(type_=int, default_value=api.DEFAULT_SEQLEN,
+            "seqlen": PassConfigParam(type_=int, default_value=DEFAULT_SEQLEN,
                                       description="Tokens per calibration window."),
             "tokenizer": PassConfigParam(type_=Optional[str], default_value=None, description=(
                 "tokenizer.json or directory; default: beside the input model.")),

@@ -4,16 +4,17 @@ Pre-conditions: a decoder LLM graph (``LLMSignature``) with at least one target.
 Post-conditions: every target's weight initializer holds the dequantized solved weight (same
 dtype and layout as before: a fake-quantized float model), and the target node's
 ``meta[QUANTIZED]`` holds its ``QuantizedWeight`` (codes, scales, zero points) and
-``meta[TARGET]`` its ``Target``, for the exporters. ``QuantizePass.results`` lists every target with its solve time; ``skipped`` lists
-the layers left in float, with the reason.
+``meta[TARGET]`` its ``Target``, for the exporters. ``QuantizePass.results`` lists every
+target with its solve time; ``skipped`` lists the layers left in float, with the reason;
+``warnings`` the messages of the project's warnings raised on the way (also issued as usual).
 """
 
 from __future__ import annotations
 
-import logging
+import contextlib
 import time
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -24,15 +25,16 @@ from ..calibration.runner import (CalibrationOptions, CalibrationRun, TwoStreamC
                                   torch_device)
 from ..calibration.stats import token_rows
 from ..config import Recipe
-from ..errors import CalibrationWarning, QronosError
+from ..errors import CalibrationWarning, QronosError, RecipeWarning
 from ..ir.act_quant import insert_act_quant
 from ..ir.signature import LLMSignature, detect_signature
 from ..ir.stages import plan_stages
-from ..ir.targets import Skipped, Target, TargetGroup, find_targets, untie_lm_head
-from ..quant import Grid, QuantizedWeight, solve
+from ..ir.targets import Skipped, Target, TargetGroup, find_targets, matches, untie_lm_head
+from ..quant import Grid, QuantizedWeight, SolverWarning, solve
 from ..quant.solve import rtn_codes
 
-log = logging.getLogger("qronos_onnx")
+#: The warnings a run records in ``QuantizePass.warnings`` (and the report).
+RECORDED_WARNINGS = (CalibrationWarning, RecipeWarning, SolverWarning)
 
 #: ``Node.meta`` keys of a solved target: its ``QuantizedWeight`` and its ``Target``.
 QUANTIZED = "qronos.quantized"
@@ -94,8 +96,40 @@ def _warn_if_too_few_tokens(groups: Sequence[TargetGroup], samples: Sequence[dic
            f"{widest.targets[0].name}): their H = X~ X~^T / n is singular and {algorithm} rests "
            f"on its damping alone, which can end worse than round-to-nearest. Calibrate on at "
            f"least {widest.in_features} tokens (a few times more is better).")
-    log.warning(msg)
     warnings.warn(msg, CalibrationWarning, stacklevel=3)
+
+
+def _warn_unmatched_patterns(recipe: Recipe, targets: Sequence[Target],
+                             skipped: Sequence[Skipped]) -> None:
+    """Warn about include / exclude patterns that match no layer, and override patterns that
+    match no quantized layer: a typo there silently changes nothing."""
+    layers = [(t.name, t.node) for t in targets] + [(s.name, s.node) for s in skipped]
+    quantized = [(t.name, t.node) for t in targets]
+    checks = ([("include", p, layers) for p in recipe.include]
+              + [("exclude", p, layers) for p in recipe.exclude]
+              + [("override", p, quantized) for p, _ in recipe.overrides])
+    for option, pattern, names in checks:
+        if not any(matches([pattern], *n) for n in names):
+            example = f" (names look like {names[0][0]!r})" if names else ""
+            warnings.warn(f"{option} pattern {pattern!r} matches no "
+                          f"{'quantized ' if option == 'override' else ''}layer{example}; "
+                          "`qronos-onnx inspect MODEL` lists them", RecipeWarning, stacklevel=3)
+
+
+@contextlib.contextmanager
+def _recording(messages: list[str]) -> Iterator[None]:
+    """Append the messages of ``RECORDED_WARNINGS`` raised in the block to ``messages``, and
+    issue every warning caught (through the caller's filters) when the block ends."""
+    caught: list[warnings.WarningMessage] = []
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            yield
+    finally:
+        for w in caught:
+            if issubclass(w.category, RECORDED_WARNINGS):
+                messages.append(str(w.message))
+            warnings.warn_explicit(w.message, w.category, w.filename, w.lineno, source=w.source)
 
 
 def _row_dots(a: torch.Tensor, b: torch.Tensor, rows: int = 1024) -> torch.Tensor:
@@ -146,6 +180,7 @@ class QuantizePass(ir.passes.InPlacePass):
         self.observer = observer
         self.results: list[TargetResult] = []
         self.skipped: list[Skipped] = []
+        self.warnings: list[str] = []
         self.run_info: CalibrationRun | None = None
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
@@ -153,7 +188,18 @@ class QuantizePass(ir.passes.InPlacePass):
         if self.recipe.lm_head == "int8":
             untie_lm_head(model)
         groups, self.skipped = self._find(model)
+        with _recording(self.warnings):
+            _warn_unmatched_patterns(self.recipe, [t for g in groups for t in g.targets],
+                                     self.skipped)
         if not groups:
+            packed = sum(n.op_type == "MatMulNBits" for n in model.graph)
+            dequantized = sum(s.reason.startswith("already quantized") for s in self.skipped)
+            if packed or dequantized:
+                found = ", ".join(f"{n} {what}" for n, what in (
+                    (packed, "MatMulNBits"), (dequantized, "MatMul on DequantizeLinear weights"))
+                    if n)
+                raise QronosError(f"the model is already quantized ({found}) and has no float "
+                                  "layer left to quantize: start from the float model")
             raise QronosError("no quantizable MatMul/Gemm with a constant 2-D weight was found "
                               f"({len(self.skipped)} skipped)")
         if self.recipe.act_quant is not None:
@@ -166,8 +212,9 @@ class QuantizePass(ir.passes.InPlacePass):
             for group in groups:
                 self._solve(model, group, None, None)
         else:
-            _warn_if_too_few_tokens(groups, self.samples, detect_signature(model),
-                                    self.recipe.solver.algorithm)
+            with _recording(self.warnings):
+                _warn_if_too_few_tokens(groups, self.samples, detect_signature(model),
+                                        self.recipe.solver.algorithm)
             stages = plan_stages(model, groups)
             calibrator = TwoStreamCalibrator(model, stages, self.samples, self.calibration)
             self.run_info = calibrator.run(lambda g, H, G: self._solve(model, g, H, G))
@@ -214,9 +261,10 @@ class QuantizePass(ir.passes.InPlacePass):
             cross_rtn = quad_rtn = torch.zeros(W.shape[0])
         else:
             H, G = H.to(device), G.to(device)
-            q = solve(opts.algorithm, W, H, G, grid=grid, act_order=opts.act_order,
-                      damping=opts.damping, solver_block=opts.solver_block, variant=opts.variant,
-                      name=targets[0].name)
+            with _recording(self.warnings):
+                q = solve(opts.algorithm, W, H, G, grid=grid, act_order=opts.act_order,
+                          damping=opts.damping, solver_block=opts.solver_block,
+                          variant=opts.variant, name=targets[0].name)
             # The RTN error of the report, per row: tr(W G Q^T) and tr(Q H Q^T). Products in
             # float32 (half the time of float64; ~1e-6 relative), row sums in float64.
             rtn = QuantizedWeight(rtn_codes(W, grid, q.scales, q.zero_points), q.scales,

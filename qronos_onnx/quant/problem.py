@@ -6,7 +6,6 @@ row index runs over the float stream ``X``, its column index over the quantized 
 
 from __future__ import annotations
 
-import logging
 import math
 import warnings
 from dataclasses import dataclass
@@ -15,8 +14,6 @@ import torch
 from torch import Tensor
 
 from .grid import ColumnGrid, Grid
-
-log = logging.getLogger("qronos_onnx")
 
 MAX_DAMPING_RETRIES = 6
 
@@ -53,8 +50,9 @@ class LayerProblem:
 
     @classmethod
     def build(cls, weight: Tensor, H: Tensor, G: Tensor | None, grid: Grid, scales: Tensor,
-              zero_points: Tensor | None, act_order: bool) -> LayerProblem:
-        """Order columns (by decreasing ``diag(H)`` under act-order) and fix dead columns."""
+              zero_points: Tensor | None, act_order: bool, name: str = "layer") -> LayerProblem:
+        """Order columns (by decreasing ``diag(H)`` under act-order) and fix dead columns
+        (``name`` is used in warnings)."""
         work = torch.float64 if weight.dtype == torch.float64 else torch.float32
         device = weight.device
         H = H.to(device=device, dtype=torch.float64)
@@ -64,7 +62,7 @@ class LayerProblem:
             H = H.clone()
             H[dead, dead] = 1.0
             n_dead = int(dead.sum())
-            warnings.warn(f"{n_dead} of {d} input features are never active in the calibration "
+            warnings.warn(f"{name}: {n_dead} of {d} input features are never active in the calibration "
                           f"data (diag(H) == 0); their weights are quantized to zero",
                           SolverWarning, stacklevel=4)
         G = None if G is None else G.to(device=device, dtype=work)
@@ -140,7 +138,6 @@ def inverse_factor(H: Tensor, lam: float, name: str = "layer") -> tuple[Tensor, 
         new_lam = max(10.0 * lam, floor)
         msg = (f"{name}: H + lam I is not positive definite at lam={lam:.3g}; "
                f"retrying with lam={new_lam:.3g}")
-        log.warning(msg)
         warnings.warn(msg, SolverWarning, stacklevel=3)
         lam = new_lam
     raise FactorizationError(f"{name}: no damping up to lam={lam:.3g} made H factorisable")

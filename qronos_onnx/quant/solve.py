@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import logging
 import math
 import warnings
 
@@ -15,8 +14,6 @@ from .grid import Grid, quantize
 from .problem import FactorizationError, LayerProblem, SolverWarning, largest_eigenvalue
 from .qronos import Variant, qronos
 from .weight import QuantizedWeight, SolveInfo
-
-log = logging.getLogger("qronos_onnx")
 
 ALGORITHMS = ("rtn", "gptq", "gpfq", "qronos")
 
@@ -58,7 +55,7 @@ def solve(algorithm: str, weight: Tensor, H: Tensor | None = None, G: Tensor | N
         return QuantizedWeight(rtn_codes(weight, grid, scales, zero_points), scales, zero_points,
                                grid, SolveInfo("rtn"))
 
-    problem = LayerProblem.build(weight, H, G, grid, scales, zero_points, act_order)
+    problem = LayerProblem.build(weight, H, G, grid, scales, zero_points, act_order, name)
     n_dead = int(problem.dead.sum())
     lam, retries = 0.0, 0
     try:
@@ -77,7 +74,6 @@ def solve(algorithm: str, weight: Tensor, H: Tensor | None = None, G: Tensor | N
                 codes, lam, retries = qronos(problem, rel * ref, solver_block, variant, name)
     except FactorizationError as err:
         msg = f"{err}; falling back to RTN"                # err starts with the layer name
-        log.warning(msg)
         warnings.warn(msg, SolverWarning, stacklevel=2)
         info = SolveInfo(algorithm, act_order, 0.0, 0, True, n_dead)
         return QuantizedWeight(rtn_codes(weight, grid, scales, zero_points), scales, zero_points,
