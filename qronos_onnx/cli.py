@@ -173,7 +173,8 @@ def parser() -> argparse.ArgumentParser:
                    help="per-layer grids, e.g. '*down_proj=bits:8,group:32' or "
                         "'*.k_proj=group:channel,sym' (keys: bits:N, group:N|channel, sym, asym)")
     o.add_argument("--lm-head", choices=["skip", "int8"], default="skip",
-                   help="skip (default) or quantize the lm_head to int8 per channel")
+                   help="skip (default) or quantize the lm_head to int8 per channel (and its "
+                        "input to int8 when activations are quantized)")
     o.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
     o.add_argument("--force", action="store_true", help="overwrite an existing output")
     o.add_argument("--damping", type=float, help="relative damping (gptq: 0.01 x mean diag H; "

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass, field
 from typing import Literal
@@ -51,7 +52,8 @@ class Recipe:
         grid: the weight grid of every target.
         solver: how layers are solved.
         lm_head: ``skip`` (the layer computing the logits stays float) or ``int8`` (int8 per
-            output channel; a tied lm_head gets its own weight first).
+            output channel, and int8 activations when ``act_quant`` is set; a tied lm_head
+            gets its own weight first).
         include: when given, only targets matching one of these are quantized.
         exclude: targets left in float. Patterns are globs, or regexes written ``re:PATTERN``,
             matched against readable and node names.
@@ -80,3 +82,10 @@ class Recipe:
             if matches([pattern], target.name, target.node):
                 return grid
         return self.grid
+
+    def act_quant_for(self, target: Target) -> ActQuant | None:
+        """The activation quantizer in front of a target: ``act_quant``, but at least 8 bits
+        for the lm_head (policy ``int8`` with activation quantization: W8A8 there)."""
+        if self.act_quant is None or not target.lm_head:
+            return self.act_quant
+        return dataclasses.replace(self.act_quant, bits=max(8, self.act_quant.bits))

@@ -179,3 +179,21 @@ def test_static_scales_are_fitted_on_real_tokens_only(tiny_models, tmp_path):
         assert scales[f"{group.source}_aq_scale"] == pytest.approx(real, rel=1e-6)
         differs += not np.isclose(every, real, rtol=1e-6)
     assert differs > 0                                    # padding would have changed some scale
+
+
+def test_an_int8_lm_head_reads_int8_activations_under_w4a4(tiny_models, tmp_path):
+    """``lm_head="int8"`` with 4-bit per-token activations: the lm_head's input is quantized to
+    8 bits (more than 16 and at most 256 levels per token), every other input to 4 bits."""
+    path = tiny_models("nokv")
+    samples = random_samples(detect_signature(load_model(path)))
+    recipe = Recipe(grid=Grid(bits=4, group_size=None, symmetric=True), lm_head="int8",
+                    act_quant=ActQuant(bits=4, granularity="token"))
+    outcome = quantize_file(path, tmp_path / "q.onnx", recipe, samples,
+                            CalibrationOptions(progress=False), fmt=None, report=None)
+    inputs = {r.target.input: r.target.lm_head for r in outcome.quantize.results}
+    assert sum(inputs.values()) == 1 and len(inputs) == 9
+    captured = full_model_capture(outcome.files[0], list(inputs), {}, samples)
+    for name, lm_head in inputs.items():
+        token = captured[name][0].reshape(-1, captured[name][0].shape[-1])[5]
+        levels = len(np.unique(token))
+        assert (16 < levels <= 256) if lm_head else levels <= 16, (name, levels)

@@ -205,7 +205,7 @@ class QuantizePass(ir.passes.InPlacePass):
         if self.recipe.act_quant is not None:
             for group in groups:
                 dtype = model.graph.initializers[group.targets[0].weight].const_value.dtype
-                insert_act_quant(model, group, self.recipe.act_quant, dtype)
+                insert_act_quant(model, group, self.recipe.act_quant_for(group.targets[0]), dtype)
             groups, _ = self._find(model)
         if self.recipe.solver.algorithm == "rtn" and self.recipe.act_quant is None:
             self.run_info = CalibrationRun()         # RTN needs no data: no calibration at all
