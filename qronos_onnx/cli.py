@@ -250,5 +250,6 @@ def main(argv: list[str] | None = None) -> int:
             sys.stderr.close()
             return 0
 
+
 if __name__ == "__main__":
     sys.exit(main())

@@ -213,8 +213,9 @@ class TwoStreamCalibrator:
                 feeds = {n: self._lookup(side, n, s) for n in stage.inputs}
                 feeds.update(quant_consts if side == "quant" else float_consts)
                 t0 = time.perf_counter()
-                outputs = dict(zip(stage.run_outputs, run_session(
-                    session, stage.run_outputs, feeds, f"the stage of {_label(stage)} ({_STREAM[side]}, sample {s})")))
+                what = f"the stage of {_label(stage)} ({_STREAM[side]}, sample {s})"
+                outputs = dict(zip(stage.run_outputs,
+                                   run_session(session, stage.run_outputs, feeds, what)))
                 self.run_info.seconds["stages"] += time.perf_counter() - t0
                 self.run_info.session_runs += 1
                 self._store(where, stage.outputs, [outputs[n] for n in stage.outputs], s)
