@@ -96,6 +96,10 @@ def readable_name(node: ir.Node) -> str:
     return node.name or "<unnamed>"
 
 
+#: The skip reason of a MatMul/Gemm whose weight a DequantizeLinear produces.
+ALREADY_QUANTIZED = "already quantized (weight from a DequantizeLinear)"
+
+
 def check_patterns(patterns: Sequence[str], option: str) -> None:
     """Refuse ``re:`` patterns that do not compile, naming the option they came from."""
     for pattern in patterns:
@@ -208,7 +212,7 @@ def _as_target(node: ir.Node, name: str, lm_head: bool) -> tuple[Target | None, 
             what = "tied lm_head" if lm_head else "weight is a Transpose of a shared initializer"
             return None, f"{what} (MatMul on a Transpose of an initializer)"
         if producer is not None and producer.op_type == "DequantizeLinear":
-            return None, "already quantized (weight from a DequantizeLinear)"
+            return None, ALREADY_QUANTIZED
         return None, "no constant weight (activation x activation product)"
     if a.const_value is not None:
         return None, "constant input activation"

@@ -29,7 +29,8 @@ from ..errors import CalibrationWarning, QronosError, RecipeWarning
 from ..ir.act_quant import insert_act_quant
 from ..ir.signature import LLMSignature, detect_signature
 from ..ir.stages import plan_stages
-from ..ir.targets import Skipped, Target, TargetGroup, find_targets, matches, untie_lm_head
+from ..ir.targets import (ALREADY_QUANTIZED, Skipped, Target, TargetGroup, find_targets,
+                          matches, untie_lm_head)
 from ..quant import Grid, QuantizedWeight, SolverWarning, solve
 from ..quant.solve import rtn_codes
 
@@ -193,7 +194,7 @@ class QuantizePass(ir.passes.InPlacePass):
                                      self.skipped)
         if not groups:
             packed = sum(n.op_type == "MatMulNBits" for n in model.graph)
-            dequantized = sum(s.reason.startswith("already quantized") for s in self.skipped)
+            dequantized = sum(s.reason == ALREADY_QUANTIZED for s in self.skipped)
             if packed or dequantized:
                 found = ", ".join(f"{n} {what}" for n, what in (
                     (packed, "MatMulNBits"), (dequantized, "MatMul on DequantizeLinear weights"))
