@@ -14,12 +14,12 @@ import onnx_ir as ir
 
 from .calibration.runner import CalibrationOptions
 from .config import Recipe
+from .defaults import DEFAULT_REPORT
 from .errors import QronosError
 from .ir.model_io import check_output_path, load_model, save_model
 from .ir.packing import block_size_for, container_bits
 from .passes.formats import ToMatMulNBitsPass, ToQDQPass
 from .passes.quantize import QuantizePass
-from .defaults import DEFAULT_REPORT
 from .report import build_report, report_name, report_path, write_report
 
 Format = Literal["matmulnbits", "qdq"]

@@ -10,6 +10,7 @@ from pathlib import Path
 
 from .defaults import DEFAULT_REPORT
 from .errors import QronosError
+from .ir.model_io import model_files
 from .passes.quantize import QuantizePass, TargetResult
 
 
@@ -40,8 +41,7 @@ def build_report(model_path, files, quantize: QuantizePass, fmt: str | None, not
                  wall_seconds: float) -> dict:
     """The report of one quantization run (see the README for the meaning of each field)."""
     model_path = Path(model_path)
-    inputs = [model_path, *{p for p in model_path.parent.glob(model_path.name + "*")
-                            if p != model_path}]
+    inputs = model_files(model_path)
     run = quantize.run_info
     results = quantize.results
     return {

@@ -222,3 +222,15 @@ def test_an_already_quantized_model_is_named_so(tiny_models, tmp_path, fmt, foun
         assert listing.count("already quantized (weight from a DequantizeLinear)") == 14
     assert main(["optimize", str(out), "-o", str(tmp_path / "again.onnx"), "--algo", "rtn"]) == 2
     assert f"already quantized ({found})" in capsys.readouterr().err
+
+
+def test_input_bytes_count_the_files_the_model_reads(tiny_models, tmp_path):
+    """A backup beside the model (``model.onnx.bak``) is not part of it."""
+    source = tiny_models("nokv")
+    for name in ("model.onnx", "model.onnx.data"):
+        shutil.copy(source.parent / name, tmp_path / name)
+    (tmp_path / "model.onnx.bak").write_bytes(b"\0" * 100_000)
+    report = qronos_onnx.optimize(tmp_path / "model.onnx", tmp_path / "q.onnx", algo="rtn",
+                                  progress=False)
+    expected = sum((tmp_path / n).stat().st_size for n in ("model.onnx", "model.onnx.data"))
+    assert report["totals"]["input_bytes"] == expected
