@@ -7,8 +7,10 @@
 
 from __future__ import annotations
 
+import filecmp
 import os
 import shutil
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -20,10 +22,10 @@ from .calibration.runner import CalibrationOptions
 from .config import Recipe, SolverOptions
 from .defaults import (DEFAULT_EVAL_WINDOWS, DEFAULT_PRESET, DEFAULT_REPORT, DEFAULT_SEQLEN,
                        DEFAULT_WINDOWS)
-from .errors import QronosError
+from .errors import QronosError, RecipeWarning
 from .eval import EvalResult, evaluate_windows
 from .ir.act_quant import ActQuant
-from .ir.model_io import check_output_path, load_model
+from .ir.model_io import TOKENIZER_FILE, check_output_path, load_model
 from .ir.signature import detect_signature
 from .ir.targets import check_patterns
 from .pipeline import check_format, quantize_file
@@ -114,7 +116,7 @@ def build_recipe(preset: str | None = None, *, bits: int | None = None,
 
 
 def default_tokenizer(model: str | os.PathLike) -> Path:
-    return Path(model).parent / "tokenizer.json"
+    return Path(model).parent / TOKENIZER_FILE
 
 
 def token_windows(data: str | os.PathLike, tokenizer, seqlen: int, count: int,
@@ -156,10 +158,16 @@ def optimize(model: str | os.PathLike, output: str | os.PathLike, *, preset: str
         raise QronosError(f"accuracy_level must be 0..4, got {accuracy_level}")
     if not Path(model).is_file():
         raise QronosError(f"model file not found: {model}")
-    report_names = [report_name(Path(output), report)] if report else []
+    report_names = [] if report is None else [report_name(Path(output), report)]
     check_output_path(output, [model], force, report_names)
     calibration = CalibrationOptions(reference=reference, device=device, progress=progress)
     needs_data = recipe.solver.algorithm != "rtn" or recipe.act_quant is not None
+    if not needs_data and calib_data != WIKI_VITAL:
+        warnings.warn("round-to-nearest without activation quantization reads no calibration "
+                      f"data; calib_data {calib_data!r} is not used", RecipeWarning, stacklevel=2)
+    if accuracy_level is not None and fmt != "matmulnbits":
+        warnings.warn(f"accuracy_level is a MatMulNBits attribute; the {fmt} format does not "
+                      "use it", RecipeWarning, stacklevel=2)
     samples = (calibration_samples(model, calib_data, calib_windows, seqlen, tokenizer)
                if needs_data else [])
     outcome = quantize_file(model, output, recipe, samples, calibration, force=force, fmt=fmt,
@@ -169,13 +177,19 @@ def optimize(model: str | os.PathLike, output: str | os.PathLike, *, preset: str
 
 
 def _copy_tokenizer(tokenizer: str | os.PathLike, out_dir: Path) -> None:
-    """Put ``tokenizer.json`` beside the output (never over an existing one), so that the
-    quantized model is evaluated and deployed with its tokenizer."""
+    """Put ``tokenizer.json`` beside the output (never over an existing one, which is kept with
+    a warning when it differs), so that the quantized model is evaluated and deployed with its
+    tokenizer."""
     source = Path(tokenizer)
-    source = source / "tokenizer.json" if source.is_dir() else source
-    target = out_dir / "tokenizer.json"
-    if source.is_file() and source.name == "tokenizer.json" and not target.exists():
+    source = source / TOKENIZER_FILE if source.is_dir() else source
+    target = out_dir / TOKENIZER_FILE
+    if not (source.is_file() and source.name == TOKENIZER_FILE):
+        return
+    if not target.exists():
         shutil.copyfile(source, target)
+    elif not filecmp.cmp(source, target, shallow=False):
+        warnings.warn(f"{target} differs from the tokenizer used for calibration ({source}) and "
+                      "was kept; replace it if it is not the model's", UserWarning, stacklevel=3)
 
 
 def calibration_samples(model, data, windows: int, seqlen: int, tokenizer) -> list[dict]:

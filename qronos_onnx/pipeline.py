@@ -16,11 +16,11 @@ from .calibration.runner import CalibrationOptions
 from .config import Recipe
 from .defaults import DEFAULT_REPORT
 from .errors import QronosError
-from .ir.model_io import check_output_path, load_model, save_model
+from .ir.model_io import check_output_path, data_file_name, load_model, staged_output, write_model
 from .ir.packing import block_size_for, container_bits
 from .passes.formats import ToMatMulNBitsPass, ToQDQPass
 from .passes.quantize import QuantizePass
-from .report import build_report, report_name, report_path, write_report
+from .report import build_report, report_name, write_report
 
 Format = Literal["matmulnbits", "qdq"]
 FORMATS = ("matmulnbits", "qdq")
@@ -85,13 +85,17 @@ def quantize_file(model_path: str | os.PathLike, output: str | os.PathLike, reci
         report: file name of the JSON report, written beside ``output``; ``None`` for none.
     """
     t0 = time.perf_counter()
-    output = check_output_path(output, [model_path], force,
-                               [report_name(Path(output), report)] if report else [])
+    report_file = None if report is None else report_name(Path(output), report)
+    output = check_output_path(output, [model_path], force, [] if report is None else [report_file])
     notes = check_format(recipe, fmt)
     model = load_model(model_path)
     quantize = quantize_model(model, recipe, samples, calibration, fmt, accuracy_level, observer)
-    files = save_model(model, output)
-    result = build_report(model_path, files, quantize, fmt, notes, time.perf_counter() - t0)
-    if report is not None:
-        files.append(write_report(result, report_path(output, report)))
+    names = [data_file_name(output), *([] if report is None else [report_file]), output.name]
+    with staged_output(output, names) as staged:
+        written = write_model(model, staged / output.name)
+        result = build_report(model_path, output, written, quantize, fmt, notes,
+                              time.perf_counter() - t0)
+        if report is not None:
+            written.append(write_report(result, staged / report_file))
+    files = [output.parent / path.name for path in written]
     return QuantizationOutcome(files, result, quantize)

@@ -37,16 +37,19 @@ def _files_bytes(paths) -> int:
     return sum(Path(p).stat().st_size for p in paths if Path(p).exists())
 
 
-def build_report(model_path, files, quantize: QuantizePass, fmt: str | None, notes: list[str],
-                 wall_seconds: float) -> dict:
-    """The report of one quantization run (see the README for the meaning of each field)."""
+def build_report(model_path, output, files, quantize: QuantizePass, fmt: str | None,
+                 notes: list[str], wall_seconds: float) -> dict:
+    """The report of one quantization run (see the README for the meaning of each field).
+
+    ``output`` is the output model's final path, ``files`` the files written for it so far
+    (possibly still under a temporary name): their sizes make ``output_bytes``."""
     model_path = Path(model_path)
     inputs = model_files(model_path)
     run = quantize.run_info
     results = quantize.results
     return {
         "model": str(model_path),
-        "output": str(files[0]),
+        "output": str(output),
         "format": fmt or "float (fake-quantized)",
         "recipe": json.loads(json.dumps(dataclasses.asdict(quantize.recipe), default=str)),
         "calibration": {

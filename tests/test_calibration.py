@@ -1,7 +1,9 @@
 """The two-stream calibration engine against brute-force full-model captures."""
 
+import errno
 import os
 import shutil
+from pathlib import Path
 
 import numpy as np
 import onnx
@@ -235,7 +237,10 @@ def test_input_data_files_and_existing_companions_are_never_overwritten(tiny_mod
 @pytest.mark.parametrize("output,report,message", [
     ("q.onnx", "../r.json", "not a plain file name"),
     ("q.onnx", "q.onnx.data", "output model's own file name"),
-    ("q.onnx", "other.onnx", "not a plain file name"),
+    ("q.onnx", "", "not a plain file name"),
+    ("q.onnx", "other.onnx", "cannot name a file beside the output"),
+    ("q.onnx", "tokenizer.json", "the tokenizer copied there"),
+    ("q.onnx", "rdir", "is a directory; it would be replaced"),
     ("adir", "r.json", "must end in .onnx"),
     ("adir.onnx", "r.json", "is a directory"),
     ("locked/sub/q.onnx", "r.json", "permission denied"),
@@ -243,6 +248,7 @@ def test_input_data_files_and_existing_companions_are_never_overwritten(tiny_mod
 def test_bad_output_places_are_refused_before_any_work(tiny_models, tmp_path, output, report,
                                                        message):
     (tmp_path / "adir.onnx").mkdir()
+    (tmp_path / "rdir").mkdir()
     (tmp_path / "locked").mkdir(mode=0o500)
     if os.access(tmp_path / "locked", os.W_OK) and "locked" in output:
         pytest.skip("running as a user who can write anywhere")
@@ -250,3 +256,30 @@ def test_bad_output_places_are_refused_before_any_work(tiny_models, tmp_path, ou
     with pytest.raises(QronosError, match=message):
         quantize_file(tiny_models("nokv"), tmp_path / output, RECIPE, [], report=report)
     assert sorted(p.name for p in tmp_path.rglob("*")) == before
+
+
+@pytest.mark.parametrize("failing", ["q.onnx", "q.onnx.data", "q.report.json"])
+@pytest.mark.parametrize("error", [OSError(errno.ENOSPC, "No space left on device"),
+                                   KeyboardInterrupt()])
+def test_a_failed_write_leaves_the_previous_output_as_it_was(tiny_models, tmp_path, monkeypatch,
+                                                             failing, error):
+    """Model, data and report are placed together: when placing any of them fails (or is
+    interrupted), what was placed is removed and the previous files come back, byte for byte."""
+    rtn = Recipe(grid=Grid(bits=4, group_size=16), solver=SolverOptions("rtn"))
+    quantize_file(tiny_models("nokv"), tmp_path / "q.onnx", rtn, [])
+    before = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
+    assert set(before) == {"q.onnx", "q.onnx.data", "q.report.json"}
+    real_replace = os.replace
+
+    def replace(src, dst):                   # placing the new file fails; restoring works
+        if Path(dst) == tmp_path / failing and ".previous" not in Path(src).parts:
+            raise error
+        real_replace(src, dst)
+
+    monkeypatch.setattr(os, "replace", replace)
+    other = Recipe(grid=Grid(bits=2, group_size=16), solver=SolverOptions("rtn"))
+    expected = QronosError if isinstance(error, OSError) else KeyboardInterrupt
+    with pytest.raises(expected, match="could not write .*No space left" if expected is QronosError
+                       else None):
+        quantize_file(tiny_models("nokv"), tmp_path / "q.onnx", other, [], force=True)
+    assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before

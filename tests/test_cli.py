@@ -70,6 +70,7 @@ def test_optimize_eval_inspect(tiny_models, tmp_path, corpus):
     (["optimize", "{model}", "-o", "x.onnx", "--damping", "-1"], "damping must be"),
     (["optimize", "{model}", "-o", "x.onnx", "--damping", "nan"], "damping must be"),
     (["optimize", "{model}", "-o", "x.onnx", "--report", "../r.json"], "not a plain file name"),
+    (["optimize", "{model}", "-o", "x.onnx", "--report", ""], "not a plain file name"),
     (["eval", "{model}", "--reference", "{corpus}"], "not a readable ONNX model"),
     (["optimize", "{model}", "-o", "x.onnx", "--calib-data", "{binary}"], "not UTF-8"),
     (["eval", "{model}", "--windows", "0"], "at least one window"),
@@ -107,7 +108,7 @@ def test_python_api_and_presets(tiny_models, tmp_path, corpus):
     assert report["format"] == "qdq" and report["targets"][0]["algorithm"] == "gptq"
     # explicit options override the preset; RTN needs no calibration at all
     report = qronos_onnx.optimize(model, tmp_path / "c.onnx", preset="w2", group_size=16, algo="rtn",
-                                  calib_data=corpus, progress=False)
+                                  progress=False)
     assert report["targets"][0]["grid"]["group_size"] == 16 and report["calibration"]["session_runs"] == 0
     result = qronos_onnx.evaluate(tmp_path / "c.onnx", data=corpus, windows=2, seqlen=64,
                                   progress=False)
@@ -234,3 +235,25 @@ def test_input_bytes_count_the_files_the_model_reads(tiny_models, tmp_path):
                                   progress=False)
     expected = sum((tmp_path / n).stat().st_size for n in ("model.onnx", "model.onnx.data"))
     assert report["totals"]["input_bytes"] == expected
+
+
+def test_options_without_effect_and_a_different_tokenizer_beside_the_output_are_warned(
+        tiny_models, tmp_path, corpus, capsys):
+    model = tiny_models("nokv")
+    (tmp_path / "tokenizer.json").write_text("{}")          # not the model's tokenizer
+    assert main(["optimize", str(model), "-o", str(tmp_path / "q.onnx"), "--algo", "rtn",
+                 "--calib-data", "missing.txt", "--format", "qdq", "--accuracy-level", "4"]) == 0
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [
+        "qronos-onnx: RecipeWarning: round-to-nearest without activation quantization reads no "
+        "calibration data; calib_data 'missing.txt' is not used",
+        "qronos-onnx: RecipeWarning: accuracy_level is a MatMulNBits attribute; the qdq format "
+        "does not use it",
+        f"qronos-onnx: UserWarning: {tmp_path / 'tokenizer.json'} differs from the tokenizer used "
+        f"for calibration ({model.parent / 'tokenizer.json'}) and was kept; replace it if it is "
+        "not the model's"]
+    assert (tmp_path / "tokenizer.json").read_text() == "{}"
+    shutil.copy(model.parent / "tokenizer.json", tmp_path / "tokenizer.json")
+    assert main(["optimize", str(model), "-o", str(tmp_path / "q.onnx"), "--algo", "rtn",
+                 "--force"]) == 0
+    assert capsys.readouterr().err == ""                 # the same tokenizer: nothing to say

@@ -211,13 +211,13 @@ def test_qdq_and_matmulnbits_give_the_same_logits(tiny_models, grid):
 
 @pytest.mark.parametrize("bits", [2, 4, 8])
 def test_saved_size_is_bits_over_8_of_the_weights_plus_scales(tiny_models, tmp_path, bits):
-    from qronos_onnx.ir.model_io import save_model
+    from qronos_onnx.ir.model_io import write_model
 
     path = tiny_models("untied")
     model, _ = quantized_tiny(path, Recipe(grid=Grid(bits=bits, group_size=32)))
     targets = [t for g in find_targets(load_model(path))[0] for t in g.targets]
     ToMatMulNBitsPass()(model)
-    files = save_model(model, tmp_path / "q.onnx")
+    files = write_model(model, tmp_path / "q.onnx")
 
     def tensor_bytes(model_path):
         proto = onnx.load(str(model_path))

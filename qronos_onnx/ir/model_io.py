@@ -2,8 +2,8 @@
 
 Loading keeps weights in the external data files, memory-mapped by ``onnx_ir``. Saving writes
 every tensor of 1 KiB or more to one data file beside the model (``<output>.data``), so the
-protobuf never nears its 2 GB limit; both files are written under a temporary directory next to
-the output and renamed into place only when complete.
+protobuf never nears its 2 GB limit. Outputs are written into a temporary directory next to the
+final place and moved there together only when complete (``staged_output``).
 """
 
 from __future__ import annotations
@@ -11,7 +11,8 @@ from __future__ import annotations
 import os
 import shutil
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 
 import onnx
@@ -21,6 +22,7 @@ from google.protobuf.message import DecodeError
 from ..errors import QronosError
 
 EXTERNAL_THRESHOLD_BYTES = 1024
+TOKENIZER_FILE = "tokenizer.json"   # copied beside an output model by ``optimize``
 
 
 def load_model(path: str | os.PathLike) -> ir.Model:
@@ -110,13 +112,19 @@ def check_output_path(output: str | os.PathLike, inputs: Sequence[str | os.PathL
     if output.is_dir():
         raise QronosError(f"{output} is a directory; give the output model's file name")
     _check_writable_dir(output.parent)
-    written = [output, output.with_name(output.name + ".data")]
+    written = [output, output.with_name(data_file_name(output))]
     for name in companions:
-        if Path(name).name != name or name in ("", ".", "..") or name.endswith(".onnx"):
+        if Path(name).name != name or name in ("", ".", ".."):
             raise QronosError(f"{name!r} is not a plain file name for beside the output")
+        if name.endswith(".onnx") or name == TOKENIZER_FILE:
+            raise QronosError(f"{name!r} cannot name a file beside the output: *.onnx names "
+                              f"models and {TOKENIZER_FILE} the tokenizer copied there")
         if output.with_name(name) in written:
             raise QronosError(f"{name!r} is the output model's own file name")
         written.append(output.with_name(name))
+    for path in written:
+        if path.is_dir():
+            raise QronosError(f"{path} is a directory; it would be replaced by a file")
     for source in inputs:
         read = model_files(source)
         for path in written:
@@ -141,35 +149,65 @@ def _check_writable_dir(directory: Path) -> None:
         raise QronosError(f"cannot write into {existing}: permission denied")
 
 
-def save_model(model: ir.Model, output: str | os.PathLike) -> list[Path]:
-    """Write ``model`` to ``output`` and its tensors to ``<output>.data``.
+@contextmanager
+def staged_output(output: str | os.PathLike, names: Sequence[str]) -> Iterator[Path]:
+    """A temporary directory beside ``output`` for the files ``names``, placed together at the end.
 
-    Both files are first written into a temporary directory beside ``output`` and renamed into
-    place when complete (data first, then the model), so an interrupted save leaves no
-    half-written model. Returns the paths written.
+    The block writes (some of) ``names`` into the yielded directory. When it completes, every
+    name already beside ``output`` is moved aside, then every name the block wrote is moved into
+    place, in the order given (name the model last, so that it never appears before its data);
+    a name the block did not write is thereby removed (a stale data file of an older output). If the block or any move fails, interrupts included, what was placed is removed
+    and what was moved aside is put back: the directory is left as it was.
 
     Raises:
-        QronosError: the files could not be written (what was placed is removed again).
+        QronosError: an ``OSError`` while writing or placing the files.
     """
     output = Path(output)
-    data_name = output.name + ".data"
-    tmp, written = None, []
+    parent = output.parent
+    tmp = None
     try:
-        output.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{output.name}.", suffix=".tmp", dir=output.parent))
-        ir.save(model, tmp / output.name, external_data=data_name,
-                size_threshold_bytes=EXTERNAL_THRESHOLD_BYTES)
-        for name in (data_name, output.name):
-            if (tmp / name).exists():
-                os.replace(tmp / name, output.parent / name)
-                written.append(output.parent / name)
-            elif name == data_name:
-                (output.parent / name).unlink(missing_ok=True)   # stale data of an old output
-        return written[::-1]
+        parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{output.name}.", suffix=".tmp", dir=parent))
+        yield tmp
+        _place(tmp, parent, names)
     except OSError as err:
-        for path in written:
-            path.unlink(missing_ok=True)
         raise QronosError(f"could not write {output}: {err}") from err
     finally:
         if tmp is not None:
             shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _place(staged: Path, parent: Path, names: Sequence[str]) -> None:
+    """Move ``names`` from ``staged`` into ``parent``, all or none (see ``staged_output``)."""
+    aside = staged / ".previous"
+    aside.mkdir()
+    moved_aside, placed = [], []
+    try:
+        for name in names:
+            if os.path.lexists(parent / name):
+                os.replace(parent / name, aside / name)
+                moved_aside.append(name)
+        for name in names:
+            if (staged / name).exists():
+                os.replace(staged / name, parent / name)
+                placed.append(name)
+    except BaseException:
+        for name in placed:
+            (parent / name).unlink(missing_ok=True)
+        for name in moved_aside:
+            os.replace(aside / name, parent / name)
+        raise
+
+
+def data_file_name(output: str | os.PathLike) -> str:
+    """The external data file name of a model saved as ``output``: ``<output name>.data``."""
+    return Path(output).name + ".data"
+
+
+def write_model(model: ir.Model, path: Path) -> list[Path]:
+    """Write ``model`` to ``path`` and every tensor of 1 KiB or more to ``<path>.data``, in
+    place (write into a ``staged_output`` directory to place the files all or nothing).
+    Returns the paths written, the model first."""
+    data = path.with_name(data_file_name(path))
+    ir.save(model, path, external_data=data.name, size_threshold_bytes=EXTERNAL_THRESHOLD_BYTES)
+    return [path, data] if data.exists() else [path]

@@ -98,7 +98,7 @@ class QronosQuantization(Pass):
         handler = ir_model_to_olive_model(ir_model, output_model_path, config)
         output = Path(output_model_path)
         files = [output, *(p for p in output.parent.glob(output.name + "*") if p != output)]
-        report = build_report(model.model_path, files, quantize, fmt, notes,
+        report = build_report(model.model_path, output, files, quantize, fmt, notes,
                               time.perf_counter() - t0)
         write_report(report, report_path(output))
         return handler
