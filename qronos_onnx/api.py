@@ -221,8 +221,12 @@ def evaluate(model: str | os.PathLike, *, reference: str | os.PathLike | None = 
                   if path is not None]                 # clear errors for either model
     for signature in signatures:
         signature.check_seqlen(seqlen)
+    vocabs = {s.vocab for s in signatures}
+    if None not in vocabs and len(vocabs) > 1:
+        raise QronosError(f"the model has a vocabulary of {signatures[0].vocab} tokens and the "
+                          f"reference model {signatures[1].vocab}: compare models that share one")
     chosen = token_windows(data, tokenizer or default_tokenizer(model), seqlen, windows,
                            "test", random=False)
     for signature in signatures:
         signature.check_token_ids(chosen, "the tokenizer")
-    return evaluate_windows(model, chosen, reference, device, progress, signature=signatures[0])
+    return evaluate_windows(model, chosen, reference, device, progress, signatures)

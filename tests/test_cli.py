@@ -257,3 +257,26 @@ def test_options_without_effect_and_a_different_tokenizer_beside_the_output_are_
     assert main(["optimize", str(model), "-o", str(tmp_path / "q.onnx"), "--algo", "rtn",
                  "--force"]) == 0
     assert capsys.readouterr().err == ""                 # the same tokenizer: nothing to say
+
+
+def test_eval_feeds_each_model_through_its_own_signature(tiny_models, corpus):
+    """The KV-cache and plain exports of the same weights, compared either way round: the
+    reference gets its own inputs (an empty cache or none), and the two agree."""
+    kv, nokv = tiny_models("kv"), tiny_models("nokv")
+    for model, reference in ((kv, nokv), (nokv, kv)):
+        result = qronos_onnx.evaluate(model, reference=reference, data=corpus, windows=2,
+                                      seqlen=32, progress=False)
+        assert result.kl < 1e-6 and result.top1_agreement == 1.0
+
+
+def test_models_with_different_vocabularies_are_not_compared(tiny_models, tmp_path, corpus, capsys):
+    from qronos_onnx.eval import evaluate_windows
+
+    shutil.copy(tiny_models("nokv").parent / "tokenizer.json", tmp_path / "tokenizer.json")
+    small = _learned_positions_model(tmp_path / "v256.onnx", positions=64, vocab=256)
+    large = _learned_positions_model(tmp_path / "v300.onnx", positions=64, vocab=300)
+    assert main(["eval", str(small), "--reference", str(large), "--data", str(corpus),
+                 "--windows", "1", "--seqlen", "16"]) == 2
+    assert "vocabulary of 256 tokens and the reference model 300" in capsys.readouterr().err
+    with pytest.raises(qronos_onnx.QronosError, match="scores 256 tokens and the reference model 300"):
+        evaluate_windows(small, np.arange(16)[None], reference=large, progress=False)

@@ -11,6 +11,7 @@ fraction of positions where both models' most likely next token agree.
 from __future__ import annotations
 
 import time
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -18,6 +19,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from ..calibration.session import make_session, run_session
+from ..errors import QronosError
 from ..ir.model_io import load_model
 from ..ir.signature import LLMSignature, detect_signature
 
@@ -57,25 +59,36 @@ def log_softmax(logits: np.ndarray) -> np.ndarray:
 
 def evaluate_windows(model_path: str | Path, windows: np.ndarray,
                      reference: str | Path | None = None, device: str = "auto",
-                     progress: bool = True, signature: LLMSignature | None = None) -> EvalResult:
-    """Score ``windows`` (``[n, seqlen]`` token ids) with the model at ``model_path``
-    (``signature``: the model's, when the caller has it already)."""
+                     progress: bool = True,
+                     signatures: Sequence[LLMSignature] | None = None) -> EvalResult:
+    """Score ``windows`` (``[n, seqlen]`` token ids) with the model at ``model_path``.
+
+    ``signatures``: the model's (and the reference's), when the caller has them already. Each
+    model is fed through its own signature, so a model with a KV cache can be compared with
+    one without.
+
+    Raises:
+        QronosError: the two models' logits cover different vocabularies.
+    """
     t0 = time.perf_counter()
-    signature = signature or detect_signature(load_model(model_path))
-    sessions = [make_session(str(model_path), device)]
-    if reference is not None:
-        sessions.append(make_session(str(reference), device))
+    paths = [model_path] if reference is None else [model_path, reference]
+    signatures = list(signatures or [detect_signature(load_model(path)) for path in paths])
+    labels = ["the model", "the reference model"]
+    sessions = [make_session(str(path), device) for path in paths]
     nll = kl = agree = 0.0
     count = 0
     for ids in tqdm(windows, desc="evaluating", unit="window", disable=not progress):
-        feed = signature.feed(ids[None])
-        logp = log_softmax(run_session(sessions[0], [signature.logits], feed, "the model")[0][0, :-1])
+        logps = [log_softmax(run_session(session, [sig.logits], sig.feed(ids[None]), label)[0][0, :-1])
+                 for session, sig, label in zip(sessions, signatures, labels)]
+        logp = logps[0]
         targets = ids[1:]
         nll -= logp[np.arange(len(targets)), targets].sum()
         count += len(targets)
         if reference is not None:
-            ref = log_softmax(run_session(sessions[1], [signature.logits], feed,
-                                          "the reference model")[0][0, :-1])
+            ref = logps[1]
+            if ref.shape != logp.shape:
+                raise QronosError(f"the model scores {logp.shape[-1]} tokens and the reference "
+                                  f"model {ref.shape[-1]}: they do not share a vocabulary")
             kl += (np.exp(ref) * (ref - logp)).sum()
             agree += (ref.argmax(-1) == logp.argmax(-1)).sum()
     mean = nll / count
