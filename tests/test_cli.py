@@ -280,3 +280,23 @@ def test_models_with_different_vocabularies_are_not_compared(tiny_models, tmp_pa
     assert "vocabulary of 256 tokens and the reference model 300" in capsys.readouterr().err
     with pytest.raises(qronos_onnx.QronosError, match="scores 256 tokens and the reference model 300"):
         evaluate_windows(small, np.arange(16)[None], reference=large, progress=False)
+
+
+def test_a_graph_onnx_runtime_cannot_load_is_one_line(tiny_models, tmp_path, corpus, capsys):
+    """An operator ONNX Runtime does not know (here in the rotary embedding): a one-line error
+    from optimize (at the stage's session) and from eval, and nothing written."""
+    source = tiny_models("nokv")
+    proto = onnx.load(str(source))
+    node = next(n for n in proto.graph.node if n.op_type == "Neg")
+    node.op_type = "NoSuchOp"
+    onnx.save(proto, tmp_path / "bad.onnx")
+    shutil.copy(source.parent / "tokenizer.json", tmp_path / "tokenizer.json")
+    for args, what in ((["optimize", tmp_path / "bad.onnx", "-o", tmp_path / "q.onnx", "--calib-data",
+                         corpus, "--calib-windows", "1", "--seqlen", "32"], "calibration stage"),
+                       (["eval", tmp_path / "bad.onnx", "--data", corpus, "--windows", "1",
+                         "--seqlen", "32"], "the model")):
+        assert main([str(a) for a in args]) == 2
+        err = capsys.readouterr().err
+        assert f"ONNX Runtime cannot load {what}" in err and "NoSuchOp" in err
+        assert len([line for line in err.splitlines() if "Warning:" not in line]) == 1
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bad.onnx", "tokenizer.json"]

@@ -301,7 +301,8 @@ class TwoStreamCalibrator:
         prefix = None
         if self.options.profile:
             prefix = os.path.join(tempfile.gettempdir(), f"qronos_stage{stage.index}_")
-        session = make_session(proto, self.options.device, self.options.optimize_graph, prefix)
+        session = make_session(proto, self.options.device, self.options.optimize_graph, prefix,
+                               f"calibration stage {stage.index}")
         if not self.run_info.providers:
             self.run_info.providers = session.get_providers()
         return session

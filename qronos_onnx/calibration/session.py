@@ -12,7 +12,7 @@ from ..errors import QronosError
 CUDA = "CUDAExecutionProvider"
 CPU = "CPUExecutionProvider"
 
-#: The exceptions ONNX Runtime raises from a run (its pybind module's error classes).
+#: The exceptions ONNX Runtime raises (its pybind module's error classes).
 _ORT_ERRORS = tuple(v for v in vars(_ort_state).values()
                     if isinstance(v, type) and issubclass(v, Exception))
 
@@ -34,11 +34,15 @@ def providers(device: str = "auto") -> list[str]:
 
 
 def make_session(model: onnx.ModelProto | str, device: str = "auto", optimize: bool = True,
-                 profile_prefix: str | None = None) -> ort.InferenceSession:
+                 profile_prefix: str | None = None, what: str = "the model") -> ort.InferenceSession:
     """A session for an in-memory model (or a model path).
 
     ``optimize=False`` keeps every node as it is (no fusions), so that node-level profiling
-    names the graph's own nodes.
+    names the graph's own nodes. ``what`` names the model in errors.
+
+    Raises:
+        QronosError: ONNX Runtime cannot load the graph (an operator it does not know, a type
+            error, a provider that fails to start).
     """
     options = ort.SessionOptions()
     options.log_severity_level = 3
@@ -51,7 +55,10 @@ def make_session(model: onnx.ModelProto | str, device: str = "auto", optimize: b
         options.enable_profiling = True
         options.profile_file_prefix = profile_prefix
     source = model.SerializeToString() if isinstance(model, onnx.ModelProto) else str(model)
-    session = ort.InferenceSession(source, options, providers=providers(device))
+    try:
+        session = ort.InferenceSession(source, options, providers=providers(device))
+    except _ORT_ERRORS as err:
+        raise QronosError(f"ONNX Runtime cannot load {what}: {_last_line(err)}") from err
     if device == "cuda" and CUDA not in session.get_providers():
         raise QronosError("--device cuda: ONNX Runtime could not start its CUDA provider")
     return session
@@ -67,7 +74,12 @@ def run_session(session: ort.InferenceSession, outputs: list[str], feeds: dict[s
     except _ORT_ERRORS as err:
         shapes = ", ".join(f"{k} {list(np.shape(v))}" for k, v in feeds.items()
                            if k in ("input_ids", "attention_mask", "position_ids"))
-        reason = str(err).strip().splitlines()[-1] if str(err).strip() else type(err).__name__
-        raise QronosError(f"ONNX Runtime failed on {what} ({shapes}): {reason}. If the windows "
-                          "are longer than the model supports or memory ran out, use a shorter "
-                          "--seqlen") from err
+        raise QronosError(f"ONNX Runtime failed on {what} ({shapes}): {_last_line(err)}. If the "
+                          "windows are longer than the model supports or memory ran out, use a "
+                          "shorter --seqlen") from err
+
+
+def _last_line(err: Exception) -> str:
+    """The last line of an ONNX Runtime message (the reason; earlier lines are context)."""
+    text = str(err).strip()
+    return text.splitlines()[-1] if text else type(err).__name__

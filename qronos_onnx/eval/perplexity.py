@@ -74,7 +74,8 @@ def evaluate_windows(model_path: str | Path, windows: np.ndarray,
     paths = [model_path] if reference is None else [model_path, reference]
     signatures = list(signatures or [detect_signature(load_model(path)) for path in paths])
     labels = ["the model", "the reference model"]
-    sessions = [make_session(str(path), device) for path in paths]
+    sessions = [make_session(str(path), device, what=f"{label} ({path})")
+                for path, label in zip(paths, labels)]
     nll = kl = agree = 0.0
     count = 0
     for ids in tqdm(windows, desc="evaluating", unit="window", disable=not progress):
