@@ -283,3 +283,25 @@ def test_a_failed_write_leaves_the_previous_output_as_it_was(tiny_models, tmp_pa
                        else None):
         quantize_file(tiny_models("nokv"), tmp_path / "q.onnx", other, [], force=True)
     assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before
+
+
+@pytest.mark.parametrize("naming", ["unnamed", "one name for all"])
+def test_nodes_without_unique_names_are_quantized_like_named_ones(tiny_models, tmp_path, naming):
+    """ONNX allows empty and repeated node names: the same layers are found and get the same
+    codes as in the named model."""
+    source = tiny_models("nokv")
+    proto = onnx.load(str(source))
+    for node in proto.graph.node:
+        node.name = "" if naming == "unnamed" else "node"
+    onnx.save(proto, tmp_path / "model.onnx")
+    samples = random_samples(detect_signature(load_model(source)))
+    outputs = {}
+    for label, path in (("named", source), ("renamed", tmp_path / "model.onnx")):
+        out = tmp_path / f"{label}.onnx"
+        outcome = quantize_file(path, out, RECIPE, samples, report=None)
+        assert len(outcome.quantize.results) == 14
+        q = onnx.load(str(out))
+        assert sum(n.op_type == "MatMulNBits" for n in q.graph.node) == 14
+        session = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"])
+        outputs[label] = session.run(["logits"], samples[0])[0]
+    np.testing.assert_array_equal(outputs["named"], outputs["renamed"])

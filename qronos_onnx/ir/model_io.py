@@ -18,6 +18,7 @@ from pathlib import Path
 import onnx
 import onnx_ir as ir
 from google.protobuf.message import DecodeError
+from onnx_ir.passes.common import NameFixPass
 
 from ..errors import QronosError
 
@@ -45,6 +46,7 @@ def load_model(path: str | os.PathLike) -> ir.Model:
     _check_external_data(proto, path.parent)
     model = ir.serde.deserialize_model(proto)
     ir.external_data.set_base_dir(model.graph, path.parent)
+    NameFixPass()(model)      # ONNX allows unnamed and repeated node names; targets need unique ones
     return model
 
 
