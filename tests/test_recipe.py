@@ -80,6 +80,35 @@ def test_lm_head_int8_policy(tiny_models, tmp_path, variant):
     assert np.abs(a - b).max() < 0.5 * np.abs(b).max()
 
 
+@pytest.mark.parametrize("patterns", [{"exclude": ("lm_head",)}, {"include": ("*q_proj",)}])
+def test_an_lm_head_left_out_by_patterns_is_not_untied(tiny_models, tmp_path, patterns):
+    """``lm_head="int8"`` with patterns that leave the tied lm_head out writes the same tensors
+    as without the policy: no float copy of the embedding for an lm_head that stays float."""
+    path = tiny_models("nokv")
+    tensors = {}
+    for policy in ("skip", "int8"):
+        (tmp_path / policy).mkdir()
+        outcome, _ = run(path, tmp_path / policy,
+                         Recipe(grid=Grid(bits=4, group_size=32), lm_head=policy, **patterns))
+        assert not any(r.target.lm_head for r in outcome.quantize.results)
+        proto = onnx.load(str(outcome.files[0]))
+        tensors[policy] = {t.name: numpy_helper.to_array(t, str(tmp_path / policy)).nbytes
+                           for t in proto.graph.initializer}
+    assert tensors["int8"] == tensors["skip"]
+
+
+def test_an_override_of_the_lm_head_under_the_int8_policy_warns(tiny_models, tmp_path):
+    from qronos_onnx import RecipeWarning
+
+    recipe = Recipe(grid=Grid(bits=4, group_size=32), lm_head="int8",
+                    overrides=(("lm_head", Grid(bits=4, group_size=32)),))
+    with pytest.warns(RecipeWarning, match="'lm_head' matches no quantized layer .*set by the "
+                                           "lm_head policy"):
+        outcome, _ = run(tiny_models("nokv"), tmp_path, recipe)
+    head = next(r for r in outcome.quantize.results if r.target.lm_head)
+    assert head.weight.grid.bits == 8
+
+
 @pytest.mark.parametrize("padded", [False, True])
 def test_report_errors_match_the_statistics(tiny_models, tmp_path, padded):
     """The error measured by ORT on each layer's outputs, and the RTN error computed from the

@@ -140,10 +140,8 @@ def find_targets(model: ir.Model, *, include_lm_head: bool = False, include: Seq
         target, reason = _as_target(node, name, node in logits)
         if reason is None and target.lm_head and not include_lm_head:
             reason = "lm_head (not quantized by default)"
-        if reason is None and include and not matches(include, name, node.name):
-            reason = "not included by pattern"
-        if reason is None and matches(exclude, name, node.name):
-            reason = "excluded by pattern"
+        if reason is None:
+            reason = _pattern_reason(node, include, exclude)
         if reason is None:
             targets.append(target)
         else:
@@ -156,6 +154,16 @@ def find_targets(model: ir.Model, *, include_lm_head: bool = False, include: Seq
             for k, v in groups.items()], skipped
 
 
+def _pattern_reason(node: ir.Node, include: Sequence[str], exclude: Sequence[str]) -> str | None:
+    """Why ``include`` / ``exclude`` leave ``node`` out, or ``None`` when they keep it."""
+    name = readable_name(node)
+    if include and not matches(include, name, node.name):
+        return "not included by pattern"
+    if matches(exclude, name, node.name):
+        return "excluded by pattern"
+    return None
+
+
 #: ``Value.meta`` key set on an activation quantizer's output: the name of the value quantized.
 ACT_QUANT_SOURCE = "qronos.act_quant_source"
 
@@ -164,10 +172,14 @@ def _act_quant_source(value: ir.Value | None) -> str | None:
     return None if value is None else value.meta.get(ACT_QUANT_SOURCE)
 
 
-def untie_lm_head(model: ir.Model) -> bool:
+def untie_lm_head(model: ir.Model, include: Sequence[str] = (), exclude: Sequence[str] = ()) -> bool:
     """Give a tied lm_head (MatMul on a Transpose of the embedding) its own weight initializer,
-    so that it can be quantized without touching the embedding. Returns whether it was tied."""
+    so that it can be quantized without touching the embedding; nothing is done when the
+    ``include`` / ``exclude`` patterns leave it out (the copy would only add a float weight).
+    Returns whether it was untied."""
     for node in _logits_producers(model):
+        if _pattern_reason(node, include, exclude):
+            continue
         weight = node.inputs[1]
         producer = None if weight is None else weight.producer()
         if producer is None or producer.op_type != "Transpose" or producer.inputs[0].const_value is None:

@@ -103,17 +103,21 @@ def _warn_if_too_few_tokens(groups: Sequence[TargetGroup], samples: Sequence[dic
 def _warn_unmatched_patterns(recipe: Recipe, targets: Sequence[Target],
                              skipped: Sequence[Skipped]) -> None:
     """Warn about include / exclude patterns that match no layer, and override patterns that
-    match no quantized layer: a typo there silently changes nothing."""
+    match no quantized layer whose grid they can set (the lm_head's is fixed by the lm_head
+    policy): a typo there silently changes nothing."""
     layers = [(t.name, t.node) for t in targets] + [(s.name, s.node) for s in skipped]
-    quantized = [(t.name, t.node) for t in targets]
+    quantized = [(t.name, t.node) for t in targets if not t.lm_head]
+    heads = [(t.name, t.node) for t in targets if t.lm_head]
     checks = ([("include", p, layers) for p in recipe.include]
               + [("exclude", p, layers) for p in recipe.exclude]
               + [("override", p, quantized) for p, _ in recipe.overrides])
     for option, pattern, names in checks:
         if not any(matches([pattern], *n) for n in names):
             example = f" (names look like {names[0][0]!r})" if names else ""
+            head = ("; the lm_head's grid is set by the lm_head policy (int8 per channel)"
+                    if option == "override" and any(matches([pattern], *n) for n in heads) else "")
             warnings.warn(f"{option} pattern {pattern!r} matches no "
-                          f"{'quantized ' if option == 'override' else ''}layer{example}; "
+                          f"{'quantized ' if option == 'override' else ''}layer{example}{head}; "
                           "`qronos-onnx inspect MODEL` lists them", RecipeWarning, stacklevel=3)
 
 
@@ -187,7 +191,7 @@ class QuantizePass(ir.passes.InPlacePass):
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         detect_signature(model)
         if self.recipe.lm_head == "int8":
-            untie_lm_head(model)
+            untie_lm_head(model, self.recipe.include, self.recipe.exclude)
         groups, self.skipped = self._find(model)
         with _recording(self.warnings):
             _warn_unmatched_patterns(self.recipe, [t for g in groups for t in g.targets],
