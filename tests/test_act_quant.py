@@ -49,6 +49,24 @@ def test_per_token_quantizer_equals_numpy(bits):
     np.testing.assert_allclose(y, expected @ w, rtol=1e-5, atol=1e-5)
 
 
+def test_per_token_quantizer_builds_on_bfloat16():
+    """The scale floor is bfloat16's smallest normal number (numpy's finfo does not know the
+    type; ml_dtypes' does)."""
+    import ml_dtypes
+
+    graph = helper.make_graph(
+        [helper.make_node("MatMul", ["X", "w"], ["Y"], name="mm")],
+        "g", [helper.make_tensor_value_info("X", TensorProto.BFLOAT16, [2, 5, 16])],
+        [helper.make_tensor_value_info("Y", TensorProto.BFLOAT16, None)],
+        [helper.make_tensor("w", TensorProto.BFLOAT16, [16, 8], np.zeros(128, np.uint16).tobytes(),
+                            raw=True)])
+    model = ir.serde.deserialize_model(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 20)]))
+    insert_act_quant(model, find_targets(model)[0][0], ActQuant(4), ir.DataType.BFLOAT16)
+    tiny = next(v for name, v in model.graph.initializers.items() if name.endswith("tiny"))
+    assert tiny.const_value.dtype == ir.DataType.BFLOAT16
+    assert tiny.const_value.numpy() == ml_dtypes.finfo(ml_dtypes.bfloat16).tiny
+
+
 @pytest.mark.parametrize("opset", [17, 20])
 def test_static_int8_quantizer_on_float16_equals_numpy(opset):
     """uint8 QDQ on float16 activations, also below opset 19 (no float16 QuantizeLinear)."""

@@ -8,7 +8,7 @@ import reference as ref
 from qronos_onnx.quant import Grid, SolverWarning, solve
 from qronos_onnx.quant.gptq import gptq_sweep
 from qronos_onnx.quant.grid import ColumnGrid, dequantize
-from qronos_onnx.quant.problem import inverse_factor
+from qronos_onnx.quant.problem import inverse_factor, largest_eigenvalue
 
 GRIDS = [
     Grid(bits=3, group_size=None),                 # per channel, asymmetric
@@ -85,6 +85,15 @@ def test_qronos_damping_is_alpha_times_largest_eigenvalue():
     W, _, _, H, G = problem(6)
     q = solve("qronos", t64(W), t64(H), t64(G), grid=GRIDS[0], damping=1e-3)
     assert q.info.damping == pytest.approx(1e-3 * np.linalg.eigvalsh(H)[-1], rel=1e-3)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_largest_eigenvalue_leaves_its_input_unchanged(dtype):
+    _, _, _, H, _ = problem(6)
+    H = torch.as_tensor(H, dtype=dtype)
+    before = H.clone()
+    assert largest_eigenvalue(H) == pytest.approx(float(np.linalg.eigvalsh(H.double())[-1]), rel=1e-3)
+    torch.testing.assert_close(H, before, rtol=0, atol=0)
 
 
 def test_gptq_error_identity():

@@ -19,6 +19,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
+import ml_dtypes
 import numpy as np
 import onnx_ir as ir
 
@@ -26,8 +27,6 @@ from .targets import ACT_QUANT_SOURCE, TargetGroup
 
 #: ``Value.meta`` key on a static activation scale initializer: its ``StaticScale``.
 ACT_SCALE = "qronos.act_scale"
-#: ``Node.meta`` key marking activation-quantizer nodes.
-ACT_NODE = "qronos.act_quant_node"
 
 
 @dataclass(frozen=True)
@@ -105,7 +104,6 @@ def insert_act_quant(model: ir.Model, group: TargetGroup, spec: ActQuant,
 
     def add(op: str, inputs, **attrs) -> ir.Value:
         node = ir.node(op, inputs, attrs or None, name=f"{prefix}/{op}_{len(nodes)}")
-        node.meta[ACT_NODE] = True
         nodes.append(node)
         return node.outputs[0]
 
@@ -133,7 +131,7 @@ def insert_act_quant(model: ir.Model, group: TargetGroup, spec: ActQuant,
             else:
                 peak = add("ReduceMax", [magnitude], axes=[-1], keepdims=1)
             raw = add("Div", [peak, const("qmax", np.array(spec.qmax, np_type))])
-            tiny = np.finfo(np_type).tiny
+            tiny = ml_dtypes.finfo(np_type).tiny      # numpy's finfo knows no bfloat16
             scale = add("Max", [raw, const("tiny", np.array(tiny, np_type))])
         rounded = add("Round", [add("Div", [source, scale])])
         clipped = add("Clip", [rounded, const("qmin", np.array(spec.qmin, np_type)),

@@ -96,8 +96,7 @@ def largest_eigenvalue(H: Tensor, iterations: int = 30, seed: int = 0) -> float:
     scale = float(H.abs().max())
     if scale == 0:
         return 0.0
-    A = H.to(torch.float32)                    # a damping scale needs no more precision
-    A /= scale
+    A = H.to(torch.float32) / scale            # a damping scale needs no more precision
     v = torch.rand(H.shape[0], generator=torch.Generator().manual_seed(seed)).to(H.device)
     for _ in range(iterations):
         v = A @ v
