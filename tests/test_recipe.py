@@ -109,11 +109,13 @@ def test_an_override_of_the_lm_head_under_the_int8_policy_warns(tiny_models, tmp
     assert head.weight.grid.bits == 8
 
 
-@pytest.mark.parametrize("padded", [False, True])
-def test_report_errors_match_the_statistics(tiny_models, tmp_path, padded):
+@pytest.mark.parametrize("padded,reference", [(False, "network"), (True, "network"),
+                                               (False, "stage")])
+def test_report_errors_match_the_statistics(tiny_models, tmp_path, padded, reference):
     """The error measured by ORT on each layer's outputs, and the RTN error computed from the
     statistics, equal float64 evaluations of ``||W X - Q X~||^2 / ||W X||^2`` from ``H``, ``G``;
-    with padding, both count only the real tokens, as the statistics do."""
+    with padding, both count only the real tokens, as the statistics do. In stage mode the
+    measuring run's float layer reads ``X~``: both errors are ``||(W - Q) X~||^2 / ||W X~||^2``."""
     seen = {}
 
     def observe(group, H, G, results):
@@ -126,7 +128,8 @@ def test_report_errors_match_the_statistics(tiny_models, tmp_path, padded):
     if padded:                              # batch 2, right padding on the second window
         samples = padded_samples(signature)
     outcome = quantize_file(path, tmp_path / "q.onnx", Recipe(grid=Grid(bits=3, group_size=16)),
-                            samples, QUIET, observer=observe)
+                            samples, CalibrationOptions(progress=False, reference=reference),
+                            observer=observe)
     from qronos_onnx.passes.quantize import weight_matrix
 
     model = load_model(path)
@@ -134,6 +137,9 @@ def test_report_errors_match_the_statistics(tiny_models, tmp_path, padded):
         H, G = seen[r.target.node]
         W = weight_matrix(model.graph.initializers[r.target.weight].const_value, r.target).double()
         Q = r.weight.dequantize().double()
+        if reference == "stage":
+            assert r.output_ref == pytest.approx(float(((W @ H) * W).sum()), rel=1e-4)
+            G = H
         predicted = r.output_ref - 2 * float(((W @ G) * Q).sum()) + float(((Q @ H) * Q).sum())
         assert r.error == pytest.approx(predicted / r.output_ref, rel=2e-3, abs=1e-6)
         scales, zeros = r.weight.scales.double(), r.weight.zero_points

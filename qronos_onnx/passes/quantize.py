@@ -54,12 +54,15 @@ class TargetResult:
     ``error`` for the solved codes, measured by ONNX Runtime on the layer's own outputs in both
     streams, and ``error_rtn`` for round-to-nearest codes on the same grid ("before solving"),
     from the statistics: ``(||W X||^2/n - 2 tr(W G Q^T) + tr(Q H Q^T)) / (||W X||^2/n)``.
+    With ``reference="stage"`` the float layer of the measuring run reads the quantized
+    stream's input (that is what the float stage is applied to), so both errors are the
+    matched ``||(W - Q) X~||^2 / ||W X~||^2``, the cross term taken from ``H``.
     """
 
     target: Target
     weight: QuantizedWeight
     seconds: float
-    cross_rtn: float = 0.0          # tr(W G Q_rtn^T)
+    cross_rtn: float = 0.0          # tr(W G Q_rtn^T) (tr(W H Q_rtn^T) in stage mode)
     quad_rtn: float = 0.0           # tr(Q_rtn H Q_rtn^T)
     output_ref: float | None = None     # ||W X||^2 / n, measured
     output_err: float | None = None     # ||W X - Q X~||^2 / n, measured
@@ -271,10 +274,12 @@ class QuantizePass(ir.passes.InPlacePass):
                           damping=opts.damping, solver_block=opts.solver_block,
                           variant=opts.variant, name=targets[0].name)
             # The RTN error of the report, per row: tr(W G Q^T) and tr(Q H Q^T). Products in
-            # float32 (half the time of float64; ~1e-6 relative), row sums in float64.
+            # float32 (half the time of float64; ~1e-6 relative), row sums in float64. In stage
+            # mode the measured reference is W X~ (see TargetResult), so the cross term is H's.
             rtn = QuantizedWeight(rtn_codes(W, grid, q.scales, q.zero_points), q.scales,
                                   q.zero_points, grid, q.info).dequantize()
-            cross_rtn = _row_dots(W.float() @ G.float(), rtn)
+            cross = H if self.calibration.reference == "stage" else G
+            cross_rtn = _row_dots(W.float() @ cross.float(), rtn)
             quad_rtn = _row_dots(rtn @ H.float(), rtn)
         seconds = time.perf_counter() - t0
         q = QuantizedWeight(q.codes.cpu(), q.scales.cpu(),
