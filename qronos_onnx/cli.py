@@ -241,7 +241,8 @@ def main(argv: list[str] | None = None) -> int:
         try:
             return args.func(args)
         except QronosError as err:
-            print(f"qronos-onnx: error: {err}", file=sys.stderr)
+            # one line, whatever a library's message that ours quotes looks like
+            print(f"qronos-onnx: error: {' '.join(str(err).split())}", file=sys.stderr)
             return 2
         except KeyboardInterrupt:
             print("qronos-onnx: interrupted", file=sys.stderr)

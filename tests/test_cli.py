@@ -61,6 +61,7 @@ def test_optimize_eval_inspect(tiny_models, tmp_path, corpus):
     (["optimize", "missing.onnx", "-o", "x.onnx"], "model file not found"),
     (["optimize", "{model}", "-o", "{model}"], "reads it; choose another output"),
     (["optimize", "{model}", "-o", "x.onnx", "--tokenizer", "nope.json"], "tokenizer not found"),
+    (["optimize", "{model}", "-o", "x.onnx", "--tokenizer", "{empty}"], "no tokenizer could be loaded"),
     (["optimize", "{model}", "-o", "x.onnx", "--group-size", "24"], "power-of-two"),
     (["optimize", "{model}", "-o", "x.onnx", "--calib-data", "nope.txt"], "data file not found"),
     (["optimize", "{model}", "-o", "x.onnx", "--override", "*q_proj=bits:nine"], "cannot read"),
@@ -82,7 +83,9 @@ def test_user_errors_are_one_line_and_exit_2(tiny_models, tmp_path, corpus, args
     monkeypatch.chdir(tmp_path)
     binary = tmp_path / "binary.txt"
     binary.write_bytes(bytes(range(256)) * 8)
-    args = [a.format(model=tiny_models("nokv"), corpus=corpus, binary=binary) for a in args]
+    (tmp_path / "empty").mkdir()                  # a tokenizer directory with nothing in it
+    args = [a.format(model=tiny_models("nokv"), corpus=corpus, binary=binary,
+                     empty=tmp_path / "empty") for a in args]
     assert main(args) == 2
     err = capsys.readouterr().err
     assert message in err and "Traceback" not in err and len(err.strip().splitlines()) == 1
