@@ -128,8 +128,15 @@ def _olive_config(args: argparse.Namespace) -> int:
     return 0
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse, with usage errors on one line (the full usage is one --help away)."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
 def parser() -> argparse.ArgumentParser:
-    root = argparse.ArgumentParser(prog="qronos-onnx", epilog=EPILOG,
+    root = _Parser(prog="qronos-onnx", epilog=EPILOG,
                                    description="Post-training quantization of ONNX LLMs with Qronos.")
     sub = root.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
@@ -197,10 +204,14 @@ def parser() -> argparse.ArgumentParser:
     e.add_argument("model")
     e.add_argument("--reference", help="float model: also report KL divergence and top-1 agreement")
     e.add_argument("--data", default="wiki-vital", help="text file or 'wiki-vital' (test side)")
-    e.add_argument("--windows", type=int, default=DEFAULT_EVAL_WINDOWS)
-    e.add_argument("--seqlen", type=int, default=DEFAULT_SEQLEN)
-    e.add_argument("--tokenizer")
-    e.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+    e.add_argument("--windows", type=int, default=DEFAULT_EVAL_WINDOWS,
+                   help=f"windows scored, from the start of the text (default {DEFAULT_EVAL_WINDOWS})")
+    e.add_argument("--seqlen", type=int, default=DEFAULT_SEQLEN,
+                   help=f"tokens per window (default {DEFAULT_SEQLEN})")
+    e.add_argument("--tokenizer", help="tokenizer.json or a tokenizer directory (default: beside "
+                                       "the model)")
+    e.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto",
+                   help="ONNX Runtime provider (auto: CUDA when present)")
     e.add_argument("--json", action="store_true", help="print one JSON object")
     e.add_argument("-q", "--quiet", action="store_true",
                    help="no progress bar (shown only when stderr is a terminal)")

@@ -303,3 +303,11 @@ def test_a_graph_onnx_runtime_cannot_load_is_one_line(tiny_models, tmp_path, cor
         assert f"ONNX Runtime cannot load {what}" in err and "NoSuchOp" in err
         assert len([line for line in err.splitlines() if "Warning:" not in line]) == 1
     assert sorted(p.name for p in tmp_path.iterdir()) == ["bad.onnx", "tokenizer.json"]
+
+
+@pytest.mark.parametrize("args", [["optimize", "m.onnx", "--w4", "--w3", "-o", "q.onnx"],
+                                  ["eval"], ["optimize", "m.onnx", "-o", "q.onnx", "--bits", "x"]])
+def test_usage_errors_are_one_line(args):
+    r = cli(*args)
+    assert r.returncode == 2
+    assert len(r.stderr.strip().splitlines()) == 1 and "--help)" in r.stderr
