@@ -137,7 +137,7 @@ class _Parser(argparse.ArgumentParser):
 
 def parser() -> argparse.ArgumentParser:
     root = _Parser(prog="qronos-onnx", epilog=EPILOG,
-                                   description="Post-training quantization of ONNX LLMs with Qronos.")
+                   description="Post-training quantization of ONNX LLMs with Qronos.")
     sub = root.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     o = sub.add_parser("optimize", help="quantize a model", epilog=EPILOG,
@@ -205,7 +205,8 @@ def parser() -> argparse.ArgumentParser:
     e.add_argument("--reference", help="float model: also report KL divergence and top-1 agreement")
     e.add_argument("--data", default="wiki-vital", help="text file or 'wiki-vital' (test side)")
     e.add_argument("--windows", type=int, default=DEFAULT_EVAL_WINDOWS,
-                   help=f"windows scored, from the start of the text (default {DEFAULT_EVAL_WINDOWS})")
+                   help=f"windows scored, from the start of the text "
+                        f"(default {DEFAULT_EVAL_WINDOWS})")
     e.add_argument("--seqlen", type=int, default=DEFAULT_SEQLEN,
                    help=f"tokens per window (default {DEFAULT_SEQLEN})")
     e.add_argument("--tokenizer", help="tokenizer.json or a tokenizer directory (default: beside "

@@ -34,7 +34,8 @@ def providers(device: str = "auto") -> list[str]:
 
 
 def make_session(model: onnx.ModelProto | str, device: str = "auto", optimize: bool = True,
-                 profile_prefix: str | None = None, what: str = "the model") -> ort.InferenceSession:
+                 profile_prefix: str | None = None,
+                 what: str = "the model") -> ort.InferenceSession:
     """A session for an in-memory model (or a model path).
 
     ``optimize=False`` keeps every node as it is (no fusions), so that node-level profiling

@@ -79,8 +79,10 @@ def evaluate_windows(model_path: str | Path, windows: np.ndarray,
     nll = kl = agree = 0.0
     count = 0
     for ids in tqdm(windows, desc="evaluating", unit="window", disable=not progress):
-        logps = [log_softmax(run_session(session, [sig.logits], sig.feed(ids[None]), label)[0][0, :-1])
-                 for session, sig, label in zip(sessions, signatures, labels)]
+        logps = []
+        for session, sig, label in zip(sessions, signatures, labels):
+            logits = run_session(session, [sig.logits], sig.feed(ids[None]), label)[0]
+            logps.append(log_softmax(logits[0, :-1]))     # position t predicts token t + 1
         logp = logps[0]
         targets = ids[1:]
         nll -= logp[np.arange(len(targets)), targets].sum()

@@ -46,7 +46,7 @@ def load_model(path: str | os.PathLike) -> ir.Model:
     _check_external_data(proto, path.parent)
     model = ir.serde.deserialize_model(proto)
     ir.external_data.set_base_dir(model.graph, path.parent)
-    NameFixPass()(model)      # ONNX allows unnamed and repeated node names; targets need unique ones
+    NameFixPass()(model)    # ONNX allows empty and repeated node names; targets need unique ones
     return model
 
 
@@ -158,8 +158,9 @@ def staged_output(output: str | os.PathLike, names: Sequence[str]) -> Iterator[P
     The block writes (some of) ``names`` into the yielded directory. When it completes, every
     name already beside ``output`` is moved aside, then every name the block wrote is moved into
     place, in the order given (name the model last, so that it never appears before its data);
-    a name the block did not write is thereby removed (a stale data file of an older output). If the block or any move fails, interrupts included, what was placed is removed
-    and what was moved aside is put back: the directory is left as it was.
+    a name the block did not write is thereby removed (a stale data file of an older output).
+    If the block or any move fails, interrupts included, what was placed is removed and what
+    was moved aside is put back: the directory is left as it was.
 
     Raises:
         QronosError: an ``OSError`` while writing or placing the files.

@@ -172,7 +172,8 @@ def _act_quant_source(value: ir.Value | None) -> str | None:
     return None if value is None else value.meta.get(ACT_QUANT_SOURCE)
 
 
-def untie_lm_head(model: ir.Model, include: Sequence[str] = (), exclude: Sequence[str] = ()) -> bool:
+def untie_lm_head(model: ir.Model, include: Sequence[str] = (),
+                  exclude: Sequence[str] = ()) -> bool:
     """Give a tied lm_head (MatMul on a Transpose of the embedding) its own weight initializer,
     so that it can be quantized without touching the embedding; nothing is done when the
     ``include`` / ``exclude`` patterns leave it out (the copy would only add a float weight).
