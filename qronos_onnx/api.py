@@ -201,12 +201,15 @@ def calibration_samples(model, data, windows: int, seqlen: int, tokenizer) -> li
         signature.check_seqlen(seqlen)
         chosen = token_windows(data, tokenizer or default_tokenizer(model), seqlen, windows,
                                "train", random=True)
-        signature.check_token_ids(chosen, "the tokenizer")
+        signature.check_token_ids(chosen)
         return [signature.feed(w[None]) for w in chosen]
     try:
-        return [signature.complete(feed) for feed in feeds_from(data)]
+        samples = [signature.complete(feed) for feed in feeds_from(data)]
     except KeyError as err:
         raise QronosError(f"a calibration feed has no {err} input") from err
+    for sample in samples:
+        signature.check_token_ids(sample[signature.input_ids], "a calibration feed")
+    return samples
 
 
 def evaluate(model: str | os.PathLike, *, reference: str | os.PathLike | None = None,
@@ -228,5 +231,5 @@ def evaluate(model: str | os.PathLike, *, reference: str | os.PathLike | None = 
     chosen = token_windows(data, tokenizer or default_tokenizer(model), seqlen, windows,
                            "test", random=False)
     for signature in signatures:
-        signature.check_token_ids(chosen, "the tokenizer")
+        signature.check_token_ids(chosen)
     return evaluate_windows(model, chosen, reference, device, progress, signatures)

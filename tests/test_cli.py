@@ -133,6 +133,9 @@ def test_a_tokenizer_with_ids_beyond_the_vocabulary_is_refused(tiny_models, tmp_
                   "--calib-windows", "1", "--seqlen", "32"]):
         assert main([str(a) for a in args]) == 2
         assert "vocabulary has 100 entries" in capsys.readouterr().err
+    with pytest.raises(qronos_onnx.QronosError, match="a calibration feed produces token id 150"):
+        qronos_onnx.optimize(tmp_path / "small.onnx", tmp_path / "q.onnx", progress=False,
+                             calib_data=[{"input_ids": np.full((1, 8), 150, np.int64)}])
     assert not (tmp_path / "q.onnx").exists()
 
 

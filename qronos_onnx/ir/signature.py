@@ -40,13 +40,15 @@ class LLMSignature:
     vocab: int | None = None      # token ids the graph accepts and scores (None: not static)
     positions: int | None = None  # rows of a position table gathered by position_ids (None: none)
 
-    def check_token_ids(self, windows: np.ndarray, source: str) -> None:
-        """Refuse token ids the model has no embedding row or logit for (a wrong tokenizer)."""
+    def check_token_ids(self, windows: np.ndarray, source: str = "the tokenizer") -> None:
+        """Refuse token ids the model has no embedding row or logit for (a wrong tokenizer, or
+        feeds made for another model); ``source`` names where the ids came from."""
         top = int(np.max(windows)) if np.size(windows) else -1
         if self.vocab is not None and top >= self.vocab:
+            hint = (": is it the model's own tokenizer? (pass --tokenizer)"
+                    if source == "the tokenizer" else "")
             raise QronosError(f"{source} produces token id {top}, but the model's vocabulary has "
-                              f"{self.vocab} entries: is it the model's own tokenizer? "
-                              "(pass --tokenizer)")
+                              f"{self.vocab} entries{hint}")
 
     def check_seqlen(self, seqlen: int) -> None:
         """Refuse windows longer than the model's position table (ONNX Runtime would fail in a
