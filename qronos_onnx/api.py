@@ -163,8 +163,10 @@ def optimize(model: str | os.PathLike, output: str | os.PathLike, *, preset: str
     calibration = CalibrationOptions(reference=reference, device=device, progress=progress)
     needs_data = recipe.solver.algorithm != "rtn" or recipe.act_quant is not None
     if not needs_data and calib_data != WIKI_VITAL:
+        given = (repr(str(calib_data)) if isinstance(calib_data, (str, os.PathLike))
+                 else f"(a {type(calib_data).__name__})")
         warnings.warn("round-to-nearest without activation quantization reads no calibration "
-                      f"data; calib_data {calib_data!r} is not used", RecipeWarning, stacklevel=2)
+                      f"data; calib_data {given} is not used", RecipeWarning, stacklevel=2)
     if accuracy_level is not None and fmt != "matmulnbits":
         warnings.warn(f"accuracy_level is a MatMulNBits attribute; the {fmt} format does not "
                       "use it", RecipeWarning, stacklevel=2)
@@ -188,8 +190,8 @@ def _copy_tokenizer(tokenizer: str | os.PathLike, out_dir: Path) -> None:
     if not target.exists():
         shutil.copyfile(source, target)
     elif not filecmp.cmp(source, target, shallow=False):
-        warnings.warn(f"{target} differs from the tokenizer used for calibration ({source}) and "
-                      "was kept; replace it if it is not the model's", UserWarning, stacklevel=3)
+        warnings.warn(f"{target} differs from {source} and was kept; replace it if it is not "
+                      "the model's tokenizer", UserWarning, stacklevel=3)
 
 
 def calibration_samples(model, data, windows: int, seqlen: int, tokenizer) -> list[dict]:

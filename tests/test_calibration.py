@@ -258,31 +258,65 @@ def test_bad_output_places_are_refused_before_any_work(tiny_models, tmp_path, ou
     assert sorted(p.name for p in tmp_path.rglob("*")) == before
 
 
-@pytest.mark.parametrize("failing", ["q.onnx", "q.onnx.data", "q.report.json"])
-@pytest.mark.parametrize("error", [OSError(errno.ENOSPC, "No space left on device"),
-                                   KeyboardInterrupt()])
-def test_a_failed_write_leaves_the_previous_output_as_it_was(tiny_models, tmp_path, monkeypatch,
-                                                             failing, error):
-    """Model, data and report are placed together: when placing any of them fails (or is
-    interrupted), what was placed is removed and the previous files come back, byte for byte."""
-    rtn = Recipe(grid=Grid(bits=4, group_size=16), solver=SolverOptions("rtn"))
-    quantize_file(tiny_models("nokv"), tmp_path / "q.onnx", rtn, [])
-    before = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
-    assert set(before) == {"q.onnx", "q.onnx.data", "q.report.json"}
+RTN4 = Recipe(grid=Grid(bits=4, group_size=16), solver=SolverOptions("rtn"))
+RTN2 = Recipe(grid=Grid(bits=2, group_size=16), solver=SolverOptions("rtn"))
+
+
+def failing_replace(monkeypatch, fails):
+    """Make ``os.replace`` raise ``fails[(step, file name)]`` for the moves of ``_place``:
+    step ``aside`` (an existing file into ``old/``), ``place`` (a new file from ``new/``) or
+    ``restore`` (back from ``old/``)."""
     real_replace = os.replace
 
-    def replace(src, dst):                   # placing the new file fails; restoring works
-        if Path(dst) == tmp_path / failing and ".previous" not in Path(src).parts:
+    def replace(src, dst):
+        src, dst = Path(src), Path(dst)
+        step = {"old": "restore", "new": "place"}.get(src.parent.name, "aside")
+        error = fails.get((step, (dst if step != "aside" else src).name))
+        if error is not None:
             raise error
         real_replace(src, dst)
 
     monkeypatch.setattr(os, "replace", replace)
-    other = Recipe(grid=Grid(bits=2, group_size=16), solver=SolverOptions("rtn"))
+
+
+@pytest.mark.parametrize("step", ["aside", "place"])
+@pytest.mark.parametrize("failing", ["q.onnx", "q.onnx.data", "q.report.json"])
+@pytest.mark.parametrize("error", [OSError(errno.ENOSPC, "No space left on device"),
+                                   KeyboardInterrupt()])
+def test_a_failed_write_leaves_the_previous_output_as_it_was(tiny_models, tmp_path, monkeypatch,
+                                                             step, failing, error):
+    """Model, data and report are placed together: when moving any of them fails (or is
+    interrupted), what was placed is removed and the previous files come back, byte for byte."""
+    quantize_file(tiny_models("nokv"), tmp_path / "q.onnx", RTN4, [])
+    before = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
+    assert set(before) == {"q.onnx", "q.onnx.data", "q.report.json"}
+    failing_replace(monkeypatch, {(step, failing): error})
     expected = QronosError if isinstance(error, OSError) else KeyboardInterrupt
     with pytest.raises(expected, match="could not write .*No space left" if expected is QronosError
                        else None):
-        quantize_file(tiny_models("nokv"), tmp_path / "q.onnx", other, [], force=True)
+        quantize_file(tiny_models("nokv"), tmp_path / "q.onnx", RTN2, [], force=True)
     assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before
+
+
+def test_previous_files_that_cannot_be_put_back_are_kept_and_named(tiny_models, tmp_path,
+                                                                   monkeypatch):
+    quantize_file(tiny_models("nokv"), tmp_path / "q.onnx", RTN4, [])
+    old_data = (tmp_path / "q.onnx.data").read_bytes()
+    failing_replace(monkeypatch, {("place", "q.onnx"): OSError(errno.EIO, "I/O error"),
+                                  ("restore", "q.onnx.data"): OSError(errno.EIO, "I/O error")})
+    with pytest.raises(QronosError, match="could not put back q.onnx.data .* previous files are "
+                                          "in (.*)") as caught:
+        quantize_file(tiny_models("nokv"), tmp_path / "q.onnx", RTN2, [], force=True)
+    kept = Path(str(caught.value).rsplit(" in ", 1)[1])
+    assert (kept / "q.onnx.data").read_bytes() == old_data
+    assert {"q.onnx", "q.report.json"} <= {p.name for p in tmp_path.iterdir()}
+
+
+def test_a_failed_write_removes_the_directories_it_made(tiny_models, tmp_path, monkeypatch):
+    failing_replace(monkeypatch, {("place", "q.onnx"): OSError(errno.ENOSPC, "No space left")})
+    with pytest.raises(QronosError, match="could not write"):
+        quantize_file(tiny_models("nokv"), tmp_path / "a" / "b" / "q.onnx", RTN4, [])
+    assert list(tmp_path.iterdir()) == []
 
 
 @pytest.mark.parametrize("naming", ["unnamed", "one name for all"])
@@ -294,6 +328,11 @@ def test_nodes_without_unique_names_are_quantized_like_named_ones(tiny_models, t
     for node in proto.graph.node:
         node.name = "" if naming == "unnamed" else "node"
     onnx.save(proto, tmp_path / "model.onnx")
+    loaded = load_model(tmp_path / "model.onnx")
+    names = [n.name for n in loaded.graph]
+    assert all(names) and len(set(names)) == len(names)
+    values = sorted(v.name or "" for n in loaded.graph for v in n.outputs)   # left as they were
+    assert values == sorted(o for n in proto.graph.node for o in n.output)
     samples = random_samples(detect_signature(load_model(source)))
     outputs = {}
     for label, path in (("named", source), ("renamed", tmp_path / "model.onnx")):
@@ -305,3 +344,22 @@ def test_nodes_without_unique_names_are_quantized_like_named_ones(tiny_models, t
         session = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"])
         outputs[label] = session.run(["logits"], samples[0])[0]
     np.testing.assert_array_equal(outputs["named"], outputs["renamed"])
+
+
+def test_naming_nodes_leaves_optional_outputs_uncomputed(tmp_path):
+    """An empty output name marks an optional output nobody computes (Dropout's mask here): only
+    nodes get names on load, so it stays empty in the saved model."""
+    from onnx import TensorProto, helper
+
+    w = numpy_helper.from_array(np.ones((4, 4), np.float32), "w")
+    graph = helper.make_graph(
+        [helper.make_node("Dropout", ["x"], ["d", ""]), helper.make_node("MatMul", ["d", "w"], ["y"])],
+        "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 4])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 4])], [w])
+    onnx.save(helper.make_model(graph), tmp_path / "m.onnx")
+    from qronos_onnx.ir.model_io import write_model
+
+    write_model(load_model(tmp_path / "m.onnx"), tmp_path / "out.onnx")
+    nodes = onnx.load(str(tmp_path / "out.onnx")).graph.node
+    assert [[o for o in n.output if o] for n in nodes] == [["d"], ["y"]]   # no mask computed
+    assert [n.name for n in nodes] == ["Dropout_0", "MatMul_0"]

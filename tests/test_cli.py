@@ -255,14 +255,27 @@ def test_options_without_effect_and_a_different_tokenizer_beside_the_output_are_
         "calibration data; calib_data 'missing.txt' is not used",
         "qronos-onnx: RecipeWarning: accuracy_level is a MatMulNBits attribute; the qdq format "
         "does not use it",
-        f"qronos-onnx: UserWarning: {tmp_path / 'tokenizer.json'} differs from the tokenizer used "
-        f"for calibration ({model.parent / 'tokenizer.json'}) and was kept; replace it if it is "
-        "not the model's"]
+        f"qronos-onnx: UserWarning: {tmp_path / 'tokenizer.json'} differs from "
+        f"{model.parent / 'tokenizer.json'} and was kept; replace it if it is not the model's "
+        "tokenizer"]
     assert (tmp_path / "tokenizer.json").read_text() == "{}"
     shutil.copy(model.parent / "tokenizer.json", tmp_path / "tokenizer.json")
     assert main(["optimize", str(model), "-o", str(tmp_path / "q.onnx"), "--algo", "rtn",
                  "--force"]) == 0
     assert capsys.readouterr().err == ""                 # the same tokenizer: nothing to say
+    feeds = [{"input_ids": np.zeros((1, 2048), np.int64)}] * 64
+    with pytest.warns(qronos_onnx.RecipeWarning, match=r"calib_data \(a list\) is not used$"):
+        qronos_onnx.optimize(model, tmp_path / "q.onnx", algo="rtn", calib_data=feeds,
+                             force=True, progress=False)
+
+
+def test_our_olive_registry_entry_prints_without_olive():
+    """`olive-config --ours-only` is plain data: it needs no Olive (made unimportable here)."""
+    code = ("import sys; sys.modules['olive'] = None; from qronos_onnx.cli import main; "
+            "sys.exit(main(['olive-config', '--ours-only']))")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    assert "QronosQuantization" in json.loads(r.stdout)["passes"]
 
 
 def test_eval_feeds_each_model_through_its_own_signature(tiny_models, corpus):

@@ -73,6 +73,8 @@ def evaluate_windows(model_path: str | Path, windows: np.ndarray,
     t0 = time.perf_counter()
     paths = [model_path] if reference is None else [model_path, reference]
     signatures = list(signatures or [detect_signature(load_model(path)) for path in paths])
+    if len(signatures) != len(paths):
+        raise ValueError(f"{len(signatures)} signatures for {len(paths)} models")
     labels = ["the model", "the reference model"]
     sessions = [make_session(str(path), device, what=f"{label} ({path})")
                 for path, label in zip(paths, labels)]

@@ -18,7 +18,6 @@ from pathlib import Path
 import onnx
 import onnx_ir as ir
 from google.protobuf.message import DecodeError
-from onnx_ir.passes.common import NameFixPass
 
 from ..errors import QronosError
 
@@ -46,8 +45,28 @@ def load_model(path: str | os.PathLike) -> ir.Model:
     _check_external_data(proto, path.parent)
     model = ir.serde.deserialize_model(proto)
     ir.external_data.set_base_dir(model.graph, path.parent)
-    NameFixPass()(model)    # ONNX allows empty and repeated node names; targets need unique ones
+    _name_nodes(model)
     return model
+
+
+def _name_nodes(model: ir.Model) -> None:
+    """Give unnamed and repeated nodes unique names (``<op_type>_<k>``); ONNX allows both, and
+    targets and stages are keyed by node name. Value names are left alone: an empty output
+    name marks an optional output that is not computed."""
+    nodes = list(ir.traversal.RecursiveGraphIterator(model.graph))
+    used = {node.name for node in nodes if node.name}
+    seen: set[str] = set()
+    for node in nodes:
+        if node.name and node.name not in seen:
+            seen.add(node.name)
+            continue
+        base = node.name or node.op_type
+        k = 0
+        while f"{base}_{k}" in used:
+            k += 1
+        node.name = f"{base}_{k}"
+        used.add(node.name)
+        seen.add(node.name)
 
 
 def _check_external_data(proto: onnx.ModelProto, base: Path) -> None:
@@ -159,46 +178,68 @@ def staged_output(output: str | os.PathLike, names: Sequence[str]) -> Iterator[P
     name already beside ``output`` is moved aside, then every name the block wrote is moved into
     place, in the order given (name the model last, so that it never appears before its data);
     a name the block did not write is thereby removed (a stale data file of an older output).
-    If the block or any move fails, interrupts included, what was placed is removed and what
-    was moved aside is put back: the directory is left as it was.
+    If the block or any move fails, interrupts included, what was placed is removed, what was
+    moved aside is put back and directories created for the output are removed again: the
+    file system is left as it was. Files moved aside are never deleted unless the new ones are
+    all in place: if one cannot be put back, the error says where it is.
 
     Raises:
         QronosError: an ``OSError`` while writing or placing the files.
     """
     output = Path(output)
     parent = output.parent
-    tmp = None
+    created = [d for d in (parent, *parent.parents) if not d.exists()]     # deepest first
+    tmp, done = None, False
     try:
         parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{output.name}.", suffix=".tmp", dir=parent))
-        yield tmp
-        _place(tmp, parent, names)
+        (tmp / "new").mkdir()
+        (tmp / "old").mkdir()
+        yield tmp / "new"
+        _place(tmp / "new", tmp / "old", parent, names)
+        done = True
     except OSError as err:
         raise QronosError(f"could not write {output}: {err}") from err
     finally:
         if tmp is not None:
-            shutil.rmtree(tmp, ignore_errors=True)
+            shutil.rmtree(tmp / "new", ignore_errors=True)
+            if done or not any((tmp / "old").iterdir()):
+                shutil.rmtree(tmp, ignore_errors=True)
+        if not done:
+            for directory in created:
+                try:
+                    directory.rmdir()
+                except OSError:
+                    break                        # not empty (or never made): keep it and above
 
 
-def _place(staged: Path, parent: Path, names: Sequence[str]) -> None:
-    """Move ``names`` from ``staged`` into ``parent``, all or none (see ``staged_output``)."""
-    aside = staged / ".previous"
-    aside.mkdir()
+def _place(new: Path, old: Path, parent: Path, names: Sequence[str]) -> None:
+    """Move ``names`` from ``new`` into ``parent`` after moving those there into ``old``; on
+    any exception, undo (see ``staged_output``)."""
     moved_aside, placed = [], []
     try:
         for name in names:
             if os.path.lexists(parent / name):
-                os.replace(parent / name, aside / name)
-                moved_aside.append(name)
+                moved_aside.append(name)          # recorded first: an interrupt right after the
+                os.replace(parent / name, old / name)       # move still gets it put back
         for name in names:
-            if (staged / name).exists():
-                os.replace(staged / name, parent / name)
+            if (new / name).exists():
                 placed.append(name)
+                os.replace(new / name, parent / name)
     except BaseException:
         for name in placed:
-            (parent / name).unlink(missing_ok=True)
+            if not os.path.lexists(new / name):   # it did move
+                (parent / name).unlink(missing_ok=True)
+        lost = []
         for name in moved_aside:
-            os.replace(aside / name, parent / name)
+            if os.path.lexists(old / name):
+                try:
+                    os.replace(old / name, parent / name)
+                except OSError:
+                    lost.append(name)
+        if lost:
+            raise QronosError(f"could not put back {', '.join(lost)} after a failed write; the "
+                              f"previous files are in {old}")
         raise
 
 
