@@ -8,6 +8,7 @@
 from __future__ import annotations
 
 import filecmp
+import json
 import os
 import shutil
 import warnings
@@ -22,7 +23,7 @@ from .calibration.runner import CalibrationOptions
 from .config import Recipe, SolverOptions
 from .defaults import (DEFAULT_EVAL_WINDOWS, DEFAULT_PRESET, DEFAULT_REPORT, DEFAULT_SEQLEN,
                        DEFAULT_WINDOWS)
-from .errors import QronosError, RecipeWarning
+from .errors import CalibrationWarning, QronosError, RecipeWarning
 from .eval import EvalResult, evaluate_windows
 from .ir.act_quant import ActQuant
 from .ir.model_io import TOKENIZER_FILE, check_output_path, load_model
@@ -194,6 +195,23 @@ def _copy_tokenizer(tokenizer: str | os.PathLike, out_dir: Path) -> None:
                       "the model's tokenizer", UserWarning, stacklevel=3)
 
 
+def check_context(model: str | os.PathLike, seqlen: int) -> None:
+    """Warn when windows of ``seqlen`` tokens exceed the context the model was trained for,
+    ``max_position_embeddings`` in the ``config.json`` beside it (transformers and Optimum
+    exports write one). A model that computes its positions (rotary) runs at any length, but
+    beyond its context its activations, and so calibration and perplexity, are not the ones of
+    normal use."""
+    config = Path(model).parent / "config.json"
+    try:
+        limit = json.loads(config.read_text(encoding="utf-8")).get("max_position_embeddings")
+    except (OSError, ValueError, AttributeError):
+        return                                   # no readable config: nothing to compare with
+    if isinstance(limit, int) and seqlen > limit:
+        warnings.warn(f"--seqlen {seqlen} is longer than the {limit} positions the model was "
+                      f"trained for (max_position_embeddings in {config}); use --seqlen {limit} "
+                      "or less", CalibrationWarning, stacklevel=3)
+
+
 def calibration_samples(model, data, windows: int, seqlen: int, tokenizer) -> list[dict]:
     """Feed dicts for calibration from a text source or from ready feeds."""
     signature = detect_signature(load_model(model))
@@ -201,6 +219,7 @@ def calibration_samples(model, data, windows: int, seqlen: int, tokenizer) -> li
         if windows < 1 or seqlen < 2:
             raise QronosError("calibration needs at least one window of two tokens")
         signature.check_seqlen(seqlen)
+        check_context(model, seqlen)
         chosen = token_windows(data, tokenizer or default_tokenizer(model), seqlen, windows,
                                "train", random=True)
         signature.check_token_ids(chosen)
@@ -224,8 +243,9 @@ def evaluate(model: str | os.PathLike, *, reference: str | os.PathLike | None = 
         raise QronosError("evaluation needs at least one window of two tokens")
     signatures = [detect_signature(load_model(path)) for path in (model, reference)
                   if path is not None]                 # clear errors for either model
-    for signature in signatures:
+    for path, signature in zip((model, reference), signatures):
         signature.check_seqlen(seqlen)
+        check_context(path, seqlen)
     vocabs = {s.vocab for s in signatures}
     if None not in vocabs and len(vocabs) > 1:
         raise QronosError(f"the model has a vocabulary of {signatures[0].vocab} tokens and the "

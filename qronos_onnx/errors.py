@@ -9,7 +9,9 @@ class QronosError(Exception):
 
 
 class CalibrationWarning(UserWarning):
-    """The calibration data is too small for a well-posed solve (the message says how much more)."""
+    """The calibration (or evaluation) windows do not suit the model: too few tokens for a
+    well-posed solve, or longer than the context it was trained for (the message says what to
+    change)."""
 
 
 class RecipeWarning(UserWarning):

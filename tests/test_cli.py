@@ -327,3 +327,24 @@ def test_usage_errors_are_one_line(args):
     r = cli(*args)
     assert r.returncode == 2
     assert len(r.stderr.strip().splitlines()) == 1 and "--help)" in r.stderr
+
+
+def test_windows_longer_than_the_trained_context_warn(tiny_models, tmp_path, corpus, capsys):
+    """A config.json beside the model (as transformers and Optimum write) gives the context the
+    model was trained for: longer windows still run (rotary positions), with a warning."""
+    source = tiny_models("nokv")
+    for name in ("model.onnx", "model.onnx.data", "tokenizer.json"):
+        shutil.copy(source.parent / name, tmp_path / name)
+    (tmp_path / "config.json").write_text(json.dumps({"max_position_embeddings": 32}))
+    model = tmp_path / "model.onnx"
+    expected = (f"qronos-onnx: CalibrationWarning: --seqlen 64 is longer than the 32 positions the "
+                f"model was trained for (max_position_embeddings in {tmp_path / 'config.json'}); "
+                "use --seqlen 32 or less")
+    for args in (["eval", model, "--data", corpus, "--windows", "1", "--seqlen", "64", "-q"],
+                 ["optimize", model, "-o", tmp_path / "q.onnx", "--calib-data", corpus,
+                  "--calib-windows", "4", "--seqlen", "64", "-q", "--algo", "gptq"]):
+        assert main([str(a) for a in args]) == 0
+        assert expected in capsys.readouterr().err.splitlines()
+    assert main(["eval", str(model), "--data", str(corpus), "--windows", "1", "--seqlen", "32",
+                 "-q"]) == 0
+    assert capsys.readouterr().err == ""
