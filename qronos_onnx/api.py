@@ -7,10 +7,8 @@
 
 from __future__ import annotations
 
-import filecmp
 import json
 import os
-import shutil
 import warnings
 from pathlib import Path
 from typing import Any
@@ -19,6 +17,8 @@ import numpy as np
 
 from .calibration.data import (WIKI_VITAL, all_windows, calibration_windows, feeds_from,
                                load_tokenizer, read_text)
+from .arguments import (check_calibration_data, check_float, check_int, check_path, check_str,
+                        patterns)
 from .calibration.runner import CalibrationOptions
 from .config import Recipe, SolverOptions
 from .defaults import (DEFAULT_EVAL_WINDOWS, DEFAULT_PRESET, DEFAULT_REPORT, DEFAULT_SEQLEN,
@@ -32,6 +32,7 @@ from .ir.targets import check_patterns
 from .pipeline import check_format, quantize_file
 from .quant import Grid
 from .report import report_name
+from .staging import output_lock, termination_as_interrupt
 
 #: Recipes behind ``--w4`` etc. Explicit options override any field.
 PRESETS: dict[str, dict[str, Any]] = {
@@ -106,14 +107,24 @@ def build_recipe(preset: str | None = None, *, bits: int | None = None,
         recipe = Recipe(grid=grid, solver=SolverOptions(algorithm=algo, act_order=act_order,
                                                         damping=damping),
                         lm_head=lm_head, include=tuple(include), exclude=tuple(exclude),
-                        overrides=tuple(parse_override(o, grid) if isinstance(o, str) else tuple(o)
-                                        for o in overrides),
+                        overrides=tuple(_override(o, grid) for o in overrides),
                         act_quant=act)
     except ValueError as err:
         raise QronosError(str(err)) from err
     check_patterns(recipe.include, "include")
     check_patterns(recipe.exclude, "exclude")
     return recipe, p.get("format")
+
+
+def _override(item: Any, default: Grid) -> tuple[str, Grid]:
+    """One override: a ``PATTERN=SPEC`` string or a ``(pattern, Grid)`` pair."""
+    if isinstance(item, str):
+        return parse_override(item, default)
+    if (isinstance(item, tuple) and len(item) == 2 and isinstance(item[0], str)
+            and isinstance(item[1], Grid)):
+        return item
+    raise TypeError(f"every item of overrides must be a 'PATTERN=SPEC' string or a (pattern, "
+                    f"Grid) pair, got {item!r}")
 
 
 def default_tokenizer(model: str | os.PathLike) -> Path:
@@ -149,6 +160,18 @@ def optimize(model: str | os.PathLike, output: str | os.PathLike, *, preset: str
     an ONNX Runtime ``CalibrationDataReader`` (then ``tokenizer``, ``calib_windows`` and
     ``seqlen`` are not used). See the README for every option.
     """
+    check_path("model", model)
+    check_path("output", output)
+    check_path("tokenizer", tokenizer, optional=True)
+    check_calibration_data("calib_data", calib_data)
+    for name, value in (("calib_windows", calib_windows), ("seqlen", seqlen)):
+        check_int(name, value)
+    for name, value in (("bits", bits), ("group_size", group_size),
+                        ("accuracy_level", accuracy_level)):
+        check_int(name, value, optional=True)
+    check_float("damping", damping, optional=True)
+    check_str("report", report, optional=True)
+    exclude, include = patterns("exclude", exclude), patterns("include", include)
     recipe, preset_format = build_recipe(preset, bits=bits, group_size=group_size,
                                          per_channel=per_channel, symmetric=symmetric, algo=algo,
                                          damping=damping, act_order=act_order, exclude=exclude,
@@ -171,28 +194,13 @@ def optimize(model: str | os.PathLike, output: str | os.PathLike, *, preset: str
     if accuracy_level is not None and fmt != "matmulnbits":
         warnings.warn(f"accuracy_level is a MatMulNBits attribute; the {fmt} format does not "
                       "use it", RecipeWarning, stacklevel=2)
-    samples = (calibration_samples(model, calib_data, calib_windows, seqlen, tokenizer)
-               if needs_data else [])
-    outcome = quantize_file(model, output, recipe, samples, calibration, force=force, fmt=fmt,
-                            accuracy_level=accuracy_level, report=report)
-    _copy_tokenizer(tokenizer or default_tokenizer(model), Path(output).parent)
+    with termination_as_interrupt(), output_lock(output):
+        samples = (calibration_samples(model, calib_data, calib_windows, seqlen, tokenizer)
+                   if needs_data else [])
+        outcome = quantize_file(model, output, recipe, samples, calibration, force=force,
+                                fmt=fmt, accuracy_level=accuracy_level, report=report,
+                                tokenizer=tokenizer or default_tokenizer(model))
     return outcome.report
-
-
-def _copy_tokenizer(tokenizer: str | os.PathLike, out_dir: Path) -> None:
-    """Put ``tokenizer.json`` beside the output (never over an existing one, which is kept with
-    a warning when it differs), so that the quantized model is evaluated and deployed with its
-    tokenizer."""
-    source = Path(tokenizer)
-    source = source / TOKENIZER_FILE if source.is_dir() else source
-    target = out_dir / TOKENIZER_FILE
-    if not (source.is_file() and source.name == TOKENIZER_FILE):
-        return
-    if not target.exists():
-        shutil.copyfile(source, target)
-    elif not filecmp.cmp(source, target, shallow=False):
-        warnings.warn(f"{target} differs from {source} and was kept; replace it if it is not "
-                      "the model's tokenizer", UserWarning, stacklevel=3)
 
 
 def check_context(model: str | os.PathLike, seqlen: int) -> None:
@@ -224,10 +232,14 @@ def calibration_samples(model, data, windows: int, seqlen: int, tokenizer) -> li
                                "train", random=True)
         signature.check_token_ids(chosen)
         return [signature.feed(w[None]) for w in chosen]
-    try:
-        samples = [signature.complete(feed) for feed in feeds_from(data)]
-    except KeyError as err:
-        raise QronosError(f"a calibration feed has no {err} input") from err
+    samples = []
+    for feed in feeds_from(data):
+        if not isinstance(feed, dict):
+            raise TypeError(f"calib_data must give feed dicts (input name -> array), got "
+                            f"{feed!r} ({type(feed).__name__})")
+        if signature.input_ids not in feed:
+            raise QronosError(f"a calibration feed has no {signature.input_ids!r} input")
+        samples.append(signature.complete(feed))
     for sample in samples:
         signature.check_token_ids(sample[signature.input_ids], "a calibration feed")
     return samples
@@ -239,6 +251,12 @@ def evaluate(model: str | os.PathLike, *, reference: str | os.PathLike | None = 
              device: str = "auto", progress: bool = True) -> EvalResult:
     """Perplexity (and KL / top-1 agreement against ``reference``) on the first ``windows``
     windows of ``data`` (the test side of wiki-vital by default)."""
+    check_path("model", model)
+    check_path("reference", reference, optional=True)
+    check_path("data", data)
+    check_path("tokenizer", tokenizer, optional=True)
+    check_int("windows", windows)
+    check_int("seqlen", seqlen)
     if windows < 1 or seqlen < 2:
         raise QronosError("evaluation needs at least one window of two tokens")
     signatures = [detect_signature(load_model(path)) for path in (model, reference)

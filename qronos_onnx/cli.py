@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 import warnings
 from collections import Counter
@@ -247,21 +248,45 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(message)s")
     if not sys.stderr.isatty():                 # progress bars are for terminals, not log files
         args.quiet = True
-    with warnings.catch_warnings():             # restored on return (main may run in-process)
+    from .staging import Terminated, termination_as_interrupt
+
+    with warnings.catch_warnings(), termination_as_interrupt():   # both undone on return
         warnings.simplefilter("default")
         warnings.showwarning = _show_warning
         try:
-            return args.func(args)
+            code = args.func(args)
+            sys.stdout.flush()                  # a full or closed stdout fails here, not at exit
+            return code
         except QronosError as err:
             # one line, whatever a library's message that ours quotes looks like
             print(f"qronos-onnx: error: {' '.join(str(err).split())}", file=sys.stderr)
             return 2
+        except Terminated as err:               # SIGTERM / SIGHUP: cleaned up like Ctrl-C
+            print(f"qronos-onnx: terminated ({err})", file=sys.stderr)
+            return 128 + err.signum
         except KeyboardInterrupt:
             print("qronos-onnx: interrupted", file=sys.stderr)
             return 130
         except BrokenPipeError:                 # output piped into e.g. `head`
+            _drop_stdout()
             sys.stderr.close()
             return 0
+        except OSError as err:                  # stdout cannot be written (a full disk)
+            _drop_stdout()
+            print(f"qronos-onnx: error: cannot write the output: {err.strerror or err}",
+                  file=sys.stderr)
+            return 1
+
+
+def _drop_stdout() -> None:
+    """Point stdout at /dev/null, so that the interpreter's last flush of what could not be
+    written does not fail again at exit."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+    except (OSError, ValueError):
+        pass
 
 
 if __name__ == "__main__":

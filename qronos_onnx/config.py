@@ -75,9 +75,15 @@ class Recipe:
 
     def grid_for(self, target: Target) -> Grid:
         """The grid of one target: int8 per channel for the lm_head (policy ``int8``), else
-        the first override whose pattern matches, else ``grid``."""
+        the first override whose pattern matches, else ``grid``; per channel where its groups
+        are larger than the target's rows (``Grid.for_features``)."""
         if target.lm_head:
             return LM_HEAD_INT8
+        return self.requested_grid(target).for_features(target.in_features)
+
+    def requested_grid(self, target: Target) -> Grid:
+        """The grid the recipe names for a (non-lm_head) target: the first override whose
+        pattern matches, else ``grid``."""
         for pattern, grid in self.overrides:
             if matches([pattern], target.name, target.node):
                 return grid

@@ -77,11 +77,12 @@ def build_report(model_path, output, files, quantize: QuantizePass, fmt: str | N
 
 
 def report_name(output: Path, name: str = DEFAULT_REPORT) -> str:
-    """The report's file name for ``output``: ``name`` with ``{stem}`` filled in."""
-    try:
-        return name.format(stem=output.stem)
-    except (KeyError, IndexError, ValueError) as err:
-        raise QronosError(f"report name {name!r}: only {{stem}} may be used ({err})") from err
+    """The report's file name for ``output``: ``name`` with ``{stem}`` replaced by the output's
+    name without ``.onnx`` (nothing else is substituted)."""
+    filled = name.replace("{stem}", output.stem)
+    if "{" in filled or "}" in filled:
+        raise QronosError(f"report name {name!r}: only {{stem}} may be used in braces")
+    return filled
 
 
 def report_path(output: Path, name: str = DEFAULT_REPORT) -> Path:

@@ -215,3 +215,85 @@ def test_an_int8_lm_head_reads_int8_activations_under_w4a4(tiny_models, tmp_path
         token = captured[name][0].reshape(-1, captured[name][0].shape[-1])[5]
         levels = len(np.unique(token))
         assert (16 < levels <= 256) if lm_head else levels <= 16, (name, levels)
+
+
+def avx2_u8s8_matmul(a, b):
+    """ONNX Runtime's u8 x s8 integer MatMul as x86 CPUs with AVX2 and without VNNI compute it
+    (``vpmaddubsw``): adjacent products along K summed in pairs into a saturating int16, then
+    the pairs in int32. ``a`` ``[M, K]`` uint8, ``b`` ``[K, N]`` int8 -> ``[M, N]`` int32."""
+    a = np.pad(a.astype(np.int32), [(0, 0), (0, a.shape[1] % 2)])
+    b = np.pad(b.astype(np.int32), [(0, b.shape[0] % 2), (0, 0)])
+    pairs = a[:, 0::2, None] * b[None, 0::2] + a[:, 1::2, None] * b[None, 1::2]
+    return np.clip(pairs, -32768, 32767).sum(axis=1)
+
+
+def _w8a8_file(tiny_models, tmp_path, bits):
+    """The tiny Llama under the W8A8 recipe with ``bits``-bit symmetric weights, saved as QDQ."""
+    path = tiny_models("nokv")
+    samples = random_samples(detect_signature(load_model(path)))
+    recipe = Recipe(grid=Grid(bits=bits, group_size=None, symmetric=True),
+                    act_quant=ActQuant(8, "tensor", symmetric=False))
+    out = tmp_path / f"w8a8_{bits}.onnx"
+    quantize_file(path, out, recipe, samples, CalibrationOptions(progress=False), fmt="qdq",
+                  report=None)
+    return out, samples
+
+
+def _integer_matmuls(proto):
+    """``(MatMul, activation QuantizeLinear, weight codes initializer)`` of every MatMul whose
+    two inputs are DequantizeLinear outputs, read from the file (no project code)."""
+    producer = {o: n for n in proto.graph.node for o in n.output}
+    inits = {t.name: t for t in proto.graph.initializer}
+    found = []
+    for node in (n for n in proto.graph.node if n.op_type == "MatMul"):
+        dq_a, dq_b = producer.get(node.input[0]), producer.get(node.input[1])
+        if dq_a is not None and dq_b is not None and \
+                dq_a.op_type == dq_b.op_type == "DequantizeLinear":
+            found.append((node, producer[dq_a.input[0]], inits[dq_b.input[0]]))
+    return found
+
+
+@pytest.mark.parametrize("bits", [7, 8])
+def test_w8a8_weights_are_exact_on_every_x86_integer_kernel(tiny_models, tmp_path, bits):
+    """Structural, CPU-independent: every integer MatMul of the written model pairs uint8
+    activations with uint8 weights or with int8 weights of |code| <= 64, so that the AVX2
+    kernel without VNNI (emulated here) computes the exact product; the full-range int8 codes
+    the same layer would have had are shown to saturate in that kernel."""
+    out, samples = _w8a8_file(tiny_models, tmp_path, bits)
+    proto = onnx.load(str(out))
+    matmuls = _integer_matmuls(proto)
+    assert len(matmuls) == 14
+    for node, quantizer, codes in matmuls:
+        weights = numpy_helper.to_array(codes)
+        assert weights.dtype == (np.int8 if bits == 7 else np.uint8), node.name
+        if weights.dtype == np.int8:
+            assert np.abs(weights.astype(np.int16)).max() <= 64
+    # the first layer's real activation codes, and its weights, through the emulated kernel
+    node, quantizer, codes = matmuls[0]
+    a = full_model_capture(out, [quantizer.output[0]], {}, samples)[quantizer.output[0]][0]
+    a = a.reshape(-1, a.shape[-1])
+    assert a.dtype == np.uint8 and a.max() > 200
+    w = numpy_helper.to_array(codes).astype(np.int16)
+    if w.min() >= 0:
+        w = w - 128                              # zero point 128: the same codes, signed
+    exact = a.astype(np.int64) @ w.astype(np.int64)
+    if bits == 7:
+        np.testing.assert_array_equal(avx2_u8s8_matmul(a, w), exact)
+    else:                                        # stored as uint8: u8 x u8 kernels are exact,
+        assert np.abs(w).max() > 64              # and these codes as int8 would saturate
+        assert not np.array_equal(avx2_u8s8_matmul(a, w), exact)
+
+
+def test_w8a8_integer_kernels_agree_with_the_float_simulation(tiny_models, tmp_path):
+    """The same W8A8 file run by ONNX Runtime with its integer kernels (default session) and
+    with optimizations off (the QDQ pairs in float) agrees within one quantization step: an
+    8-bit activation code flipped by float rounding moves a value by 1/255 of its range at
+    most, so the logits differ by less than that relative to their size."""
+    out, samples = _w8a8_file(tiny_models, tmp_path, 7)
+    runs = []
+    for level in (ort.GraphOptimizationLevel.ORT_ENABLE_ALL, ort.GraphOptimizationLevel.ORT_DISABLE_ALL):
+        options = ort.SessionOptions()
+        options.graph_optimization_level = level
+        session = ort.InferenceSession(str(out), options, providers=["CPUExecutionProvider"])
+        runs.append(np.concatenate([session.run(["logits"], feed)[0] for feed in samples]))
+    assert rel(runs[0], runs[1]) < 1 / 255

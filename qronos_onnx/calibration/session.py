@@ -12,6 +12,10 @@ from ..errors import QronosError
 CUDA = "CUDAExecutionProvider"
 CPU = "CPUExecutionProvider"
 
+#: ONNX Runtime's log severity for our sessions and runs: fatal only. Its errors reach the user
+#: as our one-line ``QronosError`` (``make_session``, ``run_session``), not as its own log lines.
+_LOG_FATAL = 4
+
 #: The exceptions ONNX Runtime raises (its pybind module's error classes).
 _ORT_ERRORS = tuple(v for v in vars(_ort_state).values()
                     if isinstance(v, type) and issubclass(v, Exception))
@@ -46,7 +50,7 @@ def make_session(model: onnx.ModelProto | str, device: str = "auto", optimize: b
             error, a provider that fails to start).
     """
     options = ort.SessionOptions()
-    options.log_severity_level = 3
+    options.log_severity_level = _LOG_FATAL
     # Many short runs interleave with torch work on the same cores: idle ORT threads must
     # sleep, not spin, or they steal the cores torch needs between runs.
     options.add_session_config_entry("session.intra_op.allow_spinning", "0")
@@ -70,8 +74,10 @@ def run_session(session: ort.InferenceSession, outputs: list[str], feeds: dict[s
     """``session.run(outputs, feeds)``; an ONNX Runtime failure becomes a ``QronosError`` that
     names ``what`` was running and the feed shapes (a window longer than the model supports and
     a lack of memory both end here)."""
+    run_options = ort.RunOptions()
+    run_options.log_severity_level = _LOG_FATAL
     try:
-        return session.run(outputs, feeds)
+        return session.run(outputs, feeds, run_options)
     except _ORT_ERRORS as err:
         shapes = ", ".join(f"{k} {list(np.shape(v))}" for k, v in feeds.items()
                            if k in ("input_ids", "attention_mask", "position_ids"))

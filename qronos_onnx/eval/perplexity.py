@@ -80,10 +80,15 @@ def evaluate_windows(model_path: str | Path, windows: np.ndarray,
                 for path, label in zip(paths, labels)]
     nll = kl = agree = 0.0
     count = 0
-    for ids in tqdm(windows, desc="evaluating", unit="window", disable=not progress):
+    for index, ids in enumerate(tqdm(windows, desc="evaluating", unit="window",
+                                     disable=not progress)):
         logps = []
-        for session, sig, label in zip(sessions, signatures, labels):
+        for session, sig, label, path in zip(sessions, signatures, labels, paths):
             logits = run_session(session, [sig.logits], sig.feed(ids[None]), label)[0]
+            if not np.isfinite(logits).all():
+                raise QronosError(f"{label} ({path}) computes NaN or Inf logits on window "
+                                  f"{index}: its weights or graph are broken, and perplexity is "
+                                  "undefined")
             logps.append(log_softmax(logits[0, :-1]))     # position t predicts token t + 1
         logp = logps[0]
         targets = ids[1:]

@@ -3,16 +3,13 @@
 Loading keeps weights in the external data files, memory-mapped by ``onnx_ir``. Saving writes
 every tensor of 1 KiB or more to one data file beside the model (``<output>.data``), so the
 protobuf never nears its 2 GB limit. Outputs are written into a temporary directory next to the
-final place and moved there together only when complete (``staged_output``).
+final place and moved there together only when complete (``qronos_onnx.staging``).
 """
 
 from __future__ import annotations
 
 import os
-import shutil
-import tempfile
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Sequence
 from pathlib import Path
 
 import onnx
@@ -70,9 +67,15 @@ def _name_nodes(model: ir.Model) -> None:
 
 
 def _check_external_data(proto: onnx.ModelProto, base: Path) -> None:
-    """Every external tensor's file exists and is long enough for its offset and length."""
+    """Every external tensor's file lies in the model's folder, exists and is long enough for
+    its offset and length."""
     sizes: dict[Path, int] = {}
     for tensor, location, info in _external_entries(proto, base):
+        written = Path(info.get("location", ""))
+        if written.is_absolute() or ".." in written.parts:
+            raise QronosError(f"tensor {tensor.name!r} keeps its data at {str(written)!r}, outside "
+                              "the model's folder; ONNX external data must be a path inside it "
+                              "(move the data file beside the model and fix the location)")
         if location not in sizes:
             if not location.is_file():
                 raise QronosError(f"external data file {location} (tensor {tensor.name!r}) is "
@@ -125,7 +128,7 @@ def check_output_path(output: str | os.PathLike, inputs: Sequence[str | os.PathL
     What gets written is ``output``, its data file ``<output>.data`` and the ``companions``
     (file names beside ``output``, e.g. the report). None of them may be a file an input model
     reads (its ``.onnx`` or external data), even with ``force``; an existing one is only
-    replaced with ``force``.
+    replaced with ``force``. ``<output>.lock`` is the run's lock (``qronos_onnx.staging``).
     """
     output = Path(output)
     if output.suffix != ".onnx":
@@ -137,9 +140,10 @@ def check_output_path(output: str | os.PathLike, inputs: Sequence[str | os.PathL
     for name in companions:
         if Path(name).name != name or name in ("", ".", ".."):
             raise QronosError(f"{name!r} is not a plain file name for beside the output")
-        if name.endswith(".onnx") or name == TOKENIZER_FILE:
+        if name.endswith(".onnx") or name == TOKENIZER_FILE or name == f"{output.name}.lock":
             raise QronosError(f"{name!r} cannot name a file beside the output: *.onnx names "
-                              f"models and {TOKENIZER_FILE} the tokenizer copied there")
+                              f"models, {TOKENIZER_FILE} the tokenizer copied there and "
+                              f"{output.name}.lock the run's lock")
         if output.with_name(name) in written:
             raise QronosError(f"{name!r} is the output model's own file name")
         written.append(output.with_name(name))
@@ -168,79 +172,6 @@ def _check_writable_dir(directory: Path) -> None:
         raise QronosError(f"{existing} is not a directory")
     if not os.access(existing, os.W_OK | os.X_OK):
         raise QronosError(f"cannot write into {existing}: permission denied")
-
-
-@contextmanager
-def staged_output(output: str | os.PathLike, names: Sequence[str]) -> Iterator[Path]:
-    """A temporary directory beside ``output`` for the files ``names``, placed together at the end.
-
-    The block writes (some of) ``names`` into the yielded directory. When it completes, every
-    name already beside ``output`` is moved aside, then every name the block wrote is moved into
-    place, in the order given (name the model last, so that it never appears before its data);
-    a name the block did not write is thereby removed (a stale data file of an older output).
-    If the block or any move fails, interrupts included, what was placed is removed, what was
-    moved aside is put back and directories created for the output are removed again: the
-    file system is left as it was. Files moved aside are never deleted unless the new ones are
-    all in place: if one cannot be put back, the error says where it is.
-
-    Raises:
-        QronosError: an ``OSError`` while writing or placing the files.
-    """
-    output = Path(output)
-    parent = output.parent
-    created = [d for d in (parent, *parent.parents) if not d.exists()]     # deepest first
-    tmp, done = None, False
-    try:
-        parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{output.name}.", suffix=".tmp", dir=parent))
-        (tmp / "new").mkdir()
-        (tmp / "old").mkdir()
-        yield tmp / "new"
-        _place(tmp / "new", tmp / "old", parent, names)
-        done = True
-    except OSError as err:
-        raise QronosError(f"could not write {output}: {err}") from err
-    finally:
-        if tmp is not None:
-            shutil.rmtree(tmp / "new", ignore_errors=True)
-            if done or not any((tmp / "old").iterdir()):
-                shutil.rmtree(tmp, ignore_errors=True)
-        if not done:
-            for directory in created:
-                try:
-                    directory.rmdir()
-                except OSError:
-                    break                        # not empty (or never made): keep it and above
-
-
-def _place(new: Path, old: Path, parent: Path, names: Sequence[str]) -> None:
-    """Move ``names`` from ``new`` into ``parent`` after moving those there into ``old``; on
-    any exception, undo (see ``staged_output``)."""
-    moved_aside, placed = [], []
-    try:
-        for name in names:
-            if os.path.lexists(parent / name):
-                moved_aside.append(name)          # recorded first: an interrupt right after the
-                os.replace(parent / name, old / name)       # move still gets it put back
-        for name in names:
-            if (new / name).exists():
-                placed.append(name)
-                os.replace(new / name, parent / name)
-    except BaseException:
-        for name in placed:
-            if not os.path.lexists(new / name):   # it did move
-                (parent / name).unlink(missing_ok=True)
-        lost = []
-        for name in moved_aside:
-            if os.path.lexists(old / name):
-                try:
-                    os.replace(old / name, parent / name)
-                except OSError:
-                    lost.append(name)
-        if lost:
-            raise QronosError(f"could not put back {', '.join(lost)} after a failed write; the "
-                              f"previous files are in {old}")
-        raise
 
 
 def data_file_name(output: str | os.PathLike) -> str:

@@ -43,6 +43,9 @@ class LLMSignature:
     def check_token_ids(self, windows: np.ndarray, source: str = "the tokenizer") -> None:
         """Refuse token ids the model has no embedding row or logit for (a wrong tokenizer, or
         feeds made for another model); ``source`` names where the ids came from."""
+        if np.size(windows) and int(np.min(windows)) < 0:
+            raise QronosError(f"{source} produces token id {int(np.min(windows))}; token ids "
+                              "are never negative")
         top = int(np.max(windows)) if np.size(windows) else -1
         if self.vocab is not None and top >= self.vocab:
             hint = (": is it the model's own tokenizer? (pass --tokenizer)"

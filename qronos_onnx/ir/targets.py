@@ -154,13 +154,19 @@ def find_targets(model: ir.Model, *, include_lm_head: bool = False, include: Seq
             for k, v in groups.items()], skipped
 
 
+#: The skip reasons of layers that ``include`` / ``exclude`` patterns leave out.
+NOT_INCLUDED = "not included by pattern"
+EXCLUDED = "excluded by pattern"
+PATTERN_REASONS = (NOT_INCLUDED, EXCLUDED)
+
+
 def _pattern_reason(node: ir.Node, include: Sequence[str], exclude: Sequence[str]) -> str | None:
     """Why ``include`` / ``exclude`` leave ``node`` out, or ``None`` when they keep it."""
     name = readable_name(node)
     if include and not matches(include, name, node.name):
-        return "not included by pattern"
+        return NOT_INCLUDED
     if matches(exclude, name, node.name):
-        return "excluded by pattern"
+        return EXCLUDED
     return None
 
 

@@ -19,6 +19,7 @@ import numpy as np
 import onnx_ir as ir
 
 from ..errors import QronosError
+from ..ir.int8_kernels import INT8_WEIGHT_LIMIT, integer_codes, saturating_matmuls
 from ..ir.packing import to_matmulnbits
 from ..ir.targets import Target
 from ..quant import QuantizedWeight
@@ -106,6 +107,11 @@ class ToQDQPass(ir.passes.InPlacePass):
 
     The model is converted to opset 21 first (``onnxscript``'s version converter, which adapts
     ops whose semantics changed); a model it cannot convert is a clear error.
+
+    Post-condition: every integer MatMul (8-bit activations) is exact on every x86 CPU
+    (``ir.int8_kernels``): 8-bit symmetric codes read by integer activations are stored as
+    uint8 with zero point 128 (the same grid), which ONNX Runtime runs with its u8 x u8
+    kernels.
     """
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
@@ -115,16 +121,19 @@ class ToQDQPass(ir.passes.InPlacePass):
         for node, target, q in nodes:
             grid = q.grid
             wide = grid.bits > 4
-            if grid.symmetric:
+            codes = q.codes.numpy()
+            zero = None if q.zero_points is None else q.zero_points.numpy()
+            if (grid.symmetric and grid.bits == 8 and integer_codes(node.inputs[0]) is not None):
+                codes = (codes.astype(np.int16) + 128).astype(np.uint8)
+                zero = np.full(q.scales.shape, 128, np.uint8)
+            if zero is None:
                 dtype = ir.DataType.INT8 if wide else ir.DataType.INT4
                 np_type = np.int8 if wide else ml_dtypes.int4
             else:
                 dtype = ir.DataType.UINT8 if wide else ir.DataType.UINT4
                 np_type = np.uint8 if wide else ml_dtypes.uint4
-            codes = q.codes.numpy()
             scales = q.scales.numpy().astype(
                 graph.initializers[target.weight].const_value.dtype.numpy())
-            zero = None if q.zero_points is None else q.zero_points.numpy()
             # Stored layout: MatMul keeps W^T [K, N]; Gemm(transB=1) keeps W [N, K].
             k_axis = 1 if target.transposed else 0
             if not target.transposed:
@@ -148,6 +157,13 @@ class ToQDQPass(ir.passes.InPlacePass):
             node.replace_input_with(1, dq.outputs[0])
             _drop_weight(graph, target.weight)
         return ir.passes.PassResult(model, modified=True)
+
+    def ensures(self, model: ir.Model) -> None:
+        saturating = saturating_matmuls(model)
+        if saturating:
+            raise ir.passes.PostconditionError(
+                f"int8 weights beyond +-{INT8_WEIGHT_LIMIT} read by integer activations (x86 CPUs "
+                f"without VNNI would saturate): {', '.join(saturating)}")
 
 
 def convert_opset(model: ir.Model, version: int) -> None:

@@ -29,8 +29,8 @@ from ..errors import CalibrationWarning, QronosError, RecipeWarning
 from ..ir.act_quant import insert_act_quant
 from ..ir.signature import LLMSignature, detect_signature
 from ..ir.stages import plan_stages
-from ..ir.targets import (ALREADY_QUANTIZED, Skipped, Target, TargetGroup, find_targets,
-                          matches, untie_lm_head)
+from ..ir.targets import (ALREADY_QUANTIZED, PATTERN_REASONS, Skipped, Target, TargetGroup,
+                          find_targets, matches, untie_lm_head)
 from ..quant import Grid, QuantizedWeight, SolverWarning, solve
 from ..quant.solve import rtn_codes
 
@@ -124,6 +124,21 @@ def _warn_unmatched_patterns(recipe: Recipe, targets: Sequence[Target],
                           "`qronos-onnx inspect MODEL` lists them", RecipeWarning, stacklevel=3)
 
 
+def _warn_wide_groups(recipe: Recipe, targets: Sequence[Target]) -> None:
+    """Warn when a grid's groups are wider than some layers' rows: those layers get one scale
+    per output channel (the same grid, without padding rows to the group)."""
+    wide: dict[int, list[Target]] = {}
+    for t in targets:
+        size = None if t.lm_head else recipe.requested_grid(t).group_size
+        if size is not None and size > t.in_features:
+            wide.setdefault(size, []).append(t)
+    for size, layers in wide.items():
+        widest = max(layers, key=lambda t: t.in_features)
+        warnings.warn(f"group size {size} is larger than the input features of {len(layers)} "
+                      f"layer(s) (up to {widest.in_features}, at {widest.name}): they get one "
+                      "scale per output channel", RecipeWarning, stacklevel=3)
+
+
 @contextlib.contextmanager
 def _recording(messages: list[str]) -> Iterator[None]:
     """Append the messages of ``RECORDED_WARNINGS`` raised in the block to ``messages``, and
@@ -197,8 +212,9 @@ class QuantizePass(ir.passes.InPlacePass):
             untie_lm_head(model, self.recipe.include, self.recipe.exclude)
         groups, self.skipped = self._find(model)
         with _recording(self.warnings):
-            _warn_unmatched_patterns(self.recipe, [t for g in groups for t in g.targets],
-                                     self.skipped)
+            targets = [t for g in groups for t in g.targets]
+            _warn_unmatched_patterns(self.recipe, targets, self.skipped)
+            _warn_wide_groups(self.recipe, targets)
         if not groups:
             packed = sum(n.op_type == "MatMulNBits" for n in model.graph)
             dequantized = sum(s.reason == ALREADY_QUANTIZED for s in self.skipped)
@@ -208,6 +224,11 @@ class QuantizePass(ir.passes.InPlacePass):
                     if n)
                 raise QronosError(f"the model is already quantized ({found}) and has no float "
                                   "layer left to quantize: start from the float model")
+            left_out = [s for s in self.skipped if s.reason in PATTERN_REASONS]
+            if left_out:
+                raise QronosError(f"the include/exclude patterns leave out all {len(left_out)} "
+                                  "quantizable layers; `qronos-onnx inspect MODEL` lists their "
+                                  "names")
             raise QronosError("no quantizable MatMul/Gemm with a constant 2-D weight was found "
                               f"({len(self.skipped)} skipped)")
         if self.recipe.act_quant is not None:

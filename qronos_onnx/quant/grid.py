@@ -21,6 +21,7 @@ rounds onto exactly these parameters ("static groups" when columns are reordered
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import Literal
 
@@ -90,8 +91,16 @@ class Grid:
         return torch.int8 if self.symmetric else torch.uint8
 
     def group_len(self, in_features: int) -> int:
-        """Input features per group (``in_features`` itself when per channel)."""
-        return in_features if self.group_size is None else self.group_size
+        """Input features per group (``in_features`` itself when per channel, or when the
+        group is larger than a row)."""
+        return in_features if self.group_size is None else min(self.group_size, in_features)
+
+    def for_features(self, in_features: int) -> Grid:
+        """This grid for a layer of ``in_features`` inputs: per channel when its groups are
+        larger than a row (a group cannot span rows; the two grids are the same)."""
+        if self.group_size is not None and self.group_size > in_features:
+            return dataclasses.replace(self, group_size=None)
+        return self
 
     def n_groups(self, in_features: int) -> int:
         """Groups per row: ``ceil(in_features / group_size)``, 1 when per channel."""

@@ -1,0 +1,299 @@
+"""Outputs written all or nothing, whatever happens to the process writing them.
+
+A run that writes ``OUT.onnx`` (and its companions: data file, report, tokenizer):
+
+1. takes an exclusive lock on it (``output_lock``: ``OUT.onnx.lock`` beside it, an ``flock``
+   the kernel releases when the process dies, holding the pid for the error a second run
+   gives), and repairs what an earlier run killed mid-write left behind (``recover``);
+2. writes every file into a staging directory beside it (``staged_output``:
+   ``.OUT.onnx.<random>.tmp/new``);
+3. places them: each name already there moves into ``old/``, then each new file moves into
+   place, the model last. A plan file written first records what was there; a marker written
+   after the last move says the placing completed. Any failure, Ctrl-C, SIGTERM or SIGHUP
+   rolls back (previous files back byte for byte); signals arriving while files are being
+   moved or put back are held until the moves are done, so a rollback is never cut in half.
+
+SIGKILL cannot be caught. What it can leave: killed while writing, the staging directory
+(no previous file touched); killed while placing, the previous files in ``old/`` and some of
+the new ones in place. The next run on the same output finds that directory (the lock says
+no live run owns it), puts the previous files back, removes the rest, and says so.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import shutil
+import signal
+import tempfile
+import threading
+import warnings
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+
+from .errors import QronosError
+
+#: Signals that end a run the way Ctrl-C does (with the rollback of ``staged_output``).
+TERMINATING = (signal.SIGTERM, signal.SIGHUP)
+_HELD = (signal.SIGINT, *TERMINATING)
+
+_PLAN = "plan.json"          # written before the first move: what placing will do
+_PLACED = "placed"           # written after the last move: nothing to undo
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM or SIGHUP, raised like Ctrl-C's ``KeyboardInterrupt`` so that cleanup runs."""
+
+    def __init__(self, signum: int):
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+
+def _in_main_thread() -> bool:
+    return threading.current_thread() is threading.main_thread()
+
+
+def _raise_terminated(signum, frame) -> None:
+    raise Terminated(signum)
+
+
+@contextmanager
+def termination_as_interrupt() -> Iterator[None]:
+    """While the block runs, SIGTERM and SIGHUP raise ``Terminated`` instead of killing the
+    process on the spot. Only default handlers are replaced (a program embedding the library
+    keeps its own), and only in the main thread (where Python runs signal handlers)."""
+    previous = {}
+    if _in_main_thread():
+        for signum in TERMINATING:
+            if signal.getsignal(signum) == signal.SIG_DFL:
+                previous[signum] = signal.signal(signum, _raise_terminated)
+    try:
+        yield
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+
+
+@contextmanager
+def held_signals() -> Iterator[list[int]]:
+    """Hold SIGINT, SIGTERM and SIGHUP until the block ends, then deliver the first one
+    received to the handler that was in place. Yields the list of signals received so far,
+    for the block to act on (main thread only; elsewhere nothing is held and it stays empty)."""
+    received: list[int] = []
+    if not _in_main_thread():
+        yield received
+        return
+    previous = {s: signal.signal(s, lambda signum, frame: received.append(signum)) for s in _HELD}
+    try:
+        yield received
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+        if received:
+            signal.raise_signal(received[0])
+
+
+def lock_path(output: Path) -> Path:
+    """The lock file of ``output``: ``OUT.onnx.lock`` beside it."""
+    return output.with_name(output.name + ".lock")
+
+
+def _new_dirs(directory: Path) -> list[Path]:
+    """``directory`` and its ancestors that do not exist yet, deepest first."""
+    return [d for d in (directory, *directory.parents) if not d.exists()]
+
+
+def _remove_empty(directories: Sequence[Path]) -> None:
+    for directory in directories:
+        try:
+            directory.rmdir()
+        except OSError:
+            break                        # not empty (or gone): keep it and the ones above
+
+
+@contextmanager
+def output_lock(output: str | os.PathLike) -> Iterator[None]:
+    """Hold the exclusive lock on ``output`` for the block, after repairing what a killed run
+    left (``recover``). The output's directory is created if needed, and removed again when
+    the block leaves it empty.
+
+    Raises:
+        QronosError: another live process holds the lock (the message names its pid).
+    """
+    output = Path(output)
+    path = lock_path(output)
+    created = _new_dirs(output.parent)
+    try:
+        output.parent.mkdir(parents=True, exist_ok=True)
+        fd = _acquire(path, output)
+    except OSError as err:
+        _remove_empty(created)
+        raise QronosError(f"cannot lock {output} for writing ({path}): {err}") from err
+    except BaseException:
+        _remove_empty(created)
+        raise
+    try:
+        recover(output)
+        yield
+    finally:
+        try:
+            path.unlink()
+        except OSError:
+            pass
+        os.close(fd)
+        _remove_empty(created)
+
+
+def _acquire(path: Path, output: Path) -> int:
+    """Open and ``flock`` ``path``; returns the descriptor, holding our pid."""
+    while True:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.read(fd, 32).decode(errors="replace").strip() or "unknown"
+            os.close(fd)
+            raise QronosError(f"{output} is being written by another run (pid {holder}); wait "
+                              f"for it to finish (its lock is {path})") from None
+        try:
+            same = os.fstat(fd).st_ino == os.stat(path).st_ino
+        except FileNotFoundError:
+            same = False
+        if same:
+            os.ftruncate(fd, 0)
+            os.write(fd, f"{os.getpid()}\n".encode())
+            return fd
+        os.close(fd)      # the holder removed the file as we locked it: lock the new one
+
+
+def staging_dirs(output: Path) -> list[Path]:
+    """Staging directories of ``output`` (``.OUT.onnx.*.tmp``) beside it."""
+    return sorted(output.parent.glob(f".{output.name}.*.tmp"))
+
+
+def recover(output: str | os.PathLike) -> list[str]:
+    """Repair what runs killed while writing ``output`` left behind; call it holding the lock
+    (so that no live run owns a staging directory). Returns (and warns) what was done."""
+    output = Path(output)
+    done = []
+    for tmp in staging_dirs(output):
+        plan = _read_plan(tmp)
+        if plan is not None and not (tmp / _PLACED).exists():
+            restored = _roll_back(tmp / "new", tmp / "old", output.parent, plan["names"],
+                                  plan["existing"])
+            what = (f"put back the previous {', '.join(restored)}" if restored
+                    else "removed its partly placed files")
+            done.append(f"a run on {output} (pid {plan['pid']}) was killed while placing its "
+                        f"files: {what}")
+        else:
+            done.append(f"removed the staging directory {tmp} of a run on {output} that was "
+                        "killed while writing (no previous file had been touched)")
+        shutil.rmtree(tmp, ignore_errors=True)
+    for message in done:
+        warnings.warn(message, UserWarning, stacklevel=3)
+    return done
+
+
+def _read_plan(tmp: Path) -> dict | None:
+    """The plan of a staging directory; ``None`` when placing never started (no plan, or one
+    cut short while being written: nothing had moved yet)."""
+    try:
+        return json.loads((tmp / _PLAN).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+
+
+@contextmanager
+def staged_output(output: str | os.PathLike, names: Sequence[str],
+                  force: bool = False) -> Iterator[Path]:
+    """A staging directory beside ``output`` for the files ``names``, placed together at the end.
+
+    The block writes (some of) ``names`` into the yielded directory. When it completes, the
+    files are placed (see the module docstring) in the order given: name the model last, so
+    that it never appears before its data; a name the block did not write is thereby removed
+    (a stale data file of an older output). Without ``force`` a name that exists at placing
+    time is refused (it appeared while the run was working), before anything moves. If the
+    block or any move fails, interrupts included, the file system is left as it was.
+
+    Raises:
+        QronosError: an ``OSError`` while writing or placing the files, a file that appeared
+            at the output without ``force``, or previous files that could not be put back
+            (the message says where they are).
+    """
+    output = Path(output)
+    parent = output.parent
+    created = _new_dirs(parent)
+    tmp, done = None, False
+    try:
+        parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{output.name}.", suffix=".tmp", dir=parent))
+        (tmp / "new").mkdir()
+        (tmp / "old").mkdir()
+        yield tmp / "new"
+        with held_signals() as received:
+            _place(tmp, parent, names, force, received)
+            done = True
+    except OSError as err:
+        raise QronosError(f"could not write {output}: {err}") from err
+    finally:
+        if tmp is not None:
+            shutil.rmtree(tmp / "new", ignore_errors=True)
+            if done or not any((tmp / "old").iterdir()):
+                shutil.rmtree(tmp, ignore_errors=True)
+        if not done:
+            _remove_empty(created)
+
+
+class _SignalWhilePlacing(Exception):
+    """A held signal arrived while the files were being placed: undo, then let it act."""
+
+
+def _place(tmp: Path, parent: Path, names: Sequence[str], force: bool,
+           received: Sequence[int] = ()) -> None:
+    """Move ``names`` from ``tmp/new`` into ``parent`` after moving those there into
+    ``tmp/old``; on any exception, or when a signal was ``received`` meanwhile, undo (see
+    ``staged_output``)."""
+    new, old = tmp / "new", tmp / "old"
+    existing = [name for name in names if os.path.lexists(parent / name)]
+    if existing and not force:
+        raise QronosError(f"{parent / existing[0]} appeared while this run was working; it was "
+                          "left as it is and nothing was written (pass --force to replace it)")
+    plan = {"pid": os.getpid(), "names": list(names), "existing": existing}
+    (tmp / _PLAN).write_text(json.dumps(plan), encoding="utf-8")
+    try:
+        for name in existing:
+            os.replace(parent / name, old / name)
+        for name in names:
+            if (new / name).exists():
+                os.replace(new / name, parent / name)
+        if received:
+            raise _SignalWhilePlacing
+        (tmp / _PLACED).touch()
+    except BaseException:
+        _roll_back(new, old, parent, names, existing)
+        lost = [name for name in existing if os.path.lexists(old / name)]
+        if lost:
+            raise QronosError(f"could not put back {', '.join(lost)} after a failed write; the "
+                              f"previous files are in {old}")
+        raise
+
+
+def _roll_back(new: Path, old: Path, parent: Path, names: Sequence[str],
+               existing: Sequence[str]) -> list[str]:
+    """Undo a partial placing: files placed from ``new`` are removed, files moved into ``old``
+    go back. Returns the names put back (a name that cannot be is left in ``old``)."""
+    restored = []
+    for name in names:
+        placed = (name not in existing or os.path.lexists(old / name)) and \
+            os.path.lexists(parent / name) and not os.path.lexists(new / name)
+        if placed:
+            (parent / name).unlink(missing_ok=True)
+        if os.path.lexists(old / name):
+            try:
+                os.replace(old / name, parent / name)
+                restored.append(name)
+            except OSError:
+                pass
+    return restored
