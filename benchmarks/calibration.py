@@ -2,7 +2,7 @@
 
     python benchmarks/calibration.py [--windows 32] [--seqlen 512]
 
-SmolLM2-135M (``models/smollm2.py`` builds it) and the calibration protocol of EVALUATION.md:
+SmolLM2-135M (``models/smollm2.py`` builds it) and the calibration protocol of the README:
 ``--windows`` windows of ``--seqlen`` tokens from the train side of wiki-vital, batch 1. Each
 part runs in its own process so that its peak RSS is its own:
 

@@ -2,7 +2,7 @@
 
     python benchmarks/quality.py [--only SETTING ...] [--fresh]
 
-Protocol of EVALUATION.md: perplexity on the first 40 windows of 512 tokens of the test side
+The README's evaluation protocol: perplexity on the first 40 windows of 512 tokens of the test side
 of wiki-vital; calibration on 32 windows of 512 tokens of the train side (ONNX Runtime's GPTQ on
 8, see below). Every row runs in its own process (its peak RSS is its own) and is cached in
 ``benchmarks/quality.json`` as soon as it is measured, so an interrupted run resumes where it

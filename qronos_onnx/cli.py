@@ -6,6 +6,7 @@ import argparse
 import json
 import logging
 import os
+import signal
 import sys
 import warnings
 from collections import Counter
@@ -13,6 +14,7 @@ from pathlib import Path
 
 from .defaults import DEFAULT_EVAL_WINDOWS, DEFAULT_REPORT, DEFAULT_SEQLEN, DEFAULT_WINDOWS
 from .errors import QronosError
+from .staging import TERMINATING, Terminated, termination_as_interrupt, write_text_file
 
 EPILOG = "Errors a user can fix print one line and exit with status 2."
 
@@ -28,7 +30,11 @@ def _optimize(args: argparse.Namespace) -> int:
         lm_head=args.lm_head, overrides=args.override, device=args.device, force=args.force,
         damping=args.damping, act_order=not args.no_act_order, reference=args.reference,
         accuracy_level=args.accuracy_level, report=args.report, progress=not args.quiet)
-    print(summary_table(report))
+    try:
+        _print(summary_table(report))
+    except KeyboardInterrupt as err:            # the output is complete: say so
+        err.completed_output = report["output"]  # type: ignore[attr-defined]
+        raise
     return 0
 
 
@@ -65,12 +71,12 @@ def _eval(args: argparse.Namespace) -> int:
                           windows=args.windows, seqlen=args.seqlen, tokenizer=args.tokenizer,
                           device=args.device, progress=not args.quiet and not args.json)
     if args.json:
-        print(json.dumps(result.as_dict()))
+        _print(json.dumps(result.as_dict()))
         return 0
-    print(f"perplexity {result.perplexity:.4f} ({result.windows} windows of {args.seqlen} "
+    _print(f"perplexity {result.perplexity:.4f} ({result.windows} windows of {args.seqlen} "
           f"tokens, {result.tokens} scored, {result.seconds:.0f} s)")
     if result.kl is not None:
-        print(f"KL(reference || model) {result.kl:.5f} nats/token, top-1 agreement "
+        _print(f"KL(reference || model) {result.kl:.5f} nats/token, top-1 agreement "
               f"{100 * result.top1_agreement:.2f}%")
     return 0
 
@@ -85,23 +91,23 @@ def _inspect(args: argparse.Namespace) -> int:
     sig = detect_signature(model)
     if args.lm_head:
         untie_lm_head(model)
-    print(f"model {args.model}: opsets {dict(model.opset_imports)}")
-    print(f"signature: input_ids, attention_mask={sig.attention_mask is not None}, "
+    _print(f"model {args.model}: opsets {dict(model.opset_imports)}")
+    _print(f"signature: input_ids, attention_mask={sig.attention_mask is not None}, "
           f"position_ids={sig.position_ids is not None}, KV-cache inputs={len(sig.past)}, logits")
     groups, skipped = find_targets(model, include_lm_head=args.lm_head)
     stages = plan_stages(model, groups)
     n = sum(len(g.targets) for g in groups)
-    print(f"targets: {n} in {len(groups)} groups; stages: {len(stages)}")
+    _print(f"targets: {n} in {len(groups)} groups; stages: {len(stages)}")
     for g in groups:
         names = ", ".join(f"{t.name} [{t.out_features}x{t.in_features}]" for t in g.targets)
-        print(f"  {names}")
-    print(f"skipped: {len(skipped)}")
+        _print(f"  {names}")
+    _print(f"skipped: {len(skipped)}")
     for s in skipped:
-        print(f"  {s.name} ({s.node}): {s.reason}")
+        _print(f"  {s.name} ({s.node}): {s.reason}")
     ops = Counter(n.op_type for n in model.graph)
     formats = {k: ops[k] for k in ("MatMulNBits", "DequantizeLinear", "QuantizeLinear",
                                    "DynamicQuantizeLinear", "MatMul", "Gemm") if ops[k]}
-    print(f"formats present: {formats}")
+    _print(f"formats present: {formats}")
     return 0
 
 
@@ -114,18 +120,16 @@ def _olive_config(args: argparse.Namespace) -> int:
         raise QronosError(f"Olive is not installed ({err}): pip install 'qronos-onnx[olive]'") from err
     text = json.dumps(config, indent=2) + "\n"
     if args.output is None:
-        print(text, end="")
+        _print(text, end="")
         return 0
     output = Path(args.output)
+    if output.is_dir() or not output.name:
+        raise QronosError(f"{args.output!r} is a directory; give a file name")
     if output.exists() and not args.force:
         raise QronosError(f"{output} exists; pass --force to overwrite it")
-    try:
-        output.parent.mkdir(parents=True, exist_ok=True)
-        output.write_text(text, encoding="utf-8")
-    except OSError as err:
-        raise QronosError(f"could not write {output}: {err}") from err
+    write_text_file(output, text)
     what = "QronosQuantization" if args.ours_only else "Olive's passes and QronosQuantization"
-    print(f"wrote {output}: {what} (use: olive run --config WORKFLOW --package-config {output})")
+    _print(f"wrote {output}: {what} (use: olive run --config WORKFLOW --package-config {output})")
     return 0
 
 
@@ -151,7 +155,8 @@ def parser() -> argparse.ArgumentParser:
                         ("w3", "int3 weights, asymmetric, group 128 (4-bit container)"),
                         ("w2", "int2 weights, asymmetric, group 32"),
                         ("w4a4", "int4 per-channel weights + int4 per-token activations"),
-                        ("w8a8", "int8 per-channel weights + static uint8 activations (QDQ)")):
+                        ("w8a8", "7-bit per-channel weights in int8 + static uint8 "
+                                 "activations (QDQ, integer kernels)")):
         presets.add_argument(f"--{name}", dest="preset", action="store_const", const=name, help=help_)
     o.add_argument("--bits", type=int, help="weight bits (2..8)")
     gs = o.add_mutually_exclusive_group()
@@ -243,39 +248,65 @@ def _show_warning(message, category, filename, lineno, file=None, line=None) -> 
     tqdm.write(f"qronos-onnx: {category.__name__}: {message}", file=sys.stderr)
 
 
+class _StdoutError(Exception):
+    """Standard output could not be written (full disk, closed pipe)."""
+
+    def __init__(self, error: OSError):
+        super().__init__(error.strerror or str(error))
+        self.error = error
+
+
+def _print(*args, **kwargs) -> None:
+    """``print`` to standard output; a failure to write it becomes a ``_StdoutError``."""
+    try:
+        print(*args, **kwargs)
+    except OSError as err:
+        raise _StdoutError(err) from err
+
+
 def main(argv: list[str] | None = None) -> int:
+    for name in ("stdout", "stderr"):            # closed by the caller (`>&-`): write nowhere
+        if getattr(sys, name) is None:
+            setattr(sys, name, open(os.devnull, "w"))  # noqa: SIM115 (lives as long as sys)
     args = parser().parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(message)s")
     if not sys.stderr.isatty():                 # progress bars are for terminals, not log files
         args.quiet = True
-    from .staging import Terminated, termination_as_interrupt
-
     with warnings.catch_warnings(), termination_as_interrupt():   # both undone on return
         warnings.simplefilter("default")
         warnings.showwarning = _show_warning
         try:
             code = args.func(args)
-            sys.stdout.flush()                  # a full or closed stdout fails here, not at exit
+            try:                                # a full stdout fails here, not at exit
+                sys.stdout.flush()
+            except OSError as err:
+                raise _StdoutError(err) from err
             return code
         except QronosError as err:
             # one line, whatever a library's message that ours quotes looks like
             print(f"qronos-onnx: error: {' '.join(str(err).split())}", file=sys.stderr)
             return 2
         except Terminated as err:               # SIGTERM / SIGHUP: cleaned up like Ctrl-C
-            print(f"qronos-onnx: terminated ({err})", file=sys.stderr)
+            print(f"qronos-onnx: terminated ({err}){_written(err)}", file=sys.stderr)
             return 128 + err.signum
-        except KeyboardInterrupt:
-            print("qronos-onnx: interrupted", file=sys.stderr)
+        except KeyboardInterrupt as err:
+            print(f"qronos-onnx: interrupted{_written(err)}", file=sys.stderr)
             return 130
-        except BrokenPipeError:                 # output piped into e.g. `head`
+        except _StdoutError as err:
             _drop_stdout()
-            sys.stderr.close()
-            return 0
-        except OSError as err:                  # stdout cannot be written (a full disk)
-            _drop_stdout()
-            print(f"qronos-onnx: error: cannot write the output: {err.strerror or err}",
-                  file=sys.stderr)
+            if isinstance(err.error, BrokenPipeError):  # piped into e.g. `head`: not an error
+                return 0
+            print(f"qronos-onnx: error: cannot write to standard output: {err}", file=sys.stderr)
             return 1
+        except OSError as err:                  # an operating-system failure not foreseen
+            print(f"qronos-onnx: error: {' '.join(str(err).split())}", file=sys.stderr)
+            return 1
+
+
+def _written(interrupt: BaseException) -> str:
+    """What an interrupt that came after the outputs were placed leaves: say so."""
+    output = getattr(interrupt, "completed_output", None)
+    return "" if output is None else f" after {output} was written completely"
 
 
 def _drop_stdout() -> None:
@@ -289,5 +320,14 @@ def _drop_stdout() -> None:
         pass
 
 
+def run() -> None:
+    """The console script: ``main``, then exit without reacting to a late Ctrl-C or SIGTERM
+    (the work is done; only the interpreter's shutdown is left)."""
+    code = main()
+    for signum in (signal.SIGINT, *TERMINATING):
+        signal.signal(signum, signal.SIG_IGN)
+    sys.exit(code)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    run()

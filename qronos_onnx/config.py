@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import dataclasses
-import math
 from dataclasses import dataclass, field
 from typing import Literal
 
 from .ir.act_quant import ActQuant
-from .ir.targets import Target, matches
-from .quant import ALGORITHMS, Grid
-from .quant.qronos import Variant
+from .ir.patterns import matches
+from .ir.targets import Target
+from .quant import ALGORITHMS, MAX_DAMPING, Grid, Variant
 
 
 @dataclass(frozen=True)
@@ -36,8 +35,9 @@ class SolverOptions:
             raise ValueError(f"algorithm must be one of {', '.join(ALGORITHMS)}, got {self.algorithm!r}")
         if self.solver_block < 1:
             raise ValueError(f"solver_block must be >= 1, got {self.solver_block}")
-        if self.damping is not None and not 0 <= self.damping < math.inf:
-            raise ValueError(f"damping must be a finite number >= 0, got {self.damping}")
+        if self.damping is not None and not 0 <= self.damping <= MAX_DAMPING:
+            raise ValueError(f"damping must be a number in [0, {MAX_DAMPING:g}], got "
+                             f"{self.damping}")
 
 
 #: The lm_head grid under ``lm_head="int8"``.

@@ -161,11 +161,17 @@ def _acquire(path: Path, output: Path) -> int:
             same = os.fstat(fd).st_ino == os.stat(path).st_ino
         except FileNotFoundError:
             same = False
-        if same:
+        if not same:
+            os.close(fd)  # the holder removed the file as we locked it: lock the new one
+            continue
+        try:
             os.ftruncate(fd, 0)
             os.write(fd, f"{os.getpid()}\n".encode())
-            return fd
-        os.close(fd)      # the holder removed the file as we locked it: lock the new one
+        except OSError:                          # a full disk: leave no empty lock behind
+            path.unlink(missing_ok=True)
+            os.close(fd)
+            raise
+        return fd
 
 
 def staging_dirs(output: Path) -> list[Path]:
@@ -187,6 +193,9 @@ def recover(output: str | os.PathLike) -> list[str]:
                     else "removed its partly placed files")
             done.append(f"a run on {output} (pid {plan['pid']}) was killed while placing its "
                         f"files: {what}")
+        elif plan is not None:
+            done.append(f"removed the staging directory {tmp} of a run on {output} that was "
+                        "killed after placing its files (its output is complete)")
         else:
             done.append(f"removed the staging directory {tmp} of a run on {output} that was "
                         "killed while writing (no previous file had been touched)")
@@ -235,15 +244,28 @@ def staged_output(output: str | os.PathLike, names: Sequence[str],
         with held_signals() as received:
             _place(tmp, parent, names, force, received)
             done = True
+            _clean_up(tmp, done, created)        # signals still held: never cut short
     except OSError as err:
         raise QronosError(f"could not write {output}: {err}") from err
+    except KeyboardInterrupt as err:             # Terminated included
+        if done:                                 # arrived after the point of no return
+            err.completed_output = output        # type: ignore[attr-defined]
+        raise
     finally:
-        if tmp is not None:
-            shutil.rmtree(tmp / "new", ignore_errors=True)
-            if done or not any((tmp / "old").iterdir()):
-                shutil.rmtree(tmp, ignore_errors=True)
         if not done:
-            _remove_empty(created)
+            _clean_up(tmp, done, created)
+
+
+def _clean_up(tmp: Path | None, done: bool, created: Sequence[Path]) -> None:
+    """Remove the staging directory (kept when placing failed and previous files could not be
+    put back: they are in its ``old/``) and, on failure, the directories made for the output."""
+    if tmp is not None:
+        shutil.rmtree(tmp / "new", ignore_errors=True)
+        old = tmp / "old"
+        if done or not (old.is_dir() and any(old.iterdir())):
+            shutil.rmtree(tmp, ignore_errors=True)
+    if not done:
+        _remove_empty(created)
 
 
 class _SignalWhilePlacing(Exception):
@@ -297,3 +319,28 @@ def _roll_back(new: Path, old: Path, parent: Path, names: Sequence[str],
             except OSError:
                 pass
     return restored
+
+
+def write_text_file(path: Path, text: str) -> None:
+    """Write ``text`` to ``path`` all or nothing: into a temporary file beside it, renamed over
+    it when complete (a full disk leaves the previous file, or none, never a truncated one).
+
+    Raises:
+        QronosError: the file could not be written.
+    """
+    created = _new_dirs(path.parent)
+    tmp = None
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        tmp = Path(name)
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    except OSError as err:
+        raise QronosError(f"could not write {path}: {err}") from err
+    finally:
+        if tmp is not None:
+            tmp.unlink(missing_ok=True)
+        if not path.exists():
+            _remove_empty(created)

@@ -1,4 +1,4 @@
-"""Brute-force float64 references, written straight from ALGORITHM.md in numpy.
+"""Brute-force float64 references, written straight from docs/algorithm.md in numpy.
 
 No lazy batches, no Cholesky factors, no shared code with the package beyond the fitted grid
 parameters: every step solves its own linear system. Slow (O(d^4)); for small problems only.

@@ -297,3 +297,19 @@ def test_w8a8_integer_kernels_agree_with_the_float_simulation(tiny_models, tmp_p
         session = ort.InferenceSession(str(out), options, providers=["CPUExecutionProvider"])
         runs.append(np.concatenate([session.run(["logits"], feed)[0] for feed in samples]))
     assert rel(runs[0], runs[1]) < 1 / 255
+
+
+def test_the_w8a8_preset_writes_7_bit_int8_weights(tiny_models, tmp_path):
+    """``--w8a8``: 7-bit symmetric weights stored as int8 (ONNX Runtime's fast u8 x s8 kernels,
+    saturation-free) behind uint8 static activations."""
+    import qronos_onnx
+
+    out = tmp_path / "q.onnx"
+    report = qronos_onnx.optimize(tiny_models("nokv"), out, preset="w8a8", algo="rtn",
+                                  progress=False)
+    assert {(t["grid"]["bits"], t["grid"]["symmetric"]) for t in report["targets"]} == {(7, True)}
+    matmuls = _integer_matmuls(onnx.load(str(out)))
+    assert len(matmuls) == 14
+    for _, quantizer, codes in matmuls:
+        weights = numpy_helper.to_array(codes)
+        assert weights.dtype == np.int8 and np.abs(weights.astype(np.int16)).max() <= 64

@@ -1,9 +1,11 @@
 """The command line and the Python API, end to end on the tiny Llama."""
 
 import json
+import os
 import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import onnx
@@ -63,7 +65,9 @@ def test_optimize_eval_inspect(tiny_models, tmp_path, corpus):
     (["optimize", "{model}", "-o", "x.onnx", "--tokenizer", "nope.json"], "tokenizer not found"),
     (["optimize", "{model}", "-o", "x.onnx", "--tokenizer", "{empty}"], "no tokenizer could be loaded"),
     (["optimize", "{model}", "-o", "x.onnx", "--group-size", "24"], "power-of-two"),
-    (["optimize", "{model}", "-o", "x.onnx", "--calib-data", "nope.txt"], "data file not found"),
+    (["optimize", "{model}", "-o", "x.onnx", "--calib-data", "nope.txt"], "data file nope.txt not found"),
+    (["optimize", "{model}", "-o", "x.onnx", "--calib-data", "{empty}"], "is a directory"),
+    (["olive-config", "--ours-only", "-o", "{empty}"], "is a directory; give a file name"),
     (["optimize", "{model}", "-o", "x.onnx", "--override", "*q_proj=bits:nine"], "cannot read"),
     (["optimize", "{model}", "-o", "x.onnx", "--override", "re:(=bits:8"], "bad override regex"),
     (["optimize", "{model}", "-o", "x.onnx", "--include", "re:(("], "bad include regex"),
@@ -82,6 +86,17 @@ def test_optimize_eval_inspect(tiny_models, tmp_path, corpus):
      "only {stem} may be used"),
     (["optimize", "{model}", "-o", "x.onnx", "--algo", "rtn", "--exclude", "*"],
      "patterns leave out all 14 quantizable layers"),
+    (["optimize", "{model}", "-o", "x.onnx", "--algo", "rtn", "--include", "nothing*"],
+     "patterns leave out all 14 quantizable layers"),
+    (["optimize", "{model}", "-o", "x.onnx", "--damping", "1e300"], "damping must be a number in"),
+    (["optimize", "{model}", "-o", "x.onnx", "--override", "*down_proj=sym,asym"],
+     "sets a key twice or both sym and asym"),
+    (["optimize", "{model}", "-o", "x.onnx", "--override", "*down_proj=bits:8,bits:4"],
+     "sets a key twice"),
+    (["optimize", "{model}", "-o", "x.onnx", "--override", "*down_proj="], "sets nothing"),
+    (["optimize", "{model}", "-o", "x.onnx", "--tokenizer", ""], "tokenizer is an empty path"),
+    (["optimize", "{model}", "-o", "a" * 250 + ".onnx"], "allows 255 bytes per name"),
+    (["optimize", "{model}", "-o", "x.onnx", "--report", "r" * 300], "longer than the 255 bytes"),
 ])
 def test_user_errors_are_one_line_and_exit_2(tiny_models, tmp_path, corpus, args, message, capsys,
                                             monkeypatch):
@@ -269,6 +284,10 @@ def test_options_without_effect_and_a_different_tokenizer_beside_the_output_are_
     assert main(["optimize", str(model), "-o", str(tmp_path / "q.onnx"), "--algo", "rtn",
                  "--group-size", "32", "--force"]) == 0
     assert capsys.readouterr().err == ""                 # the same tokenizer: nothing to say
+    with pytest.warns(qronos_onnx.RecipeWarning, match="rtn takes no damping; damping 0.5 is "
+                      "not used"):
+        qronos_onnx.optimize(model, tmp_path / "q.onnx", algo="rtn", damping=0.5, force=True,
+                             progress=False)
     feeds = [{"input_ids": np.zeros((1, 2048), np.int64)}] * 64
     with pytest.warns(qronos_onnx.RecipeWarning, match=r"calib_data \(a list\) is not used$"):
         qronos_onnx.optimize(model, tmp_path / "q.onnx", algo="rtn", calib_data=feeds,
@@ -406,7 +425,7 @@ def test_an_unwritable_stdout_is_one_line_and_keeps_the_outputs(tiny_models, tmp
                             "--group-size", "32"],
                            stdout=full, stderr=subprocess.PIPE, text=True)
     assert r.returncode == 1
-    assert r.stderr.strip() == ("qronos-onnx: error: cannot write the output: No space left on "
+    assert r.stderr.strip() == ("qronos-onnx: error: cannot write to standard output: No space left on "
                                 "device"), r.stderr
     assert {"q.onnx", "q.onnx.data", "q.report.json"} <= {p.name for p in tmp_path.iterdir()}
 
@@ -445,8 +464,12 @@ def test_eval_refuses_nan_logits(tiny_models, tmp_path, corpus, capsys):
 @pytest.mark.parametrize("argument,value", [
     ("calib_data", 123), ("calib_data", None), ("calib_data", ["text"]),
     ("calib_windows", "8"), ("seqlen", 64.5), ("damping", "0.01"), ("exclude", [1]),
-    ("overrides", [("*", 8)]), ("report", 5), ("model", None), ("output", 3), ("bits", 4.0),
-    ("tokenizer", 7), ("group_size", True),
+    ("overrides", [("*", 8)]), ("overrides", 5), ("report", 5), ("model", None), ("output", 3),
+    ("bits", 4.0), ("tokenizer", 7), ("group_size", True), ("force", "no"),
+    ("symmetric", "false"), ("per_channel", "no"), ("per_channel", 1), ("symmetric", 0),
+    ("act_order", "no"), ("progress", "no"), ("preset", ["w4"]), ("preset", 4), ("algo", 1),
+    ("algo", None), ("format", 1), ("lm_head", 8), ("lm_head", None), ("device", 0),
+    ("reference", 1), ("overrides", {"*down_proj": "bits:8"}),
 ])
 def test_api_arguments_of_the_wrong_type_are_named(tiny_models, tmp_path, argument, value):
     kwargs = {"model": tiny_models("nokv"), "output": tmp_path / "q.onnx", "progress": False,
@@ -461,6 +484,78 @@ def test_api_patterns_given_as_one_string_are_one_pattern(tiny_models, tmp_path)
     report = qronos_onnx.optimize(tiny_models("nokv"), tmp_path / "q.onnx", algo="rtn",
                                   exclude="*down_proj", progress=False)
     assert report["totals"]["targets"] == 12
+
+
+@pytest.mark.parametrize("argument", ["preset", "format"])
+def test_api_empty_names_are_refused(tiny_models, tmp_path, argument):
+    with pytest.raises(qronos_onnx.QronosError, match=f"{'preset' if argument == 'preset' else 'format'}"):
+        qronos_onnx.optimize(tiny_models("nokv"), tmp_path / "q.onnx", algo="rtn",
+                             progress=False, **{argument: ""})
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_api_an_override_given_as_one_string_is_one_override(tiny_models, tmp_path):
+    report = qronos_onnx.optimize(tiny_models("nokv"), tmp_path / "q.onnx", algo="rtn",
+                                  group_size=32, overrides="*down_proj=bits:8", progress=False)
+    bits = {t["name"].rsplit(".", 1)[-1]: t["grid"]["bits"] for t in report["targets"]}
+    assert bits == {"q_proj": 4, "k_proj": 4, "v_proj": 4, "o_proj": 4, "gate_proj": 4,
+                    "up_proj": 4, "down_proj": 8}
+
+
+@pytest.mark.parametrize("ids", [np.ones((1, 2, 16), np.int64), np.ones((1, 0), np.int64),
+                                 np.ones((1, 16), np.float32)], ids=["3-d", "empty", "float"])
+def test_feeds_of_the_wrong_shape_or_type_are_refused(tiny_models, tmp_path, ids):
+    with pytest.raises(qronos_onnx.QronosError, match="must be integer token ids"):
+        qronos_onnx.optimize(tiny_models("nokv"), tmp_path / "q.onnx", progress=False,
+                             calib_data=[{"input_ids": ids}])
+
+
+def test_a_hard_linked_model_is_read_and_its_files_are_never_outputs(tiny_models, tmp_path,
+                                                                    capsys):
+    """A copy made with `cp -l` (data files with two hard links) quantizes like the original;
+    an output whose files are hard links of the input's is refused."""
+    source = tiny_models("nokv")
+    (tmp_path / "linked").mkdir()
+    for name in ("model.onnx", "model.onnx.data", "tokenizer.json"):
+        os.link(source.parent / name, tmp_path / "linked" / name)
+    assert main(["optimize", str(tmp_path / "linked" / "model.onnx"), "-o",
+                 str(tmp_path / "q.onnx"), "--algo", "rtn", "--group-size", "32"]) == 0
+    capsys.readouterr()
+    assert main(["optimize", str(source), "-o", str(tmp_path / "linked" / "model.onnx"),
+                 "--algo", "rtn", "--force"]) == 2
+    assert "reads it through a hard link" in capsys.readouterr().err
+
+
+def test_external_data_linked_from_another_folder_is_refused(tiny_models, tmp_path, capsys):
+    source = tiny_models("nokv")
+    (tmp_path / "m").mkdir()
+    shutil.copy(source, tmp_path / "m" / "model.onnx")
+    (tmp_path / "m" / "model.onnx.data").symlink_to(source.parent / "model.onnx.data")
+    assert main(["optimize", str(tmp_path / "m" / "model.onnx"), "-o", str(tmp_path / "q.onnx"),
+                 "--algo", "rtn"]) == 2
+    err = capsys.readouterr().err
+    assert "is a symbolic link to" in err and "outside the model's folder" in err
+    assert len(err.strip().splitlines()) == 1
+
+
+def test_unreadable_inputs_are_read_errors(tiny_models, tmp_path, corpus, monkeypatch, capsys):
+    """A data file or a text the user may not read: a one-line read error, exit 2 (not a
+    write error). (Permissions are simulated: the tests may run as root.)"""
+    model = tiny_models("nokv")
+    real_access = os.access
+    monkeypatch.setattr(os, "access", lambda path, mode: not str(path).endswith(".onnx.data")
+                        and real_access(path, mode))
+    assert main(["optimize", str(model), "-o", str(tmp_path / "q.onnx"), "--algo", "rtn"]) == 2
+    assert "cannot read the external data file" in capsys.readouterr().err
+    monkeypatch.setattr(os, "access", real_access)
+
+    def denied(self, *args, **kwargs):
+        raise PermissionError(13, "Permission denied", str(self))
+
+    monkeypatch.setattr(Path, "read_text", denied)
+    assert main(["eval", str(model), "--data", str(corpus), "--windows", "1"]) == 2
+    err = capsys.readouterr().err
+    assert f"cannot read {corpus}: Permission denied" in err and len(err.strip().splitlines()) == 1
 
 
 def test_negative_token_ids_in_feeds_are_refused(tiny_models, tmp_path):

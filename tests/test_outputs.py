@@ -19,7 +19,8 @@ RTN = ["--algo", "rtn", "--group-size", "32", "-q"]
 
 #: A child running the CLI, which sends itself ``SIGNAL`` at an injected point: ``save`` (right
 #: after the model and its data are written into the staging directory; ``save:S`` instead
-#: waits S seconds before writing them, and sends nothing) or ``move:N`` (right
+#: waits S seconds before writing them, and sends nothing), ``cleanup`` (when the staging
+#: directory is being removed, all files placed) or ``move:N`` (right
 #: after the N-th file move of placing or rolling back; several N separated by commas). With a
 #: previous output (tokenizer kept), moves 1-3 set data, report and model aside, 4-6 place the
 #: new ones, and a rollback moves again from 7 on.
@@ -37,6 +38,13 @@ CHILD = textwrap.dedent("""
                 kill()
             return written
         pipeline.write_model = saving
+    elif point == "cleanup":
+        rmtree = staging.shutil.rmtree
+        def cleaning(*args, **kwargs):
+            kill()
+            rmtree(*args, **kwargs)
+        staging.shutil = types.ModuleType("shutil")
+        staging.shutil.__dict__.update(sys.modules["shutil"].__dict__, rmtree=cleaning)
     else:
         at, moves, replace = {int(n) for n in point[5:].split(",")}, [0], os.replace
         def moving(src, dst):
@@ -84,6 +92,44 @@ def test_a_signal_while_writing_leaves_the_previous_output(previous, signame, co
     assert r.stderr.strip().splitlines()[-1].startswith(("qronos-onnx: terminated",
                                                          "qronos-onnx: interrupted"))
     assert contents(output.parent) == files
+
+
+@pytest.mark.parametrize("signame,code", [("SIGTERM", 143), ("SIGINT", 130)])
+def test_a_signal_on_the_last_move_still_rolls_back(previous, signame, code):
+    """A signal held while the model (the last file) is moved into place: the placing is
+    undone before the signal acts."""
+    model, output, files = previous
+    r = run_child("move:6", signame, "optimize", model, "-o", output, "--force", "--bits", "2",
+                  *RTN)
+    assert r.returncode == code, r.stderr
+    assert contents(output.parent) == files
+
+
+@pytest.mark.parametrize("signame,code", [("SIGTERM", 143), ("SIGINT", 130)])
+def test_a_signal_after_placing_says_the_output_was_written(previous, signame, code):
+    """Past the point of no return (every file placed, the staging directory being removed)
+    a signal waits for the clean-up, then stops the run, which says that the output is
+    complete: the new files are all in place and nothing else is left."""
+    model, output, files = previous
+    r = run_child("cleanup", signame, "optimize", model, "-o", output, "--force", "--bits", "2",
+                  *RTN)
+    assert r.returncode == code, r.stderr
+    assert r.stderr.strip().endswith(f"after {output} was written completely"), r.stderr
+    now = contents(output.parent)
+    assert set(now) == set(files) and now["q.onnx.data"] != files["q.onnx.data"]
+    onnx.checker.check_model(str(output))
+
+
+def test_closed_standard_streams_are_not_an_error(previous):
+    """`>&-` / `2>&-`: the run does its work; what it would print goes nowhere."""
+    model, output, files = previous
+    for close in (">&-", "2>&-"):
+        r = subprocess.run(["bash", "-c", f'"$@" {close}', "bash", sys.executable, "-m",
+                            "qronos_onnx.cli", "optimize", str(model), "-o", str(output),
+                            "--force", "--bits", "2", *RTN], capture_output=True, text=True)
+        assert r.returncode == 0, r.stderr
+        assert "Traceback" not in r.stderr
+        assert contents(output.parent)["q.onnx.data"] != files["q.onnx.data"]
 
 
 def test_a_second_interrupt_during_the_rollback_is_held(previous):
@@ -193,3 +239,29 @@ def test_a_full_disk_while_copying_the_tokenizer_writes_nothing(tiny_models, tmp
     err = capsys.readouterr().err
     assert "No space left on device" in err and len(err.strip().splitlines()) == 1
     assert list(small_disk.iterdir()) == []
+
+
+def fill(disk: Path) -> None:
+    """Fill ``disk`` to the last byte (unbuffered writes, smaller and smaller)."""
+    with open(disk / "filler", "wb", buffering=0) as f:
+        for size in (65536, 4096, 1):
+            try:
+                while True:
+                    f.write(b"\0" * size)
+            except OSError:
+                pass
+
+
+def test_a_full_disk_leaves_no_lock_and_no_olive_config(tiny_models, small_disk, capsys):
+    """On a full disk: the lock cannot be written (no empty lock file stays), and
+    ``olive-config`` leaves neither a new empty file nor a truncated previous one."""
+    (small_disk / "o.json").write_text('{"passes": {}}\n')
+    fill(small_disk)
+    before = contents(small_disk)
+    assert main(["optimize", str(tiny_models("nokv")), "-o", str(small_disk / "q.onnx"), *RTN]) == 2
+    assert "No space left on device" in capsys.readouterr().err
+    for args in (["-o", str(small_disk / "new.json")], ["-o", str(small_disk / "o.json"), "--force"]):
+        assert main(["olive-config", "--ours-only", *args]) == 2
+        err = capsys.readouterr().err
+        assert "No space left on device" in err and len(err.strip().splitlines()) == 1
+    assert contents(small_disk) == before

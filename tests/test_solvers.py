@@ -1,4 +1,4 @@
-"""Solvers against the brute-force float64 references, and the properties ALGORITHM.md promises."""
+"""Solvers against the brute-force float64 references, and the properties docs/algorithm.md promises."""
 
 import numpy as np
 import pytest
@@ -8,7 +8,7 @@ import reference as ref
 from qronos_onnx.quant import Grid, SolverWarning, solve
 from qronos_onnx.quant.gptq import gptq_sweep
 from qronos_onnx.quant.grid import ColumnGrid, dequantize
-from qronos_onnx.quant.problem import inverse_factor, largest_eigenvalue
+from qronos_onnx.quant.linalg import inverse_factor, largest_eigenvalue
 
 GRIDS = [
     Grid(bits=3, group_size=None),                 # per channel, asymmetric

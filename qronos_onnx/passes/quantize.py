@@ -29,10 +29,10 @@ from ..errors import CalibrationWarning, QronosError, RecipeWarning
 from ..ir.act_quant import insert_act_quant
 from ..ir.signature import LLMSignature, detect_signature
 from ..ir.stages import plan_stages
+from ..ir.patterns import matches
 from ..ir.targets import (ALREADY_QUANTIZED, PATTERN_REASONS, Skipped, Target, TargetGroup,
-                          find_targets, matches, untie_lm_head)
-from ..quant import Grid, QuantizedWeight, SolverWarning, solve
-from ..quant.solve import rtn_codes
+                          find_targets, untie_lm_head)
+from ..quant import Grid, QuantizedWeight, SolverWarning, rtn_codes, solve
 
 #: The warnings a run records in ``QuantizePass.warnings`` (and the report).
 RECORDED_WARNINGS = (CalibrationWarning, RecipeWarning, SolverWarning)
@@ -211,10 +211,6 @@ class QuantizePass(ir.passes.InPlacePass):
         if self.recipe.lm_head == "int8":
             untie_lm_head(model, self.recipe.include, self.recipe.exclude)
         groups, self.skipped = self._find(model)
-        with _recording(self.warnings):
-            targets = [t for g in groups for t in g.targets]
-            _warn_unmatched_patterns(self.recipe, targets, self.skipped)
-            _warn_wide_groups(self.recipe, targets)
         if not groups:
             packed = sum(n.op_type == "MatMulNBits" for n in model.graph)
             dequantized = sum(s.reason == ALREADY_QUANTIZED for s in self.skipped)
@@ -231,6 +227,10 @@ class QuantizePass(ir.passes.InPlacePass):
                                   "names")
             raise QronosError("no quantizable MatMul/Gemm with a constant 2-D weight was found "
                               f"({len(self.skipped)} skipped)")
+        with _recording(self.warnings):                  # (an error above says all there is)
+            targets = [t for g in groups for t in g.targets]
+            _warn_unmatched_patterns(self.recipe, targets, self.skipped)
+            _warn_wide_groups(self.recipe, targets)
         if self.recipe.act_quant is not None:
             for group in groups:
                 dtype = model.graph.initializers[group.targets[0].weight].const_value.dtype

@@ -6,9 +6,10 @@
 """
 
 from .grid import Grid
-from .problem import SolverWarning
-from .solve import ALGORITHMS, DEFAULT_DAMPING, solve
+from .linalg import SolverWarning
+from .qronos import Variant
+from .solve import ALGORITHMS, DEFAULT_DAMPING, MAX_DAMPING, rtn_codes, solve
 from .weight import QuantizedWeight, SolveInfo
 
-__all__ = ["ALGORITHMS", "DEFAULT_DAMPING", "Grid", "QuantizedWeight", "SolveInfo",
-           "SolverWarning", "solve"]
+__all__ = ["ALGORITHMS", "DEFAULT_DAMPING", "MAX_DAMPING", "Grid", "QuantizedWeight", "SolveInfo",
+           "SolverWarning", "Variant", "rtn_codes", "solve"]

@@ -4,6 +4,8 @@ One pass, no update of future weights: each ``q_t`` is chosen so that the first 
 columns on the quantized stream best reproduce the first ``t`` float columns on the float stream:
 
     q_t = Quant( (sum_{j<=t} w_j G_jt  -  sum_{j<t} q_j H_jt) / H_tt )
+
+See docs/algorithm.md; the tests compare with ``tests/reference.py`` (``gpfq``).
 """
 
 from __future__ import annotations

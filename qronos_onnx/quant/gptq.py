@@ -3,6 +3,8 @@
 Columns are rounded one at a time; after each, the error is spread over the columns not yet
 rounded, with the Cholesky factor ``U`` of the damped inverse ``(H + lam I)^-1``. Updates are
 applied lazily in blocks of ``solver_block`` columns (Frantar et al.'s "lazy batch" trick).
+See docs/algorithm.md; the tests compare with ``tests/reference.py`` (``gptq``), which inverts
+each trailing block afresh.
 """
 
 from __future__ import annotations
@@ -11,7 +13,8 @@ import torch
 from torch import Tensor
 
 from .grid import ColumnGrid
-from .problem import LayerProblem, inverse_factor
+from .linalg import inverse_factor
+from .problem import LayerProblem
 
 
 def gptq_sweep(W: Tensor, U: Tensor, cols: ColumnGrid, solver_block: int,

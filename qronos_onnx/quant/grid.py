@@ -1,6 +1,6 @@
 """Integer quantization grids: what values a quantized weight may take.
 
-Conventions (see ALGORITHM.md):
+Conventions (docs/algorithm.md, "The grid"):
 
 - A weight is ``W`` of shape ``[out_features, in_features]`` (``C x d``). Rows are independent.
 - A *group* is ``group_size`` consecutive input features of one row; ``group_size=None`` means

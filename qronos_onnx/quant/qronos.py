@@ -6,6 +6,9 @@ Each step corrects the error made so far by the choice of ``q_t`` and diffuses i
 not yet quantized by (ridge) least squares. From the second step on this is exactly a GPTQ step on
 ``H``, so Qronos is one special first step that uses ``G``, then GPTQ's loop. The ridge ``lam``
 pulls the re-fitted weights toward the original weights, not toward zero.
+
+The derivation, the U-block property and the ``Y`` fold are in docs/algorithm.md; the
+step-by-step float64 reference the tests compare with is ``tests/reference.py`` (``qronos``).
 """
 
 from __future__ import annotations
@@ -16,7 +19,8 @@ import torch
 from torch import Tensor
 
 from .gptq import gptq_sweep
-from .problem import LayerProblem, inverse_factor, times_upper_t
+from .linalg import inverse_factor, times_upper_t
+from .problem import LayerProblem
 
 Variant = Literal["step", "ls"]
 

@@ -11,7 +11,8 @@ from torch import Tensor
 from .gpfq import gpfq
 from .gptq import gptq
 from .grid import Grid, quantize
-from .problem import FactorizationError, LayerProblem, SolverWarning, largest_eigenvalue
+from .linalg import FactorizationError, SolverWarning, largest_eigenvalue
+from .problem import LayerProblem
 from .qronos import Variant, qronos
 from .weight import QuantizedWeight, SolveInfo
 
@@ -23,6 +24,10 @@ ALGORITHMS = ("rtn", "gptq", "gpfq", "qronos")
 #: 1e-6 overfits H, and 1e-3 was best on held-out data (benchmarks/RESULTS.md, "Qronos damping").
 #: GPFQ and RTN take no damping.
 DEFAULT_DAMPING = {"gptq": 0.01, "qronos": 1e-3}
+
+#: The largest relative damping accepted. Far below it the solve is already round-to-nearest
+#: in effect (the ridge dominates ``H``); beyond it the float32 sweep overflows.
+MAX_DAMPING = 1e6
 
 
 def solve(algorithm: str, weight: Tensor, H: Tensor | None = None, G: Tensor | None = None, *,
@@ -63,8 +68,8 @@ def solve(algorithm: str, weight: Tensor, H: Tensor | None = None, G: Tensor | N
             codes = gpfq(problem, solver_block)
         else:
             rel = DEFAULT_DAMPING[algorithm] if damping is None else float(damping)
-            if not 0 <= rel < math.inf:
-                raise ValueError(f"damping must be a finite number >= 0, got {rel}")
+            if not 0 <= rel <= MAX_DAMPING:
+                raise ValueError(f"damping must be a number in [0, {MAX_DAMPING:g}], got {rel}")
             H64 = H.to(device=weight.device, dtype=torch.float64)
             ref = (float(torch.diagonal(H64).abs().mean()) if algorithm == "gptq"
                    else largest_eigenvalue(H64))
