@@ -33,7 +33,7 @@ def part(name: str, windows: int, seqlen: int) -> dict:
     from qronos_onnx.config import Recipe
     from qronos_onnx.ir.model_io import load_model
     from qronos_onnx.ir.signature import detect_signature
-    from qronos_onnx.passes.quantize import QuantizePass
+    from qronos_onnx.pipeline import quantize_model
     from qronos_onnx.quant import Grid
 
     encode = load_tokenizer(MODEL.parent)
@@ -48,9 +48,13 @@ def part(name: str, windows: int, seqlen: int) -> dict:
         for feed in samples:
             session.run(None, feed)
     else:
-        qpass = QuantizePass(Recipe(grid=Grid(bits=4, group_size=64)), samples,
-                             CalibrationOptions(progress=False))
-        qpass(model)
+        qpass = quantize_model(
+            model,
+            Recipe(grid=Grid(bits=4, group_size=64)),
+            samples,
+            CalibrationOptions(progress=False),
+            fmt=None,
+        )
         result = {k: round(v, 1) for k, v in qpass.run_info.seconds.items()}
         result["session_runs"] = qpass.run_info.session_runs
     result["seconds"] = time.perf_counter() - t0
@@ -71,15 +75,29 @@ def main() -> None:
         sys.exit(f"{MODEL} is missing: run python models/smollm2.py first")
     runs = {}
     for name in ("forward", "quantize"):
-        out = subprocess.run([sys.executable, __file__, "--part", name, "--windows",
-                              str(args.windows), "--seqlen", str(args.seqlen)],
-                             check=True, capture_output=True, text=True).stdout
+        out = subprocess.run(
+            [
+                sys.executable,
+                __file__,
+                "--part",
+                name,
+                "--windows",
+                str(args.windows),
+                "--seqlen",
+                str(args.seqlen),
+            ],
+            check=True,
+            capture_output=True,
+            text=True,
+        ).stdout
         runs[name] = json.loads(out.strip().splitlines()[-1])
         print(name, runs[name], flush=True)
     f, q = runs["forward"], runs["quantize"]
     print("\n| part | wall time (s) | peak RSS (MB) |\n|---|---|---|")
-    print(f"| plain ORT forward, {args.windows} x {args.seqlen} tokens | {f['seconds']:.1f} | "
-          f"{f['peak_rss_mb']:.0f} |")
+    print(
+        f"| plain ORT forward, {args.windows} x {args.seqlen} tokens | {f['seconds']:.1f} | "
+        f"{f['peak_rss_mb']:.0f} |"
+    )
     print(f"| calibration + Qronos solve | {q['seconds']:.1f} | {q['peak_rss_mb']:.0f} |")
     print(f"| of which: stage runs (2 streams) | {q['stages']:.1f} | |")
     print(f"| of which: H, G statistics | {q['statistics']:.1f} | |")

@@ -12,7 +12,7 @@ import sys
 from pathlib import Path
 
 import qronos_onnx
-from qronos_onnx.api import token_windows
+from qronos_onnx.calibration.data import token_windows
 from qronos_onnx.eval import evaluate_windows
 
 MODEL = Path(__file__).resolve().parents[1] / "models" / "smollm2-135m" / "model.onnx"
@@ -22,13 +22,29 @@ def main() -> None:
     bits, group, algo = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3]
     damping = float(sys.argv[4]) if len(sys.argv) > 4 else None
     out = Path(f"/tmp/tl/pilot_{bits}_{group}_{algo}_{damping}/m.onnx")
-    report = qronos_onnx.optimize(MODEL, out, bits=bits, group_size=group, algo=algo,
-                                  damping=damping, calib_windows=int(os.environ.get("WINDOWS", 32)),
-                                  force=True, progress=False)
+    report = qronos_onnx.optimize(
+        MODEL,
+        out,
+        bits=bits,
+        group_size=group,
+        algo=algo,
+        damping=damping,
+        calib_windows=int(os.environ.get("WINDOWS", "32")),
+        force=True,
+        progress=False,
+    )
     windows = token_windows("wiki-vital", MODEL.parent, 512, 10, "test", random=False)
     result = evaluate_windows(out, windows, progress=False)
-    print(bits, group, algo, damping, "ppl", round(result.perplexity, 3),
-          "time", report["totals"]["wall_seconds"])
+    print(
+        bits,
+        group,
+        algo,
+        damping,
+        "ppl",
+        round(result.perplexity, 3),
+        "time",
+        report.totals.wall_seconds,
+    )
 
 
 if __name__ == "__main__":

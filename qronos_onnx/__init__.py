@@ -1,8 +1,8 @@
 """qronos-onnx: post-training quantization of ONNX language models with Qronos.
 
-    import qronos_onnx
-    report = qronos_onnx.optimize("model.onnx", "model-w4.onnx", preset="w4")
-    result = qronos_onnx.evaluate("model-w4.onnx", reference="model.onnx")
+import qronos_onnx
+report = qronos_onnx.optimize("model.onnx", "model-w4.onnx")            # --w4
+result = qronos_onnx.evaluate("model-w4.onnx", reference="model.onnx")
 """
 
 import importlib
@@ -10,15 +10,25 @@ import importlib
 #: Public names and the modules that define them, imported on first use (PEP 562), so that
 #: ``import qronos_onnx`` and ``qronos-onnx --help`` do not load torch and ONNX Runtime.
 _EXPORTS = {
-    "ActQuant": ".ir.act_quant", "CalibrationWarning": ".errors", "EvalResult": ".eval",
-    "Grid": ".quant", "PRESETS": ".api", "QronosError": ".errors", "Recipe": ".config",
-    "RecipeWarning": ".errors", "SolverOptions": ".config", "SolverWarning": ".quant",
-    "evaluate": ".api", "optimize": ".api",
+    "ActQuant": ".ir.act_quant",
+    "CalibrationWarning": ".errors",
+    "EvalResult": ".eval",
+    "Grid": ".quant",
+    "OptimizeConfig": ".options",
+    "PRESETS": ".options",
+    "QronosError": ".errors",
+    "Recipe": ".config",
+    "RecipeWarning": ".errors",
+    "Report": ".report",
+    "SolverOptions": ".config",
+    "SolverWarning": ".quant",
+    "evaluate": ".api",
+    "optimize": ".api",
 }
 
 __version__ = "0.1.0"
 
-__all__ = sorted(_EXPORTS)
+__all__ = sorted(_EXPORTS)  # noqa: PLE0605 (the names are those of _EXPORTS, listed once)
 
 
 def __getattr__(name: str):

@@ -11,52 +11,160 @@ import sys
 import warnings
 from collections import Counter
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from .defaults import DEFAULT_EVAL_WINDOWS, DEFAULT_REPORT, DEFAULT_SEQLEN, DEFAULT_WINDOWS
 from .errors import QronosError
+from .options import (
+    DEFAULT_EVAL_WINDOWS,
+    DEFAULT_PRESET,
+    DEFAULT_SEQLEN,
+    PRESETS,
+    OptimizeConfig,
+    alternatives,
+    choices,
+    field_type,
+    fields,
+    option,
+    recipe_path,
+)
 from .staging import TERMINATING, Terminated, termination_as_interrupt, write_text_file
+
+if TYPE_CHECKING:
+    from .report import Report
 
 EPILOG = "Errors a user can fix print one line and exit with status 2."
 
 
 def _optimize(args: argparse.Namespace) -> int:
-    from . import api                           # here, not at import: --help stays instant
+    from . import api  # here, not at import: --help stays instant
 
-    report = api.optimize(
-        args.model, args.output, preset=args.preset, bits=args.bits, group_size=args.group_size,
-        per_channel=args.per_channel, symmetric=args.symmetric, algo=args.algo, format=args.format,
-        calib_data=args.calib_data, calib_windows=args.calib_windows, seqlen=args.seqlen,
-        tokenizer=args.tokenizer, exclude=args.exclude, include=args.include,
-        lm_head=args.lm_head, overrides=args.override, device=args.device, force=args.force,
-        damping=args.damping, act_order=not args.no_act_order, reference=args.reference,
-        accuracy_level=args.accuracy_level, report=args.report, progress=not args.quiet)
+    report = api.optimize(args.model, args.output, optimize_config(args))
     try:
         _print(summary_table(report))
-    except KeyboardInterrupt as err:            # the output is complete: say so
-        err.completed_output = report["output"]  # type: ignore[attr-defined]
+    except KeyboardInterrupt as err:  # the output is complete: say so
+        err.completed_output = report.output  # type: ignore[attr-defined]
         raise
     return 0
 
 
-def summary_table(report: dict) -> str:
-    """A short, readable summary of the JSON report."""
+def optimize_config(args: argparse.Namespace) -> OptimizeConfig:
+    """The options of an ``optimize`` command line: the preset or ``--config`` recipe (default
+    ``w4``), then every option given explicitly."""
+    given = {f.name: getattr(args, f.name) for f in fields() if hasattr(args, f.name)}
+    if not sys.stderr.isatty():  # progress bars are for terminals, not log files
+        given["progress"] = False
+    return OptimizeConfig.from_recipe(args.recipe or DEFAULT_PRESET).replace(**given)
+
+
+def add_optimize_options(parser: argparse.ArgumentParser) -> None:
+    """The flags of every ``OptimizeConfig`` field, and the presets and ``--config``.
+
+    Only the flags given on the command line reach the namespace (their default is
+    ``argparse.SUPPRESS``): the recipe's values stay unless a flag overrides them.
+    """
+    recipes = parser.add_mutually_exclusive_group()
+    for preset in PRESETS:
+        recipes.add_argument(
+            f"--{preset}",
+            dest="recipe",
+            action="store_const",
+            const=preset,
+            help=f"preset: {_first_comment(recipe_path(preset))}",
+        )
+    recipes.add_argument(
+        "--config",
+        dest="recipe",
+        metavar="RECIPE.yaml",
+        help="a recipe file: options as YAML keys (the long flags without "
+        "dashes), listing what differs from the defaults",
+    )
+    parser.set_defaults(recipe=None)
+    for f in fields():
+        opt = option(f)
+        flags = list(opt.switches)
+        target = (
+            parser.add_mutually_exclusive_group() if len(flags) + opt.takes_value > 1 else parser
+        )
+        if opt.takes_value:
+            target.add_argument(
+                opt.flag or "--" + f.name.replace("_", "-"),
+                dest=f.name,
+                type=_parse_as(f.name),
+                metavar=opt.metavar,
+                choices=choices(f.name, only=True),
+                nargs="+" if _is_list(f.name) else None,
+                default=argparse.SUPPRESS,
+                help=f"{opt.help} (default: {_shown(f.default)})",
+            )
+        for switch in flags:
+            target.add_argument(
+                *switch.flags,
+                dest=f.name,
+                action="store_const",
+                const=switch.value,
+                default=argparse.SUPPRESS,
+                help=switch.help,
+            )
+
+
+def _first_comment(path: Path) -> str:
+    """The summary of a recipe file: its first comment line, without its '# --name:' lead."""
+    first = path.read_text(encoding="utf-8").splitlines()[0]
+    return first.lstrip("# ").split(": ", 1)[-1]
+
+
+def _is_list(name: str) -> bool:
+    return isinstance(next(f for f in fields() if f.name == name).default, tuple)
+
+
+def _parse_as(name: str):
+    """The converter of a field's command-line value: by its type annotation, with ``none``
+    for an optional value and ``channel`` for a per-channel group size."""
+    kinds = alternatives(field_type(name))
+    if name == "group_size":
+        return lambda text: text if text == "channel" else int(text)
+    convert = int if int in kinds else float if float in kinds else str
+    if type(None) in kinds:
+        return lambda text: None if text == "none" else convert(text)
+    return convert
+
+
+def _shown(default) -> str:
+    if isinstance(default, tuple):
+        return "none" if not default else " ".join(default)
+    return "none" if default is None else str(default)
+
+
+def summary_table(report: Report) -> str:
+    """A short, readable summary of the report."""
     rows = [("layer", "shape", "grid", "error rtn", "error", "s")]
-    for t in report["targets"]:
-        g = t["grid"]
+    for t in report.targets:
+        g = t.grid
         grid = f"{'s' if g['symmetric'] else 'a'}{g['bits']} " + (
-            f"g{g['group_size']}" if g["group_size"] else "ch")
-        rows.append((t["name"], "x".join(map(str, t["shape"])), grid, _pct(t["error_rtn"]),
-                     _pct(t["error"]), f"{t['solve_seconds']:.2f}"))
+            f"g{g['group_size']}" if g["group_size"] else "ch"
+        )
+        rows.append(
+            (
+                t.name,
+                "x".join(map(str, t.shape)),
+                grid,
+                _pct(t.error_rtn),
+                _pct(t.error),
+                f"{t.solve_seconds:.2f}",
+            )
+        )
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
-    lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)) for r in rows]
-    tot = report["totals"]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=False)) for r in rows]
+    tot = report.totals
+    algorithm = report.targets[0].algorithm if report.targets else "-"
     lines.append("")
-    lines.append(f"{tot['targets']} layers ({report['targets'][0]['algorithm'] if report['targets'] else '-'}, "
-                 f"{report['format']}), {len(report['skipped'])} skipped; "
-                 f"{tot['input_bytes'] / 1e6:.1f} MB -> {tot['output_bytes'] / 1e6:.1f} MB in "
-                 f"{tot['wall_seconds']:.0f} s, peak RSS {tot['peak_rss_mb']:.0f} MB")
-    lines.extend(f"note: {n}" for n in report["notes"])
-    lines.append(f"wrote {report['output']}")
+    lines.append(
+        f"{tot.targets} layers ({algorithm}, {report.format}), {len(report.skipped)} "
+        f"skipped; {tot.input_bytes / 1e6:.1f} MB -> {tot.output_bytes / 1e6:.1f} MB "
+        f"in {tot.wall_seconds:.0f} s, peak RSS {tot.peak_rss_mb:.0f} MB"
+    )
+    lines.extend(f"note: {n}" for n in report.notes)
+    lines.append(f"wrote {report.output}")
     return "\n".join(lines)
 
 
@@ -67,17 +175,28 @@ def _pct(x) -> str:
 def _eval(args: argparse.Namespace) -> int:
     from . import api
 
-    result = api.evaluate(args.model, reference=args.reference, data=args.data,
-                          windows=args.windows, seqlen=args.seqlen, tokenizer=args.tokenizer,
-                          device=args.device, progress=not args.quiet and not args.json)
+    result = api.evaluate(
+        args.model,
+        reference=args.reference,
+        data=args.data,
+        windows=args.windows,
+        seqlen=args.seqlen,
+        tokenizer=args.tokenizer,
+        device=args.device,
+        progress=not args.quiet and not args.json,
+    )
     if args.json:
         _print(json.dumps(result.as_dict()))
         return 0
-    _print(f"perplexity {result.perplexity:.4f} ({result.windows} windows of {args.seqlen} "
-          f"tokens, {result.tokens} scored, {result.seconds:.0f} s)")
+    _print(
+        f"perplexity {result.perplexity:.4f} ({result.windows} windows of {args.seqlen} "
+        f"tokens, {result.tokens} scored, {result.seconds:.0f} s)"
+    )
     if result.kl is not None:
-        _print(f"KL(reference || model) {result.kl:.5f} nats/token, top-1 agreement "
-              f"{100 * result.top1_agreement:.2f}%")
+        _print(
+            f"KL(reference || model) {result.kl:.5f} nats/token, top-1 agreement "
+            f"{100 * result.top1_agreement:.2f}%"
+        )
     return 0
 
 
@@ -92,8 +211,10 @@ def _inspect(args: argparse.Namespace) -> int:
     if args.lm_head:
         untie_lm_head(model)
     _print(f"model {args.model}: opsets {dict(model.opset_imports)}")
-    _print(f"signature: input_ids, attention_mask={sig.attention_mask is not None}, "
-          f"position_ids={sig.position_ids is not None}, KV-cache inputs={len(sig.past)}, logits")
+    _print(
+        f"signature: input_ids, attention_mask={sig.attention_mask is not None}, "
+        f"position_ids={sig.position_ids is not None}, KV-cache inputs={len(sig.past)}, logits"
+    )
     groups, skipped = find_targets(model, include_lm_head=args.lm_head)
     stages = plan_stages(model, groups)
     n = sum(len(g.targets) for g in groups)
@@ -105,8 +226,18 @@ def _inspect(args: argparse.Namespace) -> int:
     for s in skipped:
         _print(f"  {s.name} ({s.node}): {s.reason}")
     ops = Counter(n.op_type for n in model.graph)
-    formats = {k: ops[k] for k in ("MatMulNBits", "DequantizeLinear", "QuantizeLinear",
-                                   "DynamicQuantizeLinear", "MatMul", "Gemm") if ops[k]}
+    formats = {
+        k: ops[k]
+        for k in (
+            "MatMulNBits",
+            "DequantizeLinear",
+            "QuantizeLinear",
+            "DynamicQuantizeLinear",
+            "MatMul",
+            "Gemm",
+        )
+        if ops[k]
+    }
     _print(f"formats present: {formats}")
     return 0
 
@@ -117,7 +248,9 @@ def _olive_config(args: argparse.Namespace) -> int:
 
         config = REGISTRY if args.ours_only else merged_package_config()
     except ImportError as err:
-        raise QronosError(f"Olive is not installed ({err}): pip install 'qronos-onnx[olive]'") from err
+        raise QronosError(
+            f"Olive is not installed ({err}): pip install 'qronos-onnx[olive]'"
+        ) from err
     text = json.dumps(config, indent=2) + "\n"
     if args.output is None:
         _print(text, end="")
@@ -141,99 +274,75 @@ class _Parser(argparse.ArgumentParser):
 
 
 def parser() -> argparse.ArgumentParser:
-    root = _Parser(prog="qronos-onnx", epilog=EPILOG,
-                   description="Post-training quantization of ONNX LLMs with Qronos.")
+    root = _Parser(
+        prog="qronos-onnx",
+        epilog=EPILOG,
+        description="Post-training quantization of ONNX LLMs with Qronos.",
+    )
     sub = root.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    o = sub.add_parser("optimize", help="quantize a model", epilog=EPILOG,
-                       description="Quantize an ONNX decoder LLM (presets are recipes; explicit "
-                                   "flags override them).")
+    o = sub.add_parser(
+        "optimize",
+        help="quantize a model",
+        epilog=EPILOG,
+        description="Quantize an ONNX decoder LLM. A preset or recipe sets the "
+        "options (default --w4); explicit flags override it.",
+    )
     o.add_argument("model", help="input model.onnx (external data beside it)")
     o.add_argument("-o", "--output", required=True, help="output .onnx (+ .onnx.data)")
-    presets = o.add_mutually_exclusive_group()
-    for name, help_ in (("w4", "int4 weights, asymmetric, group 128 (default)"),
-                        ("w3", "int3 weights, asymmetric, group 128 (4-bit container)"),
-                        ("w2", "int2 weights, asymmetric, group 32"),
-                        ("w4a4", "int4 per-channel weights + int4 per-token activations"),
-                        ("w8a8", "7-bit per-channel weights in int8 + static uint8 "
-                                 "activations (QDQ, integer kernels)")):
-        presets.add_argument(f"--{name}", dest="preset", action="store_const", const=name, help=help_)
-    o.add_argument("--bits", type=int, help="weight bits (2..8)")
-    gs = o.add_mutually_exclusive_group()
-    gs.add_argument("--group-size", type=int, help="input features per scale (e.g. 32, 64, 128)")
-    gs.add_argument("--per-channel", action="store_true", help="one scale per output channel")
-    sym = o.add_mutually_exclusive_group()
-    sym.add_argument("--sym", dest="symmetric", action="store_const", const=True,
-                     help="symmetric grid, no zero point")
-    sym.add_argument("--asym", dest="symmetric", action="store_const", const=False,
-                     help="asymmetric grid with an integer zero point")
-    o.add_argument("--algo", choices=["qronos", "gptq", "gpfq", "rtn"], default="qronos")
-    o.add_argument("--format", choices=["matmulnbits", "qdq"],
-                   help="matmulnbits (ONNX Runtime's kernel; the default except for --w8a8) or "
-                        "qdq (opset-21 DequantizeLinear)")
-    o.add_argument("--calib-data", default="wiki-vital", help="text file or 'wiki-vital' (default)")
-    o.add_argument("--calib-windows", type=int, default=DEFAULT_WINDOWS,
-                   help=f"calibration windows (default {DEFAULT_WINDOWS})")
-    o.add_argument("--seqlen", type=int, default=DEFAULT_SEQLEN,
-                   help=f"tokens per window (default {DEFAULT_SEQLEN})")
-    o.add_argument("--tokenizer", help="tokenizer.json or tokenizer directory (default: "
-                                       "tokenizer.json beside the model)")
-    o.add_argument("--exclude", nargs="+", default=[], metavar="PATTERN",
-                   help="leave matching layers in float (globs, or re:REGEX)")
-    o.add_argument("--include", nargs="+", default=[], metavar="PATTERN",
-                   help="quantize only matching layers")
-    o.add_argument("--override", nargs="+", default=[], metavar="PATTERN=SPEC",
-                   help="per-layer grids, e.g. '*down_proj=bits:8,group:32' or "
-                        "'*.k_proj=group:channel,sym' (keys: bits:N, group:N|channel, sym, asym)")
-    o.add_argument("--lm-head", choices=["skip", "int8"], default="skip",
-                   help="skip (default) or quantize the lm_head to int8 per channel (and its "
-                        "input to int8 when activations are quantized)")
-    o.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
-    o.add_argument("--force", action="store_true", help="overwrite an existing output")
-    o.add_argument("--damping", type=float, help="relative damping (gptq: 0.01 x mean diag H; "
-                                                 "qronos: 1e-3 x lambda_max(H))")
-    o.add_argument("--no-act-order", action="store_true", help="solve columns in stored order")
-    o.add_argument("--reference", choices=["network", "stage"], default="network",
-                   help="where X comes from: the float network (default) or the float stage "
-                        "on quantized inputs")
-    o.add_argument("--accuracy-level", type=int, choices=range(5),
-                   help="MatMulNBits accuracy_level (4: int8 activations in the CPU kernel)")
-    o.add_argument("--report", default=DEFAULT_REPORT,
-                   help="report file name beside the output; {stem} is the output's name "
-                        "without .onnx (default: %(default)s)")
-    o.add_argument("-q", "--quiet", action="store_true",
-                   help="no progress bars (shown only when stderr is a terminal)")
+    add_optimize_options(o)
     o.set_defaults(func=_optimize)
 
-    e = sub.add_parser("eval", help="perplexity (and agreement with a reference model)",
-                       epilog=EPILOG)
+    e = sub.add_parser(
+        "eval", help="perplexity (and agreement with a reference model)", epilog=EPILOG
+    )
     e.add_argument("model")
     e.add_argument("--reference", help="float model: also report KL divergence and top-1 agreement")
     e.add_argument("--data", default="wiki-vital", help="text file or 'wiki-vital' (test side)")
-    e.add_argument("--windows", type=int, default=DEFAULT_EVAL_WINDOWS,
-                   help=f"windows scored, from the start of the text "
-                        f"(default {DEFAULT_EVAL_WINDOWS})")
-    e.add_argument("--seqlen", type=int, default=DEFAULT_SEQLEN,
-                   help=f"tokens per window (default {DEFAULT_SEQLEN})")
-    e.add_argument("--tokenizer", help="tokenizer.json or a tokenizer directory (default: beside "
-                                       "the model)")
-    e.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto",
-                   help="ONNX Runtime provider (auto: CUDA when present)")
+    e.add_argument(
+        "--windows",
+        type=int,
+        default=DEFAULT_EVAL_WINDOWS,
+        help=f"windows scored, from the start of the text (default {DEFAULT_EVAL_WINDOWS})",
+    )
+    e.add_argument(
+        "--seqlen",
+        type=int,
+        default=DEFAULT_SEQLEN,
+        help=f"tokens per window (default {DEFAULT_SEQLEN})",
+    )
+    e.add_argument(
+        "--tokenizer", help="tokenizer.json or a tokenizer directory (default: beside the model)"
+    )
+    e.add_argument(
+        "--device",
+        choices=["auto", "cpu", "cuda"],
+        default="auto",
+        help="ONNX Runtime provider (auto: CUDA when present)",
+    )
     e.add_argument("--json", action="store_true", help="print one JSON object")
-    e.add_argument("-q", "--quiet", action="store_true",
-                   help="no progress bar (shown only when stderr is a terminal)")
+    e.add_argument(
+        "-q",
+        "--quiet",
+        action="store_true",
+        help="no progress bar (shown only when stderr is a terminal)",
+    )
     e.set_defaults(func=_eval)
 
-    i = sub.add_parser("inspect", help="LLM signature, targets, skipped layers, stages, formats",
-                       epilog=EPILOG)
+    i = sub.add_parser(
+        "inspect", help="LLM signature, targets, skipped layers, stages, formats", epilog=EPILOG
+    )
     i.add_argument("model")
     i.add_argument("--lm-head", action="store_true", help="count the lm_head as a target")
     i.set_defaults(func=_inspect)
 
-    c = sub.add_parser("olive-config", epilog=EPILOG,
-                       help="Olive package config with QronosQuantization registered",
-                       description="Olive's --package-config replaces its default registry; "
-                                   "this writes Olive's registry and ours together.")
+    c = sub.add_parser(
+        "olive-config",
+        epilog=EPILOG,
+        help="Olive package config with QronosQuantization registered",
+        description="Olive's --package-config replaces its default registry; "
+        "this writes Olive's registry and ours together.",
+    )
     c.add_argument("-o", "--output", help="file to write (default: print)")
     c.add_argument("--ours-only", action="store_true", help="only the QronosQuantization entry")
     c.add_argument("--force", action="store_true", help="overwrite an existing output file")
@@ -265,19 +374,19 @@ def _print(*args, **kwargs) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    for name in ("stdout", "stderr"):            # closed by the caller (`>&-`): write nowhere
+    for name in ("stdout", "stderr"):  # closed by the caller (`>&-`): write nowhere
         if getattr(sys, name) is None:
             setattr(sys, name, open(os.devnull, "w"))  # noqa: SIM115 (lives as long as sys)
     args = parser().parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(message)s")
-    if not sys.stderr.isatty():                 # progress bars are for terminals, not log files
+    if not sys.stderr.isatty() and hasattr(args, "quiet"):  # bars are for terminals
         args.quiet = True
-    with warnings.catch_warnings(), termination_as_interrupt():   # both undone on return
+    with warnings.catch_warnings(), termination_as_interrupt():  # both undone on return
         warnings.simplefilter("default")
         warnings.showwarning = _show_warning
         try:
             code = args.func(args)
-            try:                                # a full stdout fails here, not at exit
+            try:  # a full stdout fails here, not at exit
                 sys.stdout.flush()
             except OSError as err:
                 raise _StdoutError(err) from err
@@ -286,7 +395,7 @@ def main(argv: list[str] | None = None) -> int:
             # one line, whatever a library's message that ours quotes looks like
             print(f"qronos-onnx: error: {' '.join(str(err).split())}", file=sys.stderr)
             return 2
-        except Terminated as err:               # SIGTERM / SIGHUP: cleaned up like Ctrl-C
+        except Terminated as err:  # SIGTERM / SIGHUP: cleaned up like Ctrl-C
             print(f"qronos-onnx: terminated ({err}){_written(err)}", file=sys.stderr)
             return 128 + err.signum
         except KeyboardInterrupt as err:
@@ -298,7 +407,7 @@ def main(argv: list[str] | None = None) -> int:
                 return 0
             print(f"qronos-onnx: error: cannot write to standard output: {err}", file=sys.stderr)
             return 1
-        except OSError as err:                  # an operating-system failure not foreseen
+        except OSError as err:  # an operating-system failure not foreseen
             print(f"qronos-onnx: error: {' '.join(str(err).split())}", file=sys.stderr)
             return 1
 

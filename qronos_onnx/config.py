@@ -1,14 +1,21 @@
-"""Configuration: what to quantize and how. Frozen dataclasses; presets map to CLI flags."""
+"""The recipe the passes read, built from an ``OptimizeConfig`` (``options.py``): the weight
+grid of every layer (with per-pattern overrides), the solver, the activation quantizer and the
+lm_head policy; and the check that a format can hold the grids."""
 
 from __future__ import annotations
 
 import dataclasses
+import warnings
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Literal
 
+from .errors import QronosError, RecipeWarning
 from .ir.act_quant import ActQuant
-from .ir.patterns import matches
-from .ir.targets import Target
+from .ir.packing import block_size_for, container_bits
+from .ir.patterns import check_patterns, matches
+from .ir.targets import Skipped, Target
+from .options import OptimizeConfig
 from .quant import ALGORITHMS, MAX_DAMPING, Grid, Variant
 
 
@@ -32,12 +39,15 @@ class SolverOptions:
 
     def __post_init__(self) -> None:
         if self.algorithm not in ALGORITHMS:
-            raise ValueError(f"algorithm must be one of {', '.join(ALGORITHMS)}, got {self.algorithm!r}")
+            raise ValueError(
+                f"algorithm must be one of {', '.join(ALGORITHMS)}, got {self.algorithm!r}"
+            )
         if self.solver_block < 1:
             raise ValueError(f"solver_block must be >= 1, got {self.solver_block}")
         if self.damping is not None and not 0 <= self.damping <= MAX_DAMPING:
-            raise ValueError(f"damping must be a number in [0, {MAX_DAMPING:g}], got "
-                             f"{self.damping}")
+            raise ValueError(
+                f"damping must be a number in [0, {MAX_DAMPING:g}], got {self.damping}"
+            )
 
 
 #: The lm_head grid under ``lm_head="int8"``.
@@ -95,3 +105,160 @@ class Recipe:
         if self.act_quant is None or not target.lm_head:
             return self.act_quant
         return dataclasses.replace(self.act_quant, bits=max(8, self.act_quant.bits))
+
+
+def recipe_for(config: OptimizeConfig) -> Recipe:
+    """The recipe of a configuration.
+
+    Raises:
+        QronosError: a value the grids, solver or patterns refuse (a bad override, a damping
+            beyond the solver's bound, a regex that does not compile).
+    """
+    try:
+        grid = Grid(
+            bits=config.bits,
+            symmetric=config.symmetric,
+            group_size=None if config.group_size == "channel" else config.group_size,
+        )
+        act = (
+            None
+            if config.act_bits is None
+            else ActQuant(
+                bits=config.act_bits,
+                granularity=config.act_granularity,
+                symmetric=config.act_symmetric,
+            )
+        )
+        recipe = Recipe(
+            grid=grid,
+            solver=SolverOptions(
+                algorithm=config.algo, act_order=config.act_order, damping=config.damping
+            ),
+            lm_head=config.lm_head,
+            include=config.include,
+            exclude=config.exclude,
+            overrides=tuple(parse_override(o, grid) for o in config.overrides),
+            act_quant=act,
+        )
+    except ValueError as err:
+        raise QronosError(str(err)) from err
+    check_patterns(recipe.include, "include")
+    check_patterns(recipe.exclude, "exclude")
+    return recipe
+
+
+def parse_override(spec: str, default: Grid) -> tuple[str, Grid]:
+    """``PATTERN=bits:8,group:32,sym`` -> ``(pattern, grid)``.
+
+    Keys: ``bits:N``, ``group:N`` or ``group:channel``, ``sym`` or ``asym``, each at most once;
+    unspecified ones come from ``default``.
+    """
+    pattern, sep, rest = spec.rpartition("=")
+    if not sep or not pattern:
+        raise QronosError(f"override {spec!r}: expected PATTERN=bits:N,group:N|channel,sym|asym")
+    check_patterns([pattern], "override")
+    items = [item for item in rest.split(",") if item]
+    keys = [item.partition(":")[0] for item in items]
+    if not items:
+        raise QronosError(
+            f"override {spec!r} sets nothing: give bits:N, group:N|channel, sym or asym after '='"
+        )
+    if len(set(keys)) < len(keys) or {"sym", "asym"} <= set(keys):
+        raise QronosError(f"override {spec!r} sets a key twice or both sym and asym")
+    fields = {
+        "bits": default.bits,
+        "group_size": default.group_size,
+        "symmetric": default.symmetric,
+    }
+    for item in items:
+        key, _, value = item.partition(":")
+        try:
+            if key == "bits":
+                fields["bits"] = int(value)
+            elif key == "group":
+                fields["group_size"] = None if value == "channel" else int(value)
+            elif key in ("sym", "asym") and not value:
+                fields["symmetric"] = key == "sym"
+            else:
+                raise ValueError(item)
+        except ValueError as err:
+            raise QronosError(
+                f"override {spec!r}: cannot read {item!r} (keys: bits:N, "
+                "group:N|channel, sym, asym)"
+            ) from err
+    try:
+        return pattern, Grid(**fields)  # type: ignore[arg-type]
+    except ValueError as err:
+        raise QronosError(f"override {spec!r}: {err}") from err
+
+
+def check_format(recipe: Recipe, fmt: str) -> list[str]:
+    """Refuse grids the format cannot hold, before any work; return notes for the report."""
+    notes = []
+    grids = [recipe.grid, *(g for _, g in recipe.overrides)]
+    if fmt == "matmulnbits":
+        for grid in grids:
+            if grid.group_size is not None:
+                try:
+                    block_size_for(grid.group_size, grid.group_size)
+                except ValueError as err:
+                    raise QronosError(f"{err}: use format qdq, or group_size 16/32/64/128") from err
+            if container_bits(grid.bits) != grid.bits:
+                notes.append(
+                    f"{grid.bits}-bit codes are stored in MatMulNBits' "
+                    f"{container_bits(grid.bits)}-bit container (ONNX Runtime's kernel "
+                    "takes 2, 4 and 8 bits); the file is that much larger"
+                )
+    if fmt == "qdq":
+        notes.extend(
+            f"{g.bits}-bit codes are stored as {'int4' if g.bits < 4 else 'int8'}"
+            for g in grids
+            if g.bits not in (4, 8)
+        )
+    return notes
+
+
+def warn_recipe_mismatches(
+    recipe: Recipe, targets: Sequence[Target], skipped: Sequence[Skipped]
+) -> None:
+    """Warn (``RecipeWarning``) about what in a recipe changes nothing or less than asked:
+    include / exclude patterns that match no layer, override patterns that match no quantized
+    layer whose grid they can set (the lm_head's is fixed by the lm_head policy), and groups
+    wider than some layers' rows (those get one scale per output channel)."""
+    layers = [(t.name, t.node) for t in targets] + [(s.name, s.node) for s in skipped]
+    quantized = [(t.name, t.node) for t in targets if not t.lm_head]
+    heads = [(t.name, t.node) for t in targets if t.lm_head]
+    checks = (
+        [("include", p, layers) for p in recipe.include]
+        + [("exclude", p, layers) for p in recipe.exclude]
+        + [("override", p, quantized) for p, _ in recipe.overrides]
+    )
+    for option, pattern, names in checks:
+        if not any(matches([pattern], *n) for n in names):
+            example = f" (names look like {names[0][0]!r})" if names else ""
+            head = (
+                "; the lm_head's grid is set by the lm_head policy (int8 per channel)"
+                if option == "override" and any(matches([pattern], *n) for n in heads)
+                else ""
+            )
+            warnings.warn(
+                f"{option} pattern {pattern!r} matches no "
+                f"{'quantized ' if option == 'override' else ''}layer{example}{head}; "
+                "`qronos-onnx inspect MODEL` lists them",
+                RecipeWarning,
+                stacklevel=2,
+            )
+    wide: dict[int, list[Target]] = {}
+    for t in targets:
+        size = None if t.lm_head else recipe.requested_grid(t).group_size
+        if size is not None and size > t.in_features:
+            wide.setdefault(size, []).append(t)
+    for size, layers in wide.items():
+        widest = max(layers, key=lambda t: t.in_features)
+        warnings.warn(
+            f"group size {size} is larger than the input features of {len(layers)} "
+            f"layer(s) (up to {widest.in_features}, at {widest.name}): they get one "
+            "scale per output channel",
+            RecipeWarning,
+            stacklevel=2,
+        )

@@ -1,120 +1,297 @@
-"""File in, file out: load, quantize, export, save, report. Nothing is written unless
-everything succeeded; the input model and its data files are never modified."""
+"""The one orchestrator: ``run`` takes a model file, an ``OptimizeConfig``, calibration data
+and a writer, and does everything in one order. The command line, the Python API and the Olive
+pass are thin adapters over it (they differ in how options arrive and where output goes).
+
+    checks that need no work (recipe, format, output place)     -> QronosError, nothing done
+    writer.reserve()              (files: lock the output, SIGTERM/SIGHUP like Ctrl-C)
+      load the model (memory-mapped), untie the lm_head if it is quantized
+      find the targets            (an already quantized model is refused here, before any data)
+      calibration samples         (tokenize the text, or complete the given feeds)
+      passes: activation quantizers -> calibrate and solve -> MatMulNBits | QDQ
+      writer.write(model, report) (files: staged and placed all or nothing)
+
+The passes (``passes/``) are ``onnx_ir`` passes with ``requires``/``ensures`` contracts, run
+as one ``onnx_ir.passes.Sequential``; the input model is never modified.
+"""
 
 from __future__ import annotations
 
+import contextlib
 import filecmp
 import os
 import shutil
 import time
 import warnings
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
-from typing import Literal
+from typing import Any, Protocol
 
 import onnx_ir as ir
 
+from .calibration.data import calibration_samples, default_tokenizer
 from .calibration.runner import CalibrationOptions
-from .config import Recipe
-from .defaults import DEFAULT_REPORT
-from .errors import QronosError
-from .ir.model_io import (TOKENIZER_FILE, check_output_path, data_file_name, load_model,
-                          write_model)
-from .ir.packing import block_size_for, container_bits
+from .config import Recipe, check_format, recipe_for, warn_recipe_mismatches
+from .errors import CalibrationWarning, QronosError, RecipeWarning
+from .ir.model_io import TOKENIZER_FILE, check_output_path, data_file_name, load_model, write_model
+from .ir.signature import detect_signature
+from .ir.targets import find_targets, require_targets
+from .options import WIKI_VITAL, OptimizeConfig
+from .passes.act_quant import InsertActQuantPass
+from .passes.calibrate import CalibrateSolvePass, Observer
 from .passes.formats import ToMatMulNBitsPass, ToQDQPass
-from .passes.quantize import QuantizePass
-from .report import build_report, report_name, write_report
-from .staging import staged_output
+from .passes.lm_head import UntieLmHeadPass
+from .quant import SolverWarning
+from .report import Report, build_report, report_name
+from .staging import output_lock, staged_output, termination_as_interrupt
 
-Format = Literal["matmulnbits", "qdq"]
-FORMATS = ("matmulnbits", "qdq")
+#: The warnings a run records in its report (they are printed as they happen, too).
+RECORDED_WARNINGS = (CalibrationWarning, RecipeWarning, SolverWarning)
 
-
-@dataclass
-class QuantizationOutcome:
-    """What ``quantize_file`` produced: the files written, the report and the pass."""
-
-    files: list[Path]
-    report: dict
-    quantize: QuantizePass
+#: ``make_report(files written) -> Report``, called by a writer once the model is saved.
+ReportMaker = Callable[[list[Path]], Report]
 
 
-def check_format(recipe: Recipe, fmt: Format | None) -> list[str]:
-    """Refuse grids the format cannot hold, before any work; return notes for the report."""
-    if fmt is not None and fmt not in FORMATS:
-        raise QronosError(f"format must be one of {', '.join(FORMATS)}, got {fmt!r}")
-    notes = []
-    grids = [recipe.grid, *(g for _, g in recipe.overrides)]
-    if fmt == "matmulnbits":
-        for grid in grids:
-            if grid.group_size is not None:
-                try:
-                    block_size_for(grid.group_size, grid.group_size)
-                except ValueError as err:
-                    raise QronosError(f"{err}: use --format qdq, or --group-size 16/32/64/128")
-            if container_bits(grid.bits) != grid.bits:
-                notes.append(f"{grid.bits}-bit codes are stored in MatMulNBits' "
-                             f"{container_bits(grid.bits)}-bit container (ONNX Runtime's kernel "
-                             "takes 2, 4 and 8 bits); the file is that much larger")
-    if fmt == "qdq":
-        for grid in grids:
-            if grid.bits not in (4, 8):
-                notes.append(f"{grid.bits}-bit codes are stored as {'int4' if grid.bits < 4 else 'int8'}")
-    return notes
+class Writer(Protocol):
+    """Where a run's output goes (files beside ``-o``, or an Olive model handler)."""
+
+    output: Path  # the output model's path
+
+    def check(self, model_path: Path) -> None:
+        """Refuse an output place before any work (``QronosError``)."""
+
+    def reserve(self) -> contextlib.AbstractContextManager:
+        """Held for the whole run (a lock on the output)."""
+
+    def write(self, model: ir.Model, make_report: ReportMaker) -> Report:
+        """Save the model and its report; return the report."""
 
 
-def quantize_model(model: ir.Model, recipe: Recipe, samples: Sequence[dict],
-                   calibration: CalibrationOptions | None = None, fmt: Format | None = "matmulnbits",
-                   accuracy_level: int | None = None, observer=None) -> QuantizePass:
-    """Quantize an in-memory model and write it in ``fmt``; returns the quantize pass."""
-    quantize = QuantizePass(recipe, samples, calibration, observer)
-    quantize(model)
-    if fmt == "matmulnbits":
-        ToMatMulNBitsPass(accuracy_level)(model)
-    elif fmt == "qdq":
-        ToQDQPass()(model)
-    return quantize
-
-
-def quantize_file(model_path: str | os.PathLike, output: str | os.PathLike, recipe: Recipe,
-                  samples: Sequence[dict], calibration: CalibrationOptions | None = None,
-                  force: bool = False, fmt: Format | None = "matmulnbits",
-                  accuracy_level: int | None = None, report: str | None = DEFAULT_REPORT,
-                  observer=None, tokenizer: str | os.PathLike | None = None) -> QuantizationOutcome:
-    """Quantize ``model_path`` into ``output``.
-
-    Model, data file, report and tokenizer are placed together, all or nothing
-    (``qronos_onnx.staging.staged_output``); ``api.optimize`` also holds the output's lock
-    around the whole run.
+def run(
+    model_path: str | os.PathLike,
+    config: OptimizeConfig,
+    writer: Writer,
+    data: Any = None,
+    observer: Observer | None = None,
+) -> Report:
+    """Quantize ``model_path`` as ``config`` says and hand the result to ``writer``.
 
     Args:
-        fmt: ``matmulnbits`` (default), ``qdq``, or ``None`` for a fake-quantized float model
-            (dequantized weights; for inspection and tests).
-        report: file name of the JSON report, written beside ``output``; ``None`` for none.
+        data: calibration feeds (an iterable of dicts or a ``CalibrationDataReader``) used
+            instead of ``config.calib_data``'s text.
+        observer: called after each group is solved (tests check statistics with it).
+    Returns:
+        The report (also written by the writer).
+    """
+    t0 = time.perf_counter()
+    model_path = Path(model_path)
+    recipe = recipe_for(config)
+    notes = check_format(recipe, config.format)
+    if not model_path.is_file():
+        raise QronosError(f"model file not found: {model_path}")
+    _warn_unused_options(config, data)
+    writer.check(model_path)
+    messages: list[str] = []
+    with writer.reserve(), recording(messages):
+        model = load_model(model_path)
+        detect_signature(model)
+        if recipe.lm_head == "int8":
+            run_passes(model, UntieLmHeadPass(recipe.include, recipe.exclude))
+        groups, skipped = find_targets(
+            model,
+            include_lm_head=recipe.lm_head != "skip",
+            include=recipe.include,
+            exclude=recipe.exclude,
+        )
+        require_targets(model, groups, skipped)
+        samples = []
+        if config.needs_data:
+            source = config.calib_data if data is None else data
+            samples = calibration_samples(
+                model_path,
+                detect_signature(model),
+                source,
+                config.calib_windows,
+                config.seqlen,
+                config.tokenizer,
+            )
+        # (after the data: an error there says all there is, in one line)
+        warn_recipe_mismatches(recipe, [t for g in groups for t in g.targets], skipped)
+        calibration = CalibrationOptions(
+            reference=config.reference, device=config.device, progress=config.progress
+        )
+        solved = quantize_model(
+            model, recipe, samples, calibration, config.format, config.accuracy_level, observer
+        )
+
+        def make_report(files: list[Path]) -> Report:
+            return build_report(
+                model_path,
+                writer.output,
+                files,
+                solved,
+                config.format,
+                config.recipe(),
+                notes,
+                messages,
+                time.perf_counter() - t0,
+            )
+
+        return writer.write(model, make_report)
+
+
+def quantize_model(
+    model: ir.Model,
+    recipe: Recipe,
+    samples: Sequence[dict],
+    calibration: CalibrationOptions | None = None,
+    fmt: str | None = "matmulnbits",
+    accuracy_level: int | None = None,
+    observer: Observer | None = None,
+) -> CalibrateSolvePass:
+    """The pass chain on an in-memory model: untie a quantized lm_head, activation
+    quantizers, calibrate and solve, and the format (``None``: leave the fake-quantized float
+    weights). Returns the solve pass (results, skipped layers, calibration run)."""
+    solve = CalibrateSolvePass(recipe, samples, calibration, observer)
+    passes: list[ir.passes.PassBase] = [InsertActQuantPass(recipe), solve]
+    if recipe.lm_head == "int8":
+        passes.insert(0, UntieLmHeadPass(recipe.include, recipe.exclude))
+    if fmt == "matmulnbits":
+        passes.append(ToMatMulNBitsPass(accuracy_level))
+    elif fmt == "qdq":
+        passes.append(ToQDQPass())
+    run_passes(model, ir.passes.Sequential(*passes))
+    return solve
+
+
+def run_passes(model: ir.Model, passes: ir.passes.PassBase) -> ir.passes.PassResult:
+    """Run ``passes`` on ``model``; a ``QronosError`` raised inside (which ``onnx_ir`` wraps in
+    its pass errors) comes out as itself, so that the user sees one clear line."""
+    try:
+        return passes(model)
+    except (ir.passes.PassError, ir.passes.InvariantError) as err:
+        cause: BaseException | None = err
+        while cause is not None and not isinstance(cause, QronosError):
+            cause = cause.__cause__
+        if cause is not None:
+            raise cause from None
+        raise
+
+
+@contextlib.contextmanager
+def recording(messages: list[str]) -> Iterator[None]:
+    """Append the message of every ``RECORDED_WARNINGS`` warning issued in the block to
+    ``messages``; every warning is shown as usual, as it happens (each one, not once per
+    place: a run is one command)."""
+    with warnings.catch_warnings():
+        for category in RECORDED_WARNINGS:
+            warnings.simplefilter("always", category)
+        show = warnings.showwarning
+
+        def record(message, category, filename, lineno, file=None, line=None):
+            if issubclass(category, RECORDED_WARNINGS):
+                messages.append(str(message))
+            show(message, category, filename, lineno, file, line)
+
+        warnings.showwarning = record
+        yield
+
+
+def _warn_unused_options(config: OptimizeConfig, data: Any) -> None:
+    """Warn about options that have no effect on this run (``RecipeWarning``)."""
+    given = (
+        data
+        if data is not None
+        else (config.calib_data if config.calib_data != WIKI_VITAL else None)
+    )
+    if not config.needs_data and given is not None:
+        what = (
+            repr(str(given))
+            if isinstance(given, (str, os.PathLike))
+            else f"(a {type(given).__name__})"
+        )
+        warnings.warn(
+            "round-to-nearest without activation quantization reads no calibration "
+            f"data; calib_data {what} is not used",
+            RecipeWarning,
+            stacklevel=3,
+        )
+    if config.damping is not None and config.algo in ("rtn", "gpfq"):
+        warnings.warn(
+            f"{config.algo} takes no damping; damping {config.damping} is not used",
+            RecipeWarning,
+            stacklevel=3,
+        )
+    if config.accuracy_level is not None and config.format != "matmulnbits":
+        warnings.warn(
+            f"accuracy_level is a MatMulNBits attribute; the {config.format} format "
+            "does not use it",
+            RecipeWarning,
+            stacklevel=3,
+        )
+
+
+class FileWriter:
+    """Writes ``OUT.onnx``, ``OUT.onnx.data``, the report and the tokenizer beside it, all or
+    nothing (``staging``), holding the output's lock for the whole run.
+
+    Args:
+        output: the output model's path.
+        force: replace existing outputs.
+        report: the report's file name (``{stem}`` = the output's name without ``.onnx``), or
+            ``None`` for none.
         tokenizer: a ``tokenizer.json`` (or a directory holding one) to place beside the
             output when none is there yet; an existing one that differs is kept, with a
             warning.
     """
-    t0 = time.perf_counter()
-    report_file = None if report is None else report_name(Path(output), report)
-    output = check_output_path(output, [model_path], force, [] if report is None else [report_file])
-    notes = check_format(recipe, fmt)
-    model = load_model(model_path)
-    quantize = quantize_model(model, recipe, samples, calibration, fmt, accuracy_level, observer)
-    tokenizer_source = _tokenizer_to_copy(tokenizer, output.parent)
-    names = [data_file_name(output), *([] if report is None else [report_file]),
-             *([] if tokenizer_source is None else [TOKENIZER_FILE]), output.name]
-    with staged_output(output, names, force) as staged:
-        written = write_model(model, staged / output.name)
-        result = build_report(model_path, output, written, quantize, fmt, notes,
-                              time.perf_counter() - t0)
-        if report is not None:
-            written.append(write_report(result, staged / report_file))
-        if tokenizer_source is not None:
-            written.append(Path(shutil.copyfile(tokenizer_source, staged / TOKENIZER_FILE)))
-    files = [output.parent / path.name for path in written]
-    return QuantizationOutcome(files, result, quantize)
+
+    def __init__(
+        self,
+        output: str | os.PathLike,
+        force: bool = False,
+        report: str | None = None,
+        tokenizer: str | os.PathLike | None = None,
+    ):
+        self.output = Path(output)
+        self.force = force
+        self.report = None if report is None else report_name(self.output, report)
+        self.tokenizer = tokenizer
+
+    def check(self, model_path: Path) -> None:
+        check_output_path(
+            self.output, [model_path], self.force, [] if self.report is None else [self.report]
+        )
+
+    @contextlib.contextmanager
+    def reserve(self) -> Iterator[None]:
+        with termination_as_interrupt(), output_lock(self.output):
+            yield
+
+    def write(self, model: ir.Model, make_report: ReportMaker) -> Report:
+        output = self.output
+        tokenizer = _tokenizer_to_copy(self.tokenizer, output.parent)
+        names = [
+            data_file_name(output),
+            *([] if self.report is None else [self.report]),
+            *([] if tokenizer is None else [TOKENIZER_FILE]),
+            output.name,
+        ]
+        with staged_output(output, names, self.force) as staged:
+            written = write_model(model, staged / output.name)
+            if tokenizer is not None:
+                written.append(Path(shutil.copyfile(tokenizer, staged / TOKENIZER_FILE)))
+            report = make_report(written)
+            if self.report is not None:
+                report.write(staged / self.report)
+        return report
+
+
+def default_file_writer(
+    model: str | os.PathLike, output: str | os.PathLike, config: OptimizeConfig
+) -> FileWriter:
+    """The writer of the command line and the Python API."""
+    return FileWriter(
+        output, config.force, config.report, config.tokenizer or default_tokenizer(model)
+    )
 
 
 def _tokenizer_to_copy(tokenizer: str | os.PathLike | None, out_dir: Path) -> Path | None:
@@ -132,6 +309,10 @@ def _tokenizer_to_copy(tokenizer: str | os.PathLike | None, out_dir: Path) -> Pa
     if not target.exists():
         return source
     if not filecmp.cmp(source, target, shallow=False):
-        warnings.warn(f"{target} differs from {source} and was kept; replace it if it is not "
-                      "the model's tokenizer", UserWarning, stacklevel=3)
+        warnings.warn(
+            f"{target} differs from {source} and was kept; replace it if it is not "
+            "the model's tokenizer",
+            UserWarning,
+            stacklevel=3,
+        )
     return None

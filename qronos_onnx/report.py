@@ -1,79 +1,185 @@
-"""The JSON report (``OUT.report.json``): what was quantized, how, how well, and at what cost."""
+"""The report of a run (``OUT.report.json``): what was quantized, how, how well, and at what
+cost. ``Report`` is what ``optimize`` returns; ``Report.as_dict()`` is the JSON written."""
 
 from __future__ import annotations
 
 import dataclasses
 import json
-import os
 import resource
+from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
-from .defaults import DEFAULT_REPORT
 from .errors import QronosError
 from .ir.model_io import model_files
-from .passes.quantize import QuantizePass, TargetResult
+from .ir.targets import Skipped
+from .options import DEFAULT_REPORT
+from .passes.calibrate import CalibrateSolvePass, TargetResult
 
 
-def _target_entry(r: TargetResult) -> dict:
-    t, q = r.target, r.weight
-    return {
-        "name": t.name,
-        "node": t.node,
-        "shape": [t.out_features, t.in_features],
-        "grid": dataclasses.asdict(q.grid),
-        "algorithm": q.info.algorithm,
-        "act_order": q.info.act_order,
-        "damping": q.info.damping,
-        "damping_retries": q.info.retries,
-        "fell_back_to_rtn": q.info.fell_back_to_rtn,
-        "dead_columns": q.info.dead_columns,
-        "error_rtn": r.error_rtn,
-        "error": r.error,
-        "solve_seconds": round(r.seconds, 4),
-    }
+@dataclass(frozen=True)
+class LayerReport:
+    """One quantized layer.
+
+    Attributes:
+        name, node: readable name (module path) and ONNX node name.
+        shape: ``[out_features, in_features]``.
+        grid: the grid's fields (bits, group_size, symmetric, narrow_range, scale_search).
+        algorithm, act_order, damping, damping_retries, fell_back_to_rtn, dead_columns: how the
+            solver got there (``quant.SolveInfo``; ``damping`` is the absolute ridge).
+        error_rtn, error: relative output error ``||W X - Q X~||^2 / ||W X||^2`` on the
+            calibration set of round-to-nearest codes and of the solved codes (``None`` when
+            not measured; see ``passes.calibrate.TargetResult``).
+        solve_seconds: time of the solve.
+    """
+
+    name: str
+    node: str
+    shape: list[int]
+    grid: dict[str, Any]
+    algorithm: str
+    act_order: bool
+    damping: float
+    damping_retries: int
+    fell_back_to_rtn: bool
+    dead_columns: int
+    error_rtn: float | None
+    error: float | None
+    solve_seconds: float
+
+    @classmethod
+    def of(cls, r: TargetResult) -> LayerReport:
+        t, q = r.target, r.weight
+        return cls(
+            name=t.name,
+            node=t.node,
+            shape=[t.out_features, t.in_features],
+            grid=dataclasses.asdict(q.grid),
+            algorithm=q.info.algorithm,
+            act_order=q.info.act_order,
+            damping=q.info.damping,
+            damping_retries=q.info.retries,
+            fell_back_to_rtn=q.info.fell_back_to_rtn,
+            dead_columns=q.info.dead_columns,
+            error_rtn=r.error_rtn,
+            error=r.error,
+            solve_seconds=round(r.seconds, 4),
+        )
 
 
-def _files_bytes(paths) -> int:
+@dataclass(frozen=True)
+class CalibrationSummary:
+    """What calibration did: ``samples`` feeds, the ``reference`` stream, ``stages`` and ONNX
+    Runtime ``session_runs``, the ``providers`` used and ``seconds`` by part."""
+
+    samples: int
+    reference: str
+    stages: int
+    session_runs: int
+    providers: list[str]
+    seconds: dict[str, float]
+
+
+@dataclass(frozen=True)
+class Totals:
+    """Layers quantized, their parameters, bytes read and written, wall time, peak RSS."""
+
+    targets: int
+    quantized_parameters: int
+    input_bytes: int
+    output_bytes: int
+    wall_seconds: float
+    peak_rss_mb: float
+
+
+@dataclass(frozen=True)
+class Report:
+    """The report of one run (the README describes each field).
+
+    Attributes:
+        model, output: input and output model paths.
+        format: ``matmulnbits``, ``qdq`` or ``float (fake-quantized)``.
+        options: the non-default options of the run (an ``OptimizeConfig`` recipe).
+        recipe: the recipe the passes read (grid, solver, patterns, activation quantizer).
+        calibration: see ``CalibrationSummary``.
+        targets: one ``LayerReport`` per quantized layer.
+        skipped: the layers left in float, with the reason.
+        notes: facts about the format (containers, conversions).
+        warnings: the messages of the run's warnings (also printed as they happened).
+        totals: see ``Totals``.
+    """
+
+    model: str
+    output: str
+    format: str
+    options: dict[str, Any]
+    recipe: dict[str, Any]
+    calibration: CalibrationSummary
+    targets: list[LayerReport]
+    skipped: list[Skipped]
+    notes: list[str]
+    warnings: list[str]
+    totals: Totals
+
+    def as_dict(self) -> dict[str, Any]:
+        """The JSON structure of ``OUT.report.json``."""
+        return dataclasses.asdict(self)
+
+    def write(self, path: Path) -> Path:
+        """Write the report as JSON to ``path`` (in place: write it into a staging
+        directory to place it all or nothing); returns ``path``."""
+        path.write_text(json.dumps(self.as_dict(), indent=2) + "\n", encoding="utf-8")
+        return path
+
+
+def _files_bytes(paths: Sequence[Path]) -> int:
     return sum(Path(p).stat().st_size for p in paths if Path(p).exists())
 
 
-def build_report(model_path, output, files, quantize: QuantizePass, fmt: str | None,
-                 notes: list[str], wall_seconds: float) -> dict:
-    """The report of one quantization run (see the README for the meaning of each field).
-
-    ``output`` is the output model's final path, ``files`` the files written for it so far
-    (possibly still under a temporary name): their sizes make ``output_bytes``."""
-    model_path = Path(model_path)
-    inputs = model_files(model_path)
-    run = quantize.run_info
-    results = quantize.results
-    return {
-        "model": str(model_path),
-        "output": str(output),
-        "format": fmt or "float (fake-quantized)",
-        "recipe": json.loads(json.dumps(dataclasses.asdict(quantize.recipe), default=str)),
-        "calibration": {
-            "samples": len(quantize.samples),
-            "reference": quantize.calibration.reference,
-            "stages": run.stages,
-            "session_runs": run.session_runs,
-            "providers": run.providers,
-            "seconds": {k: round(v, 2) for k, v in run.seconds.items()},
-        },
-        "targets": [_target_entry(r) for r in results],
-        "skipped": [dataclasses.asdict(s) for s in quantize.skipped],
-        "notes": notes,
-        "warnings": list(quantize.warnings),
-        "totals": {
-            "targets": len(results),
-            "quantized_parameters": sum(r.target.in_features * r.target.out_features
-                                        for r in results),
-            "input_bytes": _files_bytes(inputs),
-            "output_bytes": _files_bytes(files),
-            "wall_seconds": round(wall_seconds, 2),
-            "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
-        },
-    }
+def build_report(
+    model_path: str | Path,
+    output: str | Path,
+    files: Sequence[Path],
+    solved: CalibrateSolvePass,
+    fmt: str | None,
+    options: dict[str, Any],
+    notes: list[str],
+    warnings: list[str],
+    wall_seconds: float,
+) -> Report:
+    """The report of one run. ``output`` is the output model's final path, ``files`` the files
+    written for it so far (possibly still in a staging directory): their sizes make
+    ``output_bytes``."""
+    run = solved.run_info
+    results = solved.results
+    return Report(
+        model=str(model_path),
+        output=str(output),
+        format=fmt or "float (fake-quantized)",
+        options=options,
+        recipe=json.loads(json.dumps(dataclasses.asdict(solved.recipe), default=str)),
+        calibration=CalibrationSummary(
+            samples=len(solved.samples),
+            reference=solved.calibration.reference,
+            stages=run.stages if run else 0,
+            session_runs=run.session_runs if run else 0,
+            providers=run.providers if run else [],
+            seconds={k: round(v, 2) for k, v in run.seconds.items()} if run else {},
+        ),
+        targets=[LayerReport.of(r) for r in results],
+        skipped=list(solved.skipped),
+        notes=list(notes),
+        warnings=list(warnings),
+        totals=Totals(
+            targets=len(results),
+            quantized_parameters=sum(r.target.in_features * r.target.out_features for r in results),
+            input_bytes=_files_bytes(sorted(model_files(model_path))),
+            output_bytes=_files_bytes(files),
+            wall_seconds=round(wall_seconds, 2),
+            peak_rss_mb=round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+        ),
+    )
 
 
 def report_name(output: Path, name: str = DEFAULT_REPORT) -> str:
@@ -83,17 +189,3 @@ def report_name(output: Path, name: str = DEFAULT_REPORT) -> str:
     if "{" in filled or "}" in filled:
         raise QronosError(f"report name {name!r}: only {{stem}} may be used in braces")
     return filled
-
-
-def report_path(output: Path, name: str = DEFAULT_REPORT) -> Path:
-    """Where the report of ``output`` goes (``check_output_path`` has vetted the name)."""
-    return output.with_name(report_name(output, name))
-
-
-def write_report(report: dict, path: Path) -> Path:
-    """Write ``report`` as JSON to ``path`` (through a temporary file)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
-    os.replace(tmp, path)
-    return path

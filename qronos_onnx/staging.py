@@ -21,6 +21,7 @@ no live run owns it), puts the previous files back, removes the rest, and says s
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import json
 import os
@@ -39,8 +40,8 @@ from .errors import QronosError
 TERMINATING = (signal.SIGTERM, signal.SIGHUP)
 _HELD = (signal.SIGINT, *TERMINATING)
 
-_PLAN = "plan.json"          # written before the first move: what placing will do
-_PLACED = "placed"           # written after the last move: nothing to undo
+_PLAN = "plan.json"  # written before the first move: what placing will do
+_PLACED = "placed"  # written after the last move: nothing to undo
 
 
 class Terminated(KeyboardInterrupt):
@@ -106,11 +107,11 @@ def _new_dirs(directory: Path) -> list[Path]:
 
 
 def _remove_empty(directories: Sequence[Path]) -> None:
-    for directory in directories:
-        try:
+    """Remove ``directories`` (deepest first) while they are empty: the first that is not (or
+    is gone) stops it, keeping the ones above."""
+    with contextlib.suppress(OSError):
+        for directory in directories:
             directory.rmdir()
-        except OSError:
-            break                        # not empty (or gone): keep it and the ones above
 
 
 @contextmanager
@@ -138,10 +139,8 @@ def output_lock(output: str | os.PathLike) -> Iterator[None]:
         recover(output)
         yield
     finally:
-        try:
+        with contextlib.suppress(OSError):
             path.unlink()
-        except OSError:
-            pass
         os.close(fd)
         _remove_empty(created)
 
@@ -155,8 +154,10 @@ def _acquire(path: Path, output: Path) -> int:
         except BlockingIOError:
             holder = os.read(fd, 32).decode(errors="replace").strip() or "unknown"
             os.close(fd)
-            raise QronosError(f"{output} is being written by another run (pid {holder}); wait "
-                              f"for it to finish (its lock is {path})") from None
+            raise QronosError(
+                f"{output} is being written by another run (pid {holder}); wait "
+                f"for it to finish (its lock is {path})"
+            ) from None
         try:
             same = os.fstat(fd).st_ino == os.stat(path).st_ino
         except FileNotFoundError:
@@ -167,7 +168,7 @@ def _acquire(path: Path, output: Path) -> int:
         try:
             os.ftruncate(fd, 0)
             os.write(fd, f"{os.getpid()}\n".encode())
-        except OSError:                          # a full disk: leave no empty lock behind
+        except OSError:  # a full disk: leave no empty lock behind
             path.unlink(missing_ok=True)
             os.close(fd)
             raise
@@ -187,18 +188,27 @@ def recover(output: str | os.PathLike) -> list[str]:
     for tmp in staging_dirs(output):
         plan = _read_plan(tmp)
         if plan is not None and not (tmp / _PLACED).exists():
-            restored = _roll_back(tmp / "new", tmp / "old", output.parent, plan["names"],
-                                  plan["existing"])
-            what = (f"put back the previous {', '.join(restored)}" if restored
-                    else "removed its partly placed files")
-            done.append(f"a run on {output} (pid {plan['pid']}) was killed while placing its "
-                        f"files: {what}")
+            restored = _roll_back(
+                tmp / "new", tmp / "old", output.parent, plan["names"], plan["existing"]
+            )
+            what = (
+                f"put back the previous {', '.join(restored)}"
+                if restored
+                else "removed its partly placed files"
+            )
+            done.append(
+                f"a run on {output} (pid {plan['pid']}) was killed while placing its files: {what}"
+            )
         elif plan is not None:
-            done.append(f"removed the staging directory {tmp} of a run on {output} that was "
-                        "killed after placing its files (its output is complete)")
+            done.append(
+                f"removed the staging directory {tmp} of a run on {output} that was "
+                "killed after placing its files (its output is complete)"
+            )
         else:
-            done.append(f"removed the staging directory {tmp} of a run on {output} that was "
-                        "killed while writing (no previous file had been touched)")
+            done.append(
+                f"removed the staging directory {tmp} of a run on {output} that was "
+                "killed while writing (no previous file had been touched)"
+            )
         shutil.rmtree(tmp, ignore_errors=True)
     for message in done:
         warnings.warn(message, UserWarning, stacklevel=3)
@@ -215,8 +225,9 @@ def _read_plan(tmp: Path) -> dict | None:
 
 
 @contextmanager
-def staged_output(output: str | os.PathLike, names: Sequence[str],
-                  force: bool = False) -> Iterator[Path]:
+def staged_output(
+    output: str | os.PathLike, names: Sequence[str], force: bool = False
+) -> Iterator[Path]:
     """A staging directory beside ``output`` for the files ``names``, placed together at the end.
 
     The block writes (some of) ``names`` into the yielded directory. When it completes, the
@@ -244,12 +255,12 @@ def staged_output(output: str | os.PathLike, names: Sequence[str],
         with held_signals() as received:
             _place(tmp, parent, names, force, received)
             done = True
-            _clean_up(tmp, done, created)        # signals still held: never cut short
+            _clean_up(tmp, done, created)  # signals still held: never cut short
     except OSError as err:
         raise QronosError(f"could not write {output}: {err}") from err
-    except KeyboardInterrupt as err:             # Terminated included
-        if done:                                 # arrived after the point of no return
-            err.completed_output = output        # type: ignore[attr-defined]
+    except KeyboardInterrupt as err:  # Terminated included
+        if done:  # arrived after the point of no return
+            err.completed_output = output  # type: ignore[attr-defined]
         raise
     finally:
         if not done:
@@ -272,16 +283,19 @@ class _SignalWhilePlacing(Exception):
     """A held signal arrived while the files were being placed: undo, then let it act."""
 
 
-def _place(tmp: Path, parent: Path, names: Sequence[str], force: bool,
-           received: Sequence[int] = ()) -> None:
+def _place(
+    tmp: Path, parent: Path, names: Sequence[str], force: bool, received: Sequence[int] = ()
+) -> None:
     """Move ``names`` from ``tmp/new`` into ``parent`` after moving those there into
     ``tmp/old``; on any exception, or when a signal was ``received`` meanwhile, undo (see
     ``staged_output``)."""
     new, old = tmp / "new", tmp / "old"
     existing = [name for name in names if os.path.lexists(parent / name)]
     if existing and not force:
-        raise QronosError(f"{parent / existing[0]} appeared while this run was working; it was "
-                          "left as it is and nothing was written (pass --force to replace it)")
+        raise QronosError(
+            f"{parent / existing[0]} appeared while this run was working; it was "
+            "left as it is and nothing was written (give force to replace it)"
+        )
     plan = {"pid": os.getpid(), "names": list(names), "existing": existing}
     (tmp / _PLAN).write_text(json.dumps(plan), encoding="utf-8")
     try:
@@ -293,23 +307,29 @@ def _place(tmp: Path, parent: Path, names: Sequence[str], force: bool,
         if received:
             raise _SignalWhilePlacing
         (tmp / _PLACED).touch()
-    except BaseException:
+    except BaseException as err:
         _roll_back(new, old, parent, names, existing)
         lost = [name for name in existing if os.path.lexists(old / name)]
         if lost:
-            raise QronosError(f"could not put back {', '.join(lost)} after a failed write; the "
-                              f"previous files are in {old}")
+            raise QronosError(
+                f"could not put back {', '.join(lost)} after a failed write; the "
+                f"previous files are in {old}"
+            ) from err
         raise
 
 
-def _roll_back(new: Path, old: Path, parent: Path, names: Sequence[str],
-               existing: Sequence[str]) -> list[str]:
+def _roll_back(
+    new: Path, old: Path, parent: Path, names: Sequence[str], existing: Sequence[str]
+) -> list[str]:
     """Undo a partial placing: files placed from ``new`` are removed, files moved into ``old``
     go back. Returns the names put back (a name that cannot be is left in ``old``)."""
     restored = []
     for name in names:
-        placed = (name not in existing or os.path.lexists(old / name)) and \
-            os.path.lexists(parent / name) and not os.path.lexists(new / name)
+        placed = (
+            (name not in existing or os.path.lexists(old / name))
+            and os.path.lexists(parent / name)
+            and not os.path.lexists(new / name)
+        )
         if placed:
             (parent / name).unlink(missing_ok=True)
         if os.path.lexists(old / name):

@@ -15,8 +15,11 @@ class EntryGrid:
 
     def __init__(self, scales, zero_points, group_len: int, qmin: int, qmax: int):
         self.scales = np.asarray(scales, dtype=np.float64)
-        self.zeros = (np.zeros_like(self.scales) if zero_points is None
-                      else np.asarray(zero_points, dtype=np.float64))
+        self.zeros = (
+            np.zeros_like(self.scales)
+            if zero_points is None
+            else np.asarray(zero_points, dtype=np.float64)
+        )
         self.group_len, self.qmin, self.qmax = group_len, qmin, qmax
 
     def round(self, v: np.ndarray, col: int) -> tuple[np.ndarray, np.ndarray]:
@@ -38,13 +41,15 @@ def minmax_params(w: np.ndarray, group_len: int, bits: int, symmetric: bool):
     zeros = np.zeros((C, n))
     for r in range(C):
         for g in range(n):
-            v = w[r, g * group_len:(g + 1) * group_len]
+            v = w[r, g * group_len : (g + 1) * group_len]
             lo, hi = min(v.min(), 0.0), max(v.max(), 0.0)
             if symmetric:
                 scales[r, g] = v[np.argmax(np.abs(v))] / -(2 ** (bits - 1))
             else:
                 scales[r, g] = (hi - lo) / (2**bits - 1)
-                zeros[r, g] = np.clip(np.round(-lo / scales[r, g]), 0, 2**bits - 1) if scales[r, g] else 0
+                zeros[r, g] = (
+                    np.clip(np.round(-lo / scales[r, g]), 0, 2**bits - 1) if scales[r, g] else 0
+                )
     return scales, (None if symmetric else zeros)
 
 
@@ -82,20 +87,20 @@ def qronos(W, H, G, grid: EntryGrid, act_order: bool, lam: float) -> np.ndarray:
     H = H[np.ix_(order, order)]
     G = G[np.ix_(order, order)]
     w0 = W[:, order].astype(np.float64)
-    wG = w0 @ G                                  # [C, d]: float-stream target against X~_t
+    wG = w0 @ G  # [C, d]: float-stream target against X~_t
     cur = w0.copy()
     codes = np.zeros_like(w0)
     q = np.zeros_like(w0)
     for t in range(d):
         ridge = 0.0 if t == 0 else lam
-        others = q[:, :t] @ H[:t, t] + cur[:, t + 1:] @ H[t + 1:, t]
+        others = q[:, :t] @ H[:t, t] + cur[:, t + 1 :] @ H[t + 1 :, t]
         p = (wG[:, t] + ridge * w0[:, t] - others) / (H[t, t] + ridge)
         codes[:, t], q[:, t] = grid.round(p, order[t])
         cur[:, t] = q[:, t]
         if t + 1 < d:
-            A = H[t + 1:, t + 1:] + lam * np.eye(d - t - 1)
-            rhs = wG[:, t + 1:] + lam * w0[:, t + 1:] - q[:, :t + 1] @ H[:t + 1, t + 1:]
-            cur[:, t + 1:] = np.linalg.solve(A, rhs.T).T
+            A = H[t + 1 :, t + 1 :] + lam * np.eye(d - t - 1)
+            rhs = wG[:, t + 1 :] + lam * w0[:, t + 1 :] - q[:, : t + 1] @ H[: t + 1, t + 1 :]
+            cur[:, t + 1 :] = np.linalg.solve(A, rhs.T).T
     out = np.zeros_like(codes)
     out[:, order] = codes
     return out
@@ -125,8 +130,7 @@ def gpfq(W, H, G, grid: EntryGrid, act_order: bool) -> np.ndarray:
     return out
 
 
-def mismatched_problem(seed: int, C: int = 24, d: int = 48, n: int = 4000,
-                       noise: float = 0.02):
+def mismatched_problem(seed: int, C: int = 24, d: int = 48, n: int = 4000, noise: float = 0.02):
     """A layer whose quantized-stream input is a structured distortion of the float one.
 
     ``X`` has correlated features with a few outlier channels; ``X~ = (I + E) X + white noise``

@@ -8,16 +8,15 @@ import onnxruntime as ort
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from conftest import padded_samples, random_samples
 from qronos_onnx.calibration.runner import CalibrationOptions
 from qronos_onnx.config import Recipe
 from qronos_onnx.ir.act_quant import ActQuant, insert_act_quant
 from qronos_onnx.ir.model_io import load_model
 from qronos_onnx.ir.signature import detect_signature
 from qronos_onnx.ir.targets import find_targets
-from qronos_onnx.pipeline import quantize_file
+from qronos_onnx.pipeline import quantize_model
 from qronos_onnx.quant import Grid
-from test_calibration import full_model_capture, gram, rel
+from tests.helpers import full_model_capture, gram, padded_samples, random_samples, rel, solve_file
 
 
 def per_token_numpy(x, bits):
@@ -32,17 +31,26 @@ def per_token_numpy(x, bits):
 def test_per_token_quantizer_equals_numpy(bits):
     w = np.random.default_rng(0).standard_normal((16, 8)).astype(np.float32)
     graph = helper.make_graph(
-        [helper.make_node("Relu", ["X"], ["h"]), helper.make_node("MatMul", ["h", "w"], ["Y"], name="mm")],
-        "g", [helper.make_tensor_value_info("X", TensorProto.FLOAT, [2, 5, 16])],
-        [helper.make_tensor_value_info("Y", TensorProto.FLOAT, None)], [numpy_helper.from_array(w, "w")])
-    model = ir.serde.deserialize_model(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 20)]))
+        [
+            helper.make_node("Relu", ["X"], ["h"]),
+            helper.make_node("MatMul", ["h", "w"], ["Y"], name="mm"),
+        ],
+        "g",
+        [helper.make_tensor_value_info("X", TensorProto.FLOAT, [2, 5, 16])],
+        [helper.make_tensor_value_info("Y", TensorProto.FLOAT, None)],
+        [numpy_helper.from_array(w, "w")],
+    )
+    model = ir.serde.deserialize_model(
+        helper.make_model(graph, opset_imports=[helper.make_opsetid("", 20)])
+    )
     group = find_targets(model)[0][0]
     out = insert_act_quant(model, group, ActQuant(bits), ir.DataType.FLOAT)
     model.graph.outputs.append(out)
     x = np.random.default_rng(1).standard_normal((2, 5, 16)).astype(np.float32) * 3
-    x[0, 0] = 0                                               # an all-zero token stays zero
-    session = ort.InferenceSession(ir.serde.serialize_model(model).SerializeToString(),
-                                   providers=["CPUExecutionProvider"])
+    x[0, 0] = 0  # an all-zero token stays zero
+    session = ort.InferenceSession(
+        ir.serde.serialize_model(model).SerializeToString(), providers=["CPUExecutionProvider"]
+    )
     y, xq = session.run(None, {"X": x})
     expected = per_token_numpy(np.maximum(x, 0), bits)
     np.testing.assert_array_equal(xq, expected)
@@ -56,11 +64,18 @@ def test_per_token_quantizer_builds_on_bfloat16():
 
     graph = helper.make_graph(
         [helper.make_node("MatMul", ["X", "w"], ["Y"], name="mm")],
-        "g", [helper.make_tensor_value_info("X", TensorProto.BFLOAT16, [2, 5, 16])],
+        "g",
+        [helper.make_tensor_value_info("X", TensorProto.BFLOAT16, [2, 5, 16])],
         [helper.make_tensor_value_info("Y", TensorProto.BFLOAT16, None)],
-        [helper.make_tensor("w", TensorProto.BFLOAT16, [16, 8], np.zeros(128, np.uint16).tobytes(),
-                            raw=True)])
-    model = ir.serde.deserialize_model(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 20)]))
+        [
+            helper.make_tensor(
+                "w", TensorProto.BFLOAT16, [16, 8], np.zeros(128, np.uint16).tobytes(), raw=True
+            )
+        ],
+    )
+    model = ir.serde.deserialize_model(
+        helper.make_model(graph, opset_imports=[helper.make_opsetid("", 20)])
+    )
     insert_act_quant(model, find_targets(model)[0][0], ActQuant(4), ir.DataType.BFLOAT16)
     tiny = next(v for name, v in model.graph.initializers.items() if name.endswith("tiny"))
     assert tiny.const_value.dtype == ir.DataType.BFLOAT16
@@ -73,37 +88,56 @@ def test_static_int8_quantizer_on_float16_equals_numpy(opset):
     w = np.random.default_rng(0).standard_normal((16, 8)).astype(np.float16)
     graph = helper.make_graph(
         [helper.make_node("MatMul", ["X", "w"], ["Y"], name="mm")],
-        "g", [helper.make_tensor_value_info("X", TensorProto.FLOAT16, [2, 5, 16])],
-        [helper.make_tensor_value_info("Y", TensorProto.FLOAT16, None)], [numpy_helper.from_array(w, "w")])
-    model = ir.serde.deserialize_model(helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)]))
+        "g",
+        [helper.make_tensor_value_info("X", TensorProto.FLOAT16, [2, 5, 16])],
+        [helper.make_tensor_value_info("Y", TensorProto.FLOAT16, None)],
+        [numpy_helper.from_array(w, "w")],
+    )
+    model = ir.serde.deserialize_model(
+        helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
+    )
     group = find_targets(model)[0][0]
-    out = insert_act_quant(model, group, ActQuant(8, "tensor", symmetric=False), ir.DataType.FLOAT16)
+    out = insert_act_quant(
+        model, group, ActQuant(8, "tensor", symmetric=False), ir.DataType.FLOAT16
+    )
     scale, zero = (model.graph.initializers[f"X_aq_{k}"] for k in ("scale", "zero_point"))
-    scale.const_value = ir.Tensor(np.asarray(0.03, scale.const_value.dtype.numpy()), name=scale.name)
+    scale.const_value = ir.Tensor(
+        np.asarray(0.03, scale.const_value.dtype.numpy()), name=scale.name
+    )
     zero.const_value = ir.Tensor(np.asarray(100, np.uint8), name=zero.name)
     model.graph.outputs.append(out)
     x = (np.random.default_rng(1).standard_normal((2, 5, 16)) * 3).astype(np.float16)
-    session = ort.InferenceSession(ir.serde.serialize_model(model).SerializeToString(),
-                                   providers=["CPUExecutionProvider"])
+    session = ort.InferenceSession(
+        ir.serde.serialize_model(model).SerializeToString(), providers=["CPUExecutionProvider"]
+    )
     _, xq = session.run(None, {"X": x})
     s = np.float32(scale.const_value.numpy())
-    expected = ((np.clip(np.round(x.astype(np.float32) / s) + 100, 0, 255) - 100) * s).astype(np.float16)
+    expected = ((np.clip(np.round(x.astype(np.float32) / s) + 100, 0, 255) - 100) * s).astype(
+        np.float16
+    )
     assert xq.dtype == np.float16
     np.testing.assert_array_equal(xq, expected)
 
 
-@pytest.mark.parametrize("act", [ActQuant(4, "token"), ActQuant(4, "tensor"),
-                                 ActQuant(8, "tensor", symmetric=False)], ids=str)
+@pytest.mark.parametrize(
+    "act",
+    [ActQuant(4, "token"), ActQuant(4, "tensor"), ActQuant(8, "tensor", symmetric=False)],
+    ids=str,
+)
 def test_quantized_stream_agrees_with_the_final_graph(tiny_models, tmp_path, act):
     """H from calibration equals H recomputed from the saved model's own quantizers."""
     path = tiny_models("nokv")
     samples = random_samples(detect_signature(load_model(path)))
     seen = []
     recipe = Recipe(grid=Grid(bits=4, group_size=32), act_quant=act)
-    outcome = quantize_file(path, tmp_path / "q.onnx", recipe, samples,
-                            CalibrationOptions(progress=False), fmt=None, report=None,
-                            observer=lambda g, H, G, r: seen.append((g, H.numpy(), G.numpy())))
-    saved = outcome.files[0]
+    saved, _solved = solve_file(
+        path,
+        tmp_path / "q.onnx",
+        recipe,
+        samples,
+        CalibrationOptions(progress=False),
+        observer=lambda g, H, G, r: seen.append((g, H.numpy(), G.numpy())),
+    )
     inputs = [g.input for g, *_ in seen]
     assert all(g.source is not None and g.input != g.source for g, *_ in seen)
     # the saved model is fake-quantized: its quantizers and weights are the final graph's,
@@ -114,35 +148,44 @@ def test_quantized_stream_agrees_with_the_final_graph(tiny_models, tmp_path, act
     # the quantizer really quantizes: at most 2^bits levels per token (or per tensor)
     first = x_quant[0].reshape(-1, x_quant[0].shape[-1])
     levels = len(np.unique(first[3])) if act.granularity == "token" else len(np.unique(first))
-    assert levels <= 2 ** act.bits
-    if act.granularity == "tensor":                            # the fitted scale is in the file
+    assert levels <= 2**act.bits
+    if act.granularity == "tensor":  # the fitted scale is in the file
         proto = onnx.load(str(saved))
-        scales = [numpy_helper.to_array(t) for t in proto.graph.initializer
-                  if t.name.endswith("_aq_scale")]
+        scales = [
+            numpy_helper.to_array(t)
+            for t in proto.graph.initializer
+            if t.name.endswith("_aq_scale")
+        ]
         assert len(scales) == len(inputs) and all(float(s) != 1.0 for s in scales)
 
 
 def test_w8a8_runs_on_integer_kernels_and_stays_close_to_float(tiny_models, tmp_path):
-    from qronos_onnx.passes.formats import ToQDQPass
-
     path = tiny_models("nokv")
     model = load_model(path)
     samples = random_samples(detect_signature(model))
-    recipe = Recipe(grid=Grid(bits=8, group_size=None, symmetric=True),
-                    act_quant=ActQuant(8, "tensor", symmetric=False))
-    from qronos_onnx.passes.quantize import QuantizePass
-
-    QuantizePass(recipe, samples, CalibrationOptions(progress=False))(model)
-    ToQDQPass()(model)
+    recipe = Recipe(
+        grid=Grid(bits=8, group_size=None, symmetric=True),
+        act_quant=ActQuant(8, "tensor", symmetric=False),
+    )
+    quantize_model(model, recipe, samples, CalibrationOptions(progress=False), fmt="qdq")
     proto = ir.serde.serialize_model(ir.external_data.load_to_model(model))
     options = ort.SessionOptions()
     options.optimized_model_filepath = str(tmp_path / "optimized.onnx")
-    session = ort.InferenceSession(proto.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    session = ort.InferenceSession(
+        proto.SerializeToString(), options, providers=["CPUExecutionProvider"]
+    )
     ops = {n.op_type for n in onnx.load(str(tmp_path / "optimized.onnx")).graph.node}
-    assert ops & {"MatMulIntegerToFloat", "QLinearMatMul", "MatMulInteger", "DynamicQuantizeMatMul"}, ops
+    assert ops & {
+        "MatMulIntegerToFloat",
+        "QLinearMatMul",
+        "MatMulInteger",
+        "DynamicQuantizeMatMul",
+    }, ops
     feed = samples[0]
     out = session.run(["logits"], feed)[0]
-    ref = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(["logits"], feed)[0]
+    ref = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(["logits"], feed)[
+        0
+    ]
     assert rel(out, ref) < 0.05
 
 
@@ -153,24 +196,31 @@ def test_stage_reference_with_static_quantizers_equals_brute_force(tiny_models, 
     path = tiny_models("nokv")
     samples = random_samples(detect_signature(load_model(path)))
     seen = []
-    recipe = Recipe(grid=Grid(bits=4, group_size=32), act_quant=ActQuant(8, "tensor", symmetric=False))
-    outcome = quantize_file(path, tmp_path / "q.onnx", recipe, samples,
-                            CalibrationOptions(reference="stage", progress=False), fmt=None,
-                            report=None, observer=lambda g, H, G, r: seen.append((g, H.numpy(), G.numpy())))
+    recipe = Recipe(
+        grid=Grid(bits=4, group_size=32), act_quant=ActQuant(8, "tensor", symmetric=False)
+    )
+    saved, _solved = solve_file(
+        path,
+        tmp_path / "q.onnx",
+        recipe,
+        samples,
+        CalibrationOptions(reference="stage", progress=False),
+        observer=lambda g, H, G, r: seen.append((g, H.numpy(), G.numpy())),
+    )
     (last, H, G), (previous, *_) = seen[-1], seen[-2]
-    saved = onnx.load(str(outcome.files[0]))
+    proto = onnx.load(str(saved))
     original = {t.name: t for t in onnx.load(str(path)).graph.initializer}
     weights = {t.weight for t in previous.targets}
-    for init in saved.graph.initializer:
+    for init in proto.graph.initializer:
         if init.name in weights:
             init.CopyFrom(original[init.name])
-    for node in saved.graph.node:
+    for node in proto.graph.node:
         if weights & set(node.input):
             node.input[list(node.input).index(previous.input)] = previous.source
-    saved.graph.output.extend([onnx.ValueInfoProto(name=last.source)])
-    session = ort.InferenceSession(saved.SerializeToString(), providers=["CPUExecutionProvider"])
+    proto.graph.output.extend([onnx.ValueInfoProto(name=last.source)])
+    session = ort.InferenceSession(proto.SerializeToString(), providers=["CPUExecutionProvider"])
     x = [session.run([last.source], feed)[0] for feed in samples]
-    x_quant = full_model_capture(outcome.files[0], [last.input], {}, samples)[last.input]
+    x_quant = full_model_capture(saved, [last.input], {}, samples)[last.input]
     assert rel(H, gram(x_quant, x_quant)) < 1e-5
     assert rel(G, gram(x, x_quant)) < 1e-5
 
@@ -183,20 +233,28 @@ def test_static_scales_are_fitted_on_real_tokens_only(tiny_models, tmp_path):
     mask = samples[0]["attention_mask"]
     seen = []
     spec = ActQuant(8, "tensor", symmetric=True)
-    outcome = quantize_file(path, tmp_path / "q.onnx", Recipe(grid=Grid(bits=4, group_size=32), act_quant=spec),
-                            samples, CalibrationOptions(progress=False), fmt=None, report=None,
-                            observer=lambda g, H, G, r: seen.append(g))
-    scales = {t.name: float(numpy_helper.to_array(t)) for t in onnx.load(str(outcome.files[0])).graph.initializer
-              if t.name.endswith("_aq_scale")}
+    saved, _solved = solve_file(
+        path,
+        tmp_path / "q.onnx",
+        Recipe(grid=Grid(bits=4, group_size=32), act_quant=spec),
+        samples,
+        CalibrationOptions(progress=False),
+        observer=lambda g, H, G, r: seen.append(g),
+    )
+    scales = {
+        t.name: float(numpy_helper.to_array(t))
+        for t in onnx.load(str(saved)).graph.initializer
+        if t.name.endswith("_aq_scale")
+    }
     differs = 0
     for group in seen:
         # the source in the saved (fake-quantized) model is the quantized stream's value
-        x = full_model_capture(outcome.files[0], [group.source], {}, samples)[group.source]
+        x = full_model_capture(saved, [group.source], {}, samples)[group.source]
         real = max(np.abs(a[mask != 0]).max() for a in x) / spec.qmax
         every = max(np.abs(a).max() for a in x) / spec.qmax
         assert scales[f"{group.source}_aq_scale"] == pytest.approx(real, rel=1e-6)
         differs += not np.isclose(every, real, rtol=1e-6)
-    assert differs > 0                                    # padding would have changed some scale
+    assert differs > 0  # padding would have changed some scale
 
 
 def test_an_int8_lm_head_reads_int8_activations_under_w4a4(tiny_models, tmp_path):
@@ -204,13 +262,17 @@ def test_an_int8_lm_head_reads_int8_activations_under_w4a4(tiny_models, tmp_path
     8 bits (more than 16 and at most 256 levels per token), every other input to 4 bits."""
     path = tiny_models("nokv")
     samples = random_samples(detect_signature(load_model(path)))
-    recipe = Recipe(grid=Grid(bits=4, group_size=None, symmetric=True), lm_head="int8",
-                    act_quant=ActQuant(bits=4, granularity="token"))
-    outcome = quantize_file(path, tmp_path / "q.onnx", recipe, samples,
-                            CalibrationOptions(progress=False), fmt=None, report=None)
-    inputs = {r.target.input: r.target.lm_head for r in outcome.quantize.results}
+    recipe = Recipe(
+        grid=Grid(bits=4, group_size=None, symmetric=True),
+        lm_head="int8",
+        act_quant=ActQuant(bits=4, granularity="token"),
+    )
+    saved, solved = solve_file(
+        path, tmp_path / "q.onnx", recipe, samples, CalibrationOptions(progress=False)
+    )
+    inputs = {r.target.input: r.target.lm_head for r in solved.results}
     assert sum(inputs.values()) == 1 and len(inputs) == 9
-    captured = full_model_capture(outcome.files[0], list(inputs), {}, samples)
+    captured = full_model_capture(saved, list(inputs), {}, samples)
     for name, lm_head in inputs.items():
         token = captured[name][0].reshape(-1, captured[name][0].shape[-1])[5]
         levels = len(np.unique(token))
@@ -231,11 +293,12 @@ def _w8a8_file(tiny_models, tmp_path, bits):
     """The tiny Llama under the W8A8 recipe with ``bits``-bit symmetric weights, saved as QDQ."""
     path = tiny_models("nokv")
     samples = random_samples(detect_signature(load_model(path)))
-    recipe = Recipe(grid=Grid(bits=bits, group_size=None, symmetric=True),
-                    act_quant=ActQuant(8, "tensor", symmetric=False))
+    recipe = Recipe(
+        grid=Grid(bits=bits, group_size=None, symmetric=True),
+        act_quant=ActQuant(8, "tensor", symmetric=False),
+    )
     out = tmp_path / f"w8a8_{bits}.onnx"
-    quantize_file(path, out, recipe, samples, CalibrationOptions(progress=False), fmt="qdq",
-                  report=None)
+    solve_file(path, out, recipe, samples, CalibrationOptions(progress=False), fmt="qdq")
     return out, samples
 
 
@@ -247,8 +310,11 @@ def _integer_matmuls(proto):
     found = []
     for node in (n for n in proto.graph.node if n.op_type == "MatMul"):
         dq_a, dq_b = producer.get(node.input[0]), producer.get(node.input[1])
-        if dq_a is not None and dq_b is not None and \
-                dq_a.op_type == dq_b.op_type == "DequantizeLinear":
+        if (
+            dq_a is not None
+            and dq_b is not None
+            and dq_a.op_type == dq_b.op_type == "DequantizeLinear"
+        ):
             found.append((node, producer[dq_a.input[0]], inits[dq_b.input[0]]))
     return found
 
@@ -263,7 +329,7 @@ def test_w8a8_weights_are_exact_on_every_x86_integer_kernel(tiny_models, tmp_pat
     proto = onnx.load(str(out))
     matmuls = _integer_matmuls(proto)
     assert len(matmuls) == 14
-    for node, quantizer, codes in matmuls:
+    for node, _quantizer, codes in matmuls:
         weights = numpy_helper.to_array(codes)
         assert weights.dtype == (np.int8 if bits == 7 else np.uint8), node.name
         if weights.dtype == np.int8:
@@ -275,12 +341,12 @@ def test_w8a8_weights_are_exact_on_every_x86_integer_kernel(tiny_models, tmp_pat
     assert a.dtype == np.uint8 and a.max() > 200
     w = numpy_helper.to_array(codes).astype(np.int16)
     if w.min() >= 0:
-        w = w - 128                              # zero point 128: the same codes, signed
+        w = w - 128  # zero point 128: the same codes, signed
     exact = a.astype(np.int64) @ w.astype(np.int64)
     if bits == 7:
         np.testing.assert_array_equal(avx2_u8s8_matmul(a, w), exact)
-    else:                                        # stored as uint8: u8 x u8 kernels are exact,
-        assert np.abs(w).max() > 64              # and these codes as int8 would saturate
+    else:  # stored as uint8: u8 x u8 kernels are exact,
+        assert np.abs(w).max() > 64  # and these codes as int8 would saturate
         assert not np.array_equal(avx2_u8s8_matmul(a, w), exact)
 
 
@@ -291,7 +357,10 @@ def test_w8a8_integer_kernels_agree_with_the_float_simulation(tiny_models, tmp_p
     most, so the logits differ by less than that relative to their size."""
     out, samples = _w8a8_file(tiny_models, tmp_path, 7)
     runs = []
-    for level in (ort.GraphOptimizationLevel.ORT_ENABLE_ALL, ort.GraphOptimizationLevel.ORT_DISABLE_ALL):
+    for level in (
+        ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
+        ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
+    ):
         options = ort.SessionOptions()
         options.graph_optimization_level = level
         session = ort.InferenceSession(str(out), options, providers=["CPUExecutionProvider"])
@@ -305,11 +374,10 @@ def test_the_w8a8_preset_writes_7_bit_int8_weights(tiny_models, tmp_path):
     import qronos_onnx
 
     out = tmp_path / "q.onnx"
-    report = qronos_onnx.optimize(tiny_models("nokv"), out, preset="w8a8", algo="rtn",
-                                  progress=False)
-    assert {(t["grid"]["bits"], t["grid"]["symmetric"]) for t in report["targets"]} == {(7, True)}
+    report = qronos_onnx.optimize(tiny_models("nokv"), out, "w8a8", algo="rtn", progress=False)
+    assert {(t.grid["bits"], t.grid["symmetric"]) for t in report.targets} == {(7, True)}
     matmuls = _integer_matmuls(onnx.load(str(out)))
     assert len(matmuls) == 14
-    for _, quantizer, codes in matmuls:
+    for _, _quantizer, codes in matmuls:
         weights = numpy_helper.to_array(codes)
         assert weights.dtype == np.int8 and np.abs(weights.astype(np.int16)).max() <= 64

@@ -8,16 +8,17 @@ import pytest
 import torch
 from onnx import TensorProto, helper, numpy_helper
 
-from conftest import random_samples
 from qronos_onnx.calibration.runner import CalibrationOptions
 from qronos_onnx.config import Recipe
 from qronos_onnx.ir.model_io import load_model
 from qronos_onnx.ir.packing import NBitsTensors, from_matmulnbits
 from qronos_onnx.ir.signature import detect_signature
 from qronos_onnx.ir.targets import find_targets
+from qronos_onnx.passes.calibrate import QUANTIZED, TARGET
 from qronos_onnx.passes.formats import ToMatMulNBitsPass, ToQDQPass
-from qronos_onnx.passes.quantize import QUANTIZED, TARGET, QuantizePass
+from qronos_onnx.pipeline import quantize_model
 from qronos_onnx.quant import Grid, QuantizedWeight, SolveInfo
+from tests.helpers import random_samples
 
 
 def random_quantized(N, K, grid, seed):
@@ -26,16 +27,19 @@ def random_quantized(N, K, grid, seed):
     n_groups = grid.n_groups(K)
     codes = torch.randint(grid.qmin, grid.qmax + 1, (N, K), generator=g).to(grid.code_dtype)
     scales = torch.rand(N, n_groups, generator=g) + 0.05
-    zp = None if grid.symmetric else torch.randint(0, grid.qmax + 1, (N, n_groups),
-                                                   generator=g).to(torch.uint8)
+    zp = (
+        None
+        if grid.symmetric
+        else torch.randint(0, grid.qmax + 1, (N, n_groups), generator=g).to(torch.uint8)
+    )
     return QuantizedWeight(codes, scales, zp, grid, SolveInfo("rtn"))
 
 
 def one_matmul_model(q, transposed=False, bias=None, opset=20):
     """An IR model ``Y = A @ W^T`` (MatMul on W^T, or Gemm with transB=1 and a bias) whose
-    node carries the codes the way QuantizePass leaves them. Below opset 18, ``A`` is first
+    node carries the codes the way CalibrateSolvePass leaves them. Below opset 18, ``A`` is first
     centred with a ``ReduceMean`` whose axes are an attribute (an input from opset 18 on)."""
-    N, K = q.codes.shape
+    _N, K = q.codes.shape
     w = q.dequantize().numpy()
     inits = [numpy_helper.from_array(w if transposed else w.T.copy(), "w")]
     if transposed:
@@ -48,11 +52,21 @@ def one_matmul_model(q, transposed=False, bias=None, opset=20):
     nodes = [node]
     if opset < 18:
         node.input[0] = "centred"
-        nodes = [helper.make_node("ReduceMean", ["A"], ["mean"], axes=[-1], keepdims=1),
-                 helper.make_node("Sub", ["A", "mean"], ["centred"]), node]
-    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("A", TensorProto.FLOAT, [7, K])],
-                              [helper.make_tensor_value_info("Y", TensorProto.FLOAT, None)], inits)
-    model = ir.serde.deserialize_model(helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)]))
+        nodes = [
+            helper.make_node("ReduceMean", ["A"], ["mean"], axes=[-1], keepdims=1),
+            helper.make_node("Sub", ["A", "mean"], ["centred"]),
+            node,
+        ]
+    graph = helper.make_graph(
+        nodes,
+        "g",
+        [helper.make_tensor_value_info("A", TensorProto.FLOAT, [7, K])],
+        [helper.make_tensor_value_info("Y", TensorProto.FLOAT, None)],
+        inits,
+    )
+    model = ir.serde.deserialize_model(
+        helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
+    )
     groups, _ = _targets(model)
     model.graph.node("layer").meta.update({QUANTIZED: q, TARGET: groups[0].targets[0]})
     return model
@@ -68,8 +82,9 @@ def session(model):
     options = ort.SessionOptions()
     options.add_session_config_entry("session.qdq_matmulnbits_accuracy_level", "0")
     proto = in_memory(model)
-    return ort.InferenceSession(proto.SerializeToString(), options,
-                                providers=["CPUExecutionProvider"])
+    return ort.InferenceSession(
+        proto.SerializeToString(), options, providers=["CPUExecutionProvider"]
+    )
 
 
 def in_memory(model):
@@ -82,21 +97,21 @@ def run(model, A):
 
 
 CASES = [  # (N, K, grid)
-    (24, 70, Grid(bits=4, group_size=32)),                   # K not a multiple of the block
+    (24, 70, Grid(bits=4, group_size=32)),  # K not a multiple of the block
     (24, 70, Grid(bits=4, group_size=32, symmetric=True)),
     (16, 96, Grid(bits=2, group_size=32)),
     (16, 100, Grid(bits=2, group_size=16, symmetric=True)),
     (16, 80, Grid.ternary(group_size=16)),
     (16, 72, Grid(bits=8, group_size=64)),
     (16, 72, Grid(bits=8, group_size=16, symmetric=True)),
-    (24, 70, Grid(bits=3, group_size=32)),                   # 3 bits in the 4-bit container
+    (24, 70, Grid(bits=3, group_size=32)),  # 3 bits in the 4-bit container
     (24, 70, Grid(bits=3, group_size=32, symmetric=True)),
-    (12, 576, Grid(bits=4, group_size=None)),                # per channel: one block of 1024
+    (12, 576, Grid(bits=4, group_size=None)),  # per channel: one block of 1024
     (12, 576, Grid(bits=4, group_size=None, symmetric=True)),
 ]
 
 
-@pytest.mark.parametrize("N,K,grid", CASES, ids=lambda c: str(c))
+@pytest.mark.parametrize("N,K,grid", CASES, ids=str)
 def test_matmulnbits_equals_numpy_dequant_and_keeps_codes(N, K, grid):
     q = random_quantized(N, K, grid, seed=N * K)
     model = one_matmul_model(q)
@@ -109,9 +124,15 @@ def test_matmulnbits_equals_numpy_dequant_and_keeps_codes(N, K, grid):
     np.testing.assert_allclose(y, expected, rtol=1e-4, atol=1e-4 * np.abs(expected).max())
     # unpacking the written tensors gives back the solver's codes, bit for bit
     attrs = {k: a.value for k, a in node.attributes.items()}
-    t = NBitsTensors(node.inputs[1].const_value.numpy(), node.inputs[2].const_value.numpy(),
-                     None if node.inputs[3] is None else node.inputs[3].const_value.numpy(),
-                     attrs["K"], attrs["N"], attrs["bits"], attrs["block_size"])
+    t = NBitsTensors(
+        node.inputs[1].const_value.numpy(),
+        node.inputs[2].const_value.numpy(),
+        None if node.inputs[3] is None else node.inputs[3].const_value.numpy(),
+        attrs["K"],
+        attrs["N"],
+        attrs["bits"],
+        attrs["block_size"],
+    )
     codes, scales, zp = from_matmulnbits(t, grid.symmetric)
     assert codes.dtype == q.codes.numpy().dtype
     np.testing.assert_array_equal(codes, q.codes.numpy())
@@ -128,7 +149,9 @@ def test_gemm_bias_becomes_matmulnbits_bias():
     expected = A @ q.dequantize().numpy().T + bias
     model = one_matmul_model(q, transposed=True, bias=bias)
     ToMatMulNBitsPass()(model)
-    np.testing.assert_allclose(run(model, A), expected, rtol=1e-4, atol=1e-4 * np.abs(expected).max())
+    np.testing.assert_allclose(
+        run(model, A), expected, rtol=1e-4, atol=1e-4 * np.abs(expected).max()
+    )
     # accuracy_level 4: the CPU kernel quantizes A to int8, close but not exact
     model = one_matmul_model(q, transposed=True, bias=bias)
     ToMatMulNBitsPass(accuracy_level=4)(model)
@@ -136,9 +159,15 @@ def test_gemm_bias_becomes_matmulnbits_bias():
     assert np.abs(run(model, A) - expected).max() < 0.02 * np.abs(expected).max()
 
 
-@pytest.mark.parametrize("N,K,grid", CASES[:7] + [
-    (16, 60, Grid(bits=4, group_size=12)),        # QDQ blocks need not be powers of two
-    (12, 64, Grid(bits=4, group_size=None))], ids=lambda c: str(c))
+@pytest.mark.parametrize(
+    "N,K,grid",
+    [
+        *CASES[:7],
+        (16, 60, Grid(bits=4, group_size=12)),  # QDQ blocks need not be powers of two
+        (12, 64, Grid(bits=4, group_size=None)),
+    ],
+    ids=str,
+)
 @pytest.mark.parametrize("transposed", [False, True])
 def test_qdq_equals_numpy_dequant(N, K, grid, transposed):
     q = random_quantized(N, K, grid, seed=K)
@@ -146,10 +175,14 @@ def test_qdq_equals_numpy_dequant(N, K, grid, transposed):
     ToQDQPass()(model)
     assert model.opset_imports[""] == 21
     dq = [n for n in model.graph if n.op_type == "DequantizeLinear"]
-    assert len(dq) == 1 and dq[0].inputs[0].const_value.dtype.bitwidth == (8 if grid.bits > 4 else 4)
+    assert len(dq) == 1 and dq[0].inputs[0].const_value.dtype.bitwidth == (
+        8 if grid.bits > 4 else 4
+    )
     A = np.random.default_rng(1).standard_normal((7, K)).astype(np.float32)
     expected = A @ q.dequantize().numpy().T
-    np.testing.assert_allclose(run(model, A), expected, rtol=1e-4, atol=1e-4 * np.abs(expected).max())
+    np.testing.assert_allclose(
+        run(model, A), expected, rtol=1e-4, atol=1e-4 * np.abs(expected).max()
+    )
 
 
 def test_qdq_converts_older_opsets_with_their_reduce_axes():
@@ -163,7 +196,9 @@ def test_qdq_converts_older_opsets_with_their_reduce_axes():
     assert "axes" not in mean.attributes and len(mean.inputs) == 2
     A = np.random.default_rng(2).standard_normal((7, 64)).astype(np.float32)
     expected = (A - A.mean(axis=-1, keepdims=True)) @ q.dequantize().numpy().T
-    np.testing.assert_allclose(run(model, A), expected, rtol=1e-4, atol=1e-4 * np.abs(expected).max())
+    np.testing.assert_allclose(
+        run(model, A), expected, rtol=1e-4, atol=1e-4 * np.abs(expected).max()
+    )
 
 
 def test_matmulnbits_refuses_group_sizes_it_cannot_hold():
@@ -177,7 +212,7 @@ def test_matmulnbits_refuses_group_sizes_it_cannot_hold():
 def quantized_tiny(path, recipe):
     model = load_model(path)
     samples = random_samples(detect_signature(model))
-    QuantizePass(recipe, samples, CalibrationOptions(progress=False))(model)
+    quantize_model(model, recipe, samples, CalibrationOptions(progress=False), fmt=None)
     return model, samples
 
 
@@ -185,13 +220,20 @@ def logits(model, feed):
     return session(model).run(["logits"], feed)[0]
 
 
-@pytest.mark.parametrize("grid", [Grid(bits=4, group_size=32), Grid(bits=4, group_size=None, symmetric=True),
-                                  Grid(bits=3, group_size=16)], ids=str)
+@pytest.mark.parametrize(
+    "grid",
+    [
+        Grid(bits=4, group_size=32),
+        Grid(bits=4, group_size=None, symmetric=True),
+        Grid(bits=3, group_size=16),
+    ],
+    ids=str,
+)
 def test_qdq_and_matmulnbits_give_the_same_logits(tiny_models, grid):
     path = tiny_models("kv")
     recipe = Recipe(grid=grid)
     fake, samples = quantized_tiny(path, recipe)
-    reference = logits(fake, samples[0])                     # float model with dequantized weights
+    reference = logits(fake, samples[0])  # float model with dequantized weights
     nbits, _ = quantized_tiny(path, recipe)
     qdq, _ = quantized_tiny(path, recipe)
     ToMatMulNBitsPass()(nbits)
@@ -201,11 +243,16 @@ def test_qdq_and_matmulnbits_give_the_same_logits(tiny_models, grid):
     for m in (nbits, qdq):
         out = logits(m, samples[0])
         assert np.abs(out - reference).max() < 1e-3 * np.abs(reference).max()
-    np.testing.assert_allclose(logits(nbits, samples[0]), logits(qdq, samples[0]), rtol=1e-4,
-                               atol=1e-4 * np.abs(reference).max())
+    np.testing.assert_allclose(
+        logits(nbits, samples[0]),
+        logits(qdq, samples[0]),
+        rtol=1e-4,
+        atol=1e-4 * np.abs(reference).max(),
+    )
     # ORT's default for QDQ (fused with int8 activations) stays close
-    default = ort.InferenceSession(in_memory(qdq).SerializeToString(),
-                                   providers=["CPUExecutionProvider"]).run(["logits"], samples[0])[0]
+    default = ort.InferenceSession(
+        in_memory(qdq).SerializeToString(), providers=["CPUExecutionProvider"]
+    ).run(["logits"], samples[0])[0]
     assert np.abs(default - reference).max() < 0.05 * np.abs(reference).max()
 
 
@@ -221,8 +268,10 @@ def test_saved_size_is_bits_over_8_of_the_weights_plus_scales(tiny_models, tmp_p
 
     def tensor_bytes(model_path):
         proto = onnx.load(str(model_path))
-        return sum(numpy_helper.to_array(t, base_dir=str(model_path.parent)).nbytes
-                   for t in proto.graph.initializer)
+        return sum(
+            numpy_helper.to_array(t, base_dir=str(model_path.parent)).nbytes
+            for t in proto.graph.initializer
+        )
 
     params = sum(t.in_features * t.out_features for t in targets)
     groups = sum(t.out_features * -(-t.in_features // 32) for t in targets)
@@ -231,5 +280,8 @@ def test_saved_size_is_bits_over_8_of_the_weights_plus_scales(tiny_models, tmp_p
     assert abs(tensor_bytes(files[0]) - expected) < 0.01 * expected
     # on disk: the tensors plus no more non-tensor overhead than the input model had
     overhead = sum(f.stat().st_size for f in path.parent.glob("model.onnx*")) - tensor_bytes(path)
-    assert tensor_bytes(files[0]) <= sum(f.stat().st_size for f in files) <= \
-        tensor_bytes(files[0]) + overhead + 4096
+    assert (
+        tensor_bytes(files[0])
+        <= sum(f.stat().st_size for f in files)
+        <= tensor_bytes(files[0]) + overhead + 4096
+    )

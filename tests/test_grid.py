@@ -4,14 +4,21 @@ import numpy as np
 import pytest
 import torch
 
-import reference as ref
 from qronos_onnx.quant import Grid, solve
+from tests import reference as ref
 
 
-@pytest.mark.parametrize("bits,symmetric,narrow,lo,hi", [
-    (4, False, False, 0, 15), (4, True, False, -8, 7), (3, True, False, -4, 3),
-    (8, False, False, 0, 255), (8, True, False, -128, 127), (2, True, True, -1, 1),
-])
+@pytest.mark.parametrize(
+    "bits,symmetric,narrow,lo,hi",
+    [
+        (4, False, False, 0, 15),
+        (4, True, False, -8, 7),
+        (3, True, False, -4, 3),
+        (8, False, False, 0, 255),
+        (8, True, False, -128, 127),
+        (2, True, True, -1, 1),
+    ],
+)
 def test_code_range(bits, symmetric, narrow, lo, hi):
     g = Grid(bits=bits, symmetric=symmetric, narrow_range=narrow)
     assert (g.qmin, g.qmax) == (lo, hi)
@@ -22,10 +29,17 @@ def test_ternary_is_two_bit_narrow_symmetric():
     assert (g.bits, g.symmetric, g.narrow_range, g.qmin, g.qmax) == (2, True, True, -1, 1)
 
 
-@pytest.mark.parametrize("kwargs", [
-    dict(bits=1), dict(bits=9), dict(bits=4.0), dict(group_size=0),
-    dict(narrow_range=True, symmetric=False), dict(scale_search="l1"),
-])
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        {"bits": 1},
+        {"bits": 9},
+        {"bits": 4.0},
+        {"group_size": 0},
+        {"narrow_range": True, "symmetric": False},
+        {"scale_search": "l1"},
+    ],
+)
 def test_invalid_grids_are_refused(kwargs):
     with pytest.raises(ValueError):
         Grid(**kwargs)
@@ -50,10 +64,10 @@ def test_minmax_fit_matches_per_group_loop(symmetric, group_size, d):
 def test_short_last_group_is_fitted_on_its_own_columns():
     w = torch.zeros(2, 34)
     w[:, :32] = 1.0
-    w[:, 32:] = 100.0          # the short group (2 columns) has its own, much larger range
+    w[:, 32:] = 100.0  # the short group (2 columns) has its own, much larger range
     scales, _ = Grid(bits=4, group_size=16, symmetric=True).fit(w)
     assert scales.shape == (2, 3)
-    np.testing.assert_allclose(scales[:, 2].numpy(), 100.0 / -8)   # the extreme sits on code -8
+    np.testing.assert_allclose(scales[:, 2].numpy(), 100.0 / -8)  # the extreme sits on code -8
     np.testing.assert_allclose(scales[:, :2].numpy(), 1.0 / -8)
 
 
@@ -61,13 +75,13 @@ def test_short_last_group_is_fitted_on_its_own_columns():
 def test_mse_search_picks_best_shrink_per_group(symmetric):
     """Brute force over the same shrink factors, one group at a time."""
     torch.manual_seed(1)
-    w = torch.randn(3, 40) * torch.rand(3, 40) ** 3     # heavy tails: shrinking pays
+    w = torch.randn(3, 40) * torch.rand(3, 40) ** 3  # heavy tails: shrinking pays
     grid = Grid(bits=3, group_size=16, symmetric=symmetric, scale_search="mse")
     scales, zeros = grid.fit(w)
     wn = w.double().numpy()
     for r in range(3):
         for g in range(3):
-            v = wn[r, g * 16:(g + 1) * 16]
+            v = wn[r, g * 16 : (g + 1) * 16]
             best = None
             for i in range(80):
                 p = 1 - 0.01 * i
@@ -98,26 +112,40 @@ def test_mse_never_worse_than_minmax_on_weight_error():
 def test_symmetric_grid_uses_every_code_and_keeps_the_extreme_exact():
     w = torch.tensor([[0.1, -0.3, 0.8, 0.2], [-0.9, 0.5, 0.1, 0.0]])
     q = solve("rtn", w, grid=Grid(bits=4, group_size=None, symmetric=True))
-    assert q.codes[0, 2] == -8 and q.codes[1, 0] == -8                 # both extremes on -8
+    assert q.codes[0, 2] == -8 and q.codes[1, 0] == -8  # both extremes on -8
     np.testing.assert_allclose(q.dequantize()[[0, 1], [2, 0]].numpy(), [0.8, -0.9], rtol=1e-6)
     assert float(q.scales[0, 0]) < 0 < float(q.scales[1, 0])
 
 
-@pytest.mark.parametrize("grid", [Grid(bits=4, group_size=16), Grid(bits=3, symmetric=True),
-                                  Grid(bits=8, group_size=32, symmetric=True),
-                                  Grid.ternary(group_size=8)])
+@pytest.mark.parametrize(
+    "grid",
+    [
+        Grid(bits=4, group_size=16),
+        Grid(bits=3, symmetric=True),
+        Grid(bits=8, group_size=32, symmetric=True),
+        Grid.ternary(group_size=8),
+    ],
+)
 def test_rtn_and_dequantize_match_numpy(grid):
     w = torch.randn(5, 40)
     q = solve("rtn", w, grid=grid)
-    eg = ref.EntryGrid(q.scales.numpy(), None if q.zero_points is None else q.zero_points.numpy(),
-                       grid.group_len(40), grid.qmin, grid.qmax)
+    eg = ref.EntryGrid(
+        q.scales.numpy(),
+        None if q.zero_points is None else q.zero_points.numpy(),
+        grid.group_len(40),
+        grid.qmin,
+        grid.qmax,
+    )
     for c in range(40):
         codes, _ = eg.round(w[:, c].double().numpy(), c)
         np.testing.assert_array_equal(q.codes[:, c].numpy(), codes)
     # dequantize is exactly (codes - zero) * scale in float32
     s = q.scales.numpy()[:, np.arange(40) // grid.group_len(40)]
-    z = (0 if q.zero_points is None
-         else q.zero_points.numpy()[:, np.arange(40) // grid.group_len(40)].astype(np.float32))
+    z = (
+        0
+        if q.zero_points is None
+        else q.zero_points.numpy()[:, np.arange(40) // grid.group_len(40)].astype(np.float32)
+    )
     expected = (q.codes.numpy().astype(np.float32) - z) * s
     np.testing.assert_array_equal(q.dequantize().numpy(), expected)
     assert q.codes.dtype == grid.code_dtype

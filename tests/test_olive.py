@@ -12,10 +12,10 @@ import onnx  # noqa: E402
 import onnxruntime as ort  # noqa: E402
 import yaml  # noqa: E402
 
-from conftest import random_samples  # noqa: E402
 from qronos_onnx.ir.model_io import load_model  # noqa: E402
 from qronos_onnx.ir.signature import detect_signature  # noqa: E402
 from qronos_onnx.olive.registry import REGISTRY, merged_package_config  # noqa: E402
+from tests.helpers import random_samples  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 WORKFLOW = ROOT / "passes" / "qronos_tiny_llama.json"
@@ -26,8 +26,9 @@ def test_package_config_file_is_the_registry():
 
 
 def test_yaml_and_json_workflows_agree():
-    assert yaml.safe_load((ROOT / "passes" / "qronos_tiny_llama.yaml").read_text()) == \
-        json.loads(WORKFLOW.read_text())
+    assert yaml.safe_load((ROOT / "passes" / "qronos_tiny_llama.yaml").read_text()) == json.loads(
+        WORKFLOW.read_text()
+    )
 
 
 def test_merged_package_config_keeps_olives_passes():
@@ -41,12 +42,12 @@ def test_example_workflow_runs_through_olive(tiny_models, tmp_path, monkeypatch)
     shutil.copytree(tiny_models("nokv").parent, tmp_path / "models" / "tiny-llama")
     monkeypatch.chdir(tmp_path)
     config = json.loads(WORKFLOW.read_text())
-    config["passes"]["qronos"].update(calib_windows=2, seqlen=64)   # keep the test quick
+    config["passes"]["qronos"].update(calib_windows=2, seqlen=64)  # keep the test quick
     olive_workflows.run(config, package_config=merged_package_config())
     out = tmp_path / "olive-output" / "qronos-tiny-llama"
     model = onnx.load(str(out / "model.onnx"))
     ops = [n.op_type for n in model.graph.node]
-    assert ops.count("MatMulNBits") == 14 and "MatMul" in ops       # attention products stay
+    assert ops.count("MatMulNBits") == 14 and "MatMul" in ops  # attention products stay
     report = json.loads((out / "model.report.json").read_text())
     assert report["totals"]["targets"] == 14 and report["targets"][0]["algorithm"] == "qronos"
     feed = random_samples(detect_signature(load_model(out / "model.onnx")), count=1)[0]
@@ -66,4 +67,3 @@ def test_olive_config_command_keeps_existing_files(tmp_path, capsys):
     assert "exists" in capsys.readouterr().err and out.read_text() == "mine"
     assert main(["olive-config", "-o", str(out), "--force"]) == 0
     assert "QronosQuantization" in json.dumps(json.loads(out.read_text()))
-

@@ -2,6 +2,7 @@
 SIGINT, SIGKILL) sent at injected points of saving and placing, two runs on one output, files
 appearing mid-run, and a full disk."""
 
+import contextlib
 import os
 import signal
 import subprocess
@@ -60,8 +61,13 @@ CHILD = textwrap.dedent("""
 
 
 def run_child(point, signame, *args):
-    return subprocess.run([sys.executable, "-c", CHILD, point, signame, *map(str, args)],
-                          capture_output=True, text=True, timeout=300)
+    return subprocess.run(
+        [sys.executable, "-c", CHILD, point, signame, *map(str, args)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
 
 
 def contents(directory: Path) -> dict:
@@ -89,8 +95,11 @@ def test_a_signal_while_writing_leaves_the_previous_output(previous, signame, co
     model, output, files = previous
     r = run_child(point, signame, "optimize", model, "-o", output, "--force", "--bits", "2", *RTN)
     assert r.returncode == code, r.stderr
-    assert r.stderr.strip().splitlines()[-1].startswith(("qronos-onnx: terminated",
-                                                         "qronos-onnx: interrupted"))
+    assert (
+        r.stderr.strip()
+        .splitlines()[-1]
+        .startswith(("qronos-onnx: terminated", "qronos-onnx: interrupted"))
+    )
     assert contents(output.parent) == files
 
 
@@ -99,8 +108,9 @@ def test_a_signal_on_the_last_move_still_rolls_back(previous, signame, code):
     """A signal held while the model (the last file) is moved into place: the placing is
     undone before the signal acts."""
     model, output, files = previous
-    r = run_child("move:6", signame, "optimize", model, "-o", output, "--force", "--bits", "2",
-                  *RTN)
+    r = run_child(
+        "move:6", signame, "optimize", model, "-o", output, "--force", "--bits", "2", *RTN
+    )
     assert r.returncode == code, r.stderr
     assert contents(output.parent) == files
 
@@ -111,8 +121,9 @@ def test_a_signal_after_placing_says_the_output_was_written(previous, signame, c
     a signal waits for the clean-up, then stops the run, which says that the output is
     complete: the new files are all in place and nothing else is left."""
     model, output, files = previous
-    r = run_child("cleanup", signame, "optimize", model, "-o", output, "--force", "--bits", "2",
-                  *RTN)
+    r = run_child(
+        "cleanup", signame, "optimize", model, "-o", output, "--force", "--bits", "2", *RTN
+    )
     assert r.returncode == code, r.stderr
     assert r.stderr.strip().endswith(f"after {output} was written completely"), r.stderr
     now = contents(output.parent)
@@ -124,9 +135,28 @@ def test_closed_standard_streams_are_not_an_error(previous):
     """`>&-` / `2>&-`: the run does its work; what it would print goes nowhere."""
     model, output, files = previous
     for close in (">&-", "2>&-"):
-        r = subprocess.run(["bash", "-c", f'"$@" {close}', "bash", sys.executable, "-m",
-                            "qronos_onnx.cli", "optimize", str(model), "-o", str(output),
-                            "--force", "--bits", "2", *RTN], capture_output=True, text=True)
+        r = subprocess.run(
+            [
+                "bash",
+                "-c",
+                f'"$@" {close}',
+                "bash",
+                sys.executable,
+                "-m",
+                "qronos_onnx.cli",
+                "optimize",
+                str(model),
+                "-o",
+                str(output),
+                "--force",
+                "--bits",
+                "2",
+                *RTN,
+            ],
+            capture_output=True,
+            text=True,
+            check=False,
+        )
         assert r.returncode == 0, r.stderr
         assert "Traceback" not in r.stderr
         assert contents(output.parent)["q.onnx.data"] != files["q.onnx.data"]
@@ -137,21 +167,22 @@ def test_a_second_interrupt_during_the_rollback_is_held(previous):
     previous files back (move 3 right after an interrupt at move 2; move 7 is the rollback's
     first when placing completes first). The rollback completes, then the run stops."""
     model, output, files = previous
-    r = run_child("move:2,3,7", "SIGINT", "optimize", model, "-o", output, "--force", "--bits", "2",
-                  *RTN)
+    r = run_child(
+        "move:2,3,7", "SIGINT", "optimize", model, "-o", output, "--force", "--bits", "2", *RTN
+    )
     assert r.returncode == 130, r.stderr
     assert contents(output.parent) == files
 
 
-@pytest.mark.parametrize("point,left", [("save", "staging directory"),
-                                        ("move:4", "killed while placing")])
+@pytest.mark.parametrize(
+    "point,left", [("save", "staging directory"), ("move:4", "killed while placing")]
+)
 def test_the_next_run_repairs_what_a_killed_run_left(previous, point, left, capsys):
     """SIGKILL cannot be handled: killed while saving, the staging directory stays; killed
     while placing, the previous files are in it and a new file is in place. The next run on
     the same output puts the previous files back, removes the rest, and says so."""
     model, output, files = previous
-    r = run_child(point, "SIGKILL", "optimize", model, "-o", output, "--force", "--bits", "2",
-                  *RTN)
+    r = run_child(point, "SIGKILL", "optimize", model, "-o", output, "--force", "--bits", "2", *RTN)
     assert r.returncode == -signal.SIGKILL
     staging = [p for p in output.parent.iterdir() if p.name.endswith(".tmp")]
     assert len(staging) == 1
@@ -168,28 +199,57 @@ def test_a_second_run_on_the_same_output_fails_at_once_naming_the_first(previous
     """Two runs writing one output: the second stops before any work, naming the first's pid
     (which holds the lock for a while here); the first completes and its output loads."""
     model, output, _ = previous
-    first = subprocess.Popen([sys.executable, "-c", CHILD, "save:20", "SIGTERM", "optimize",
-                              str(model), "-o", str(output), "--force", *RTN],
-                             stderr=subprocess.PIPE, text=True)
+    first = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            CHILD,
+            "save:20",
+            "SIGTERM",
+            "optimize",
+            str(model),
+            "-o",
+            str(output),
+            "--force",
+            *RTN,
+        ],
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     lock = output.with_name("q.onnx.lock")
     deadline = time.monotonic() + 120
     while not (lock.exists() and lock.read_text().strip()):
         assert first.poll() is None and time.monotonic() < deadline
         time.sleep(0.05)
-    second = subprocess.run([sys.executable, "-m", "qronos_onnx.cli", "optimize", str(model), "-o",
-                             str(output), "--force", *RTN], capture_output=True, text=True)
+    second = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "qronos_onnx.cli",
+            "optimize",
+            str(model),
+            "-o",
+            str(output),
+            "--force",
+            *RTN,
+        ],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
     assert second.returncode == 2
     assert f"being written by another run (pid {first.pid})" in second.stderr
     assert len(second.stderr.strip().splitlines()) == 1
-    assert first.poll() is None                         # it failed while the first still ran
+    assert first.poll() is None  # it failed while the first still ran
     assert first.wait(timeout=300) == 0, first.stderr.read()
     first.stderr.close()
-    onnx.checker.check_model(str(output))                # model and data of the same run
+    onnx.checker.check_model(str(output))  # model and data of the same run
     assert not lock.exists()
 
 
-def test_a_file_that_appears_mid_run_is_not_replaced_without_force(tiny_models, tmp_path,
-                                                                   monkeypatch, capsys):
+def test_a_file_that_appears_mid_run_is_not_replaced_without_force(
+    tiny_models, tmp_path, monkeypatch, capsys
+):
     """The existence check is repeated when placing: an output that another program wrote
     while the run worked is left as it is, and nothing is written."""
     import qronos_onnx.pipeline as pipeline
@@ -214,16 +274,21 @@ def small_disk(tmp_path):
     mount.mkdir()
     if sys.platform != "linux" or os.geteuid() != 0:
         pytest.skip("a size-limited tmpfs needs Linux and root")
-    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(mount)],
-                          capture_output=True, text=True)
+    done = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(mount)],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
     if done.returncode != 0:
         pytest.skip(f"cannot mount a tmpfs here: {done.stderr.strip()}")
     yield mount
-    subprocess.run(["umount", str(mount)], check=True)
+    subprocess.run(["umount", "--lazy", str(mount)], check=True)  # even with files open
 
 
-def test_a_full_disk_while_copying_the_tokenizer_writes_nothing(tiny_models, tmp_path, small_disk,
-                                                                  capsys):
+def test_a_full_disk_while_copying_the_tokenizer_writes_nothing(
+    tiny_models, tmp_path, small_disk, capsys
+):
     """The tokenizer is placed with the other outputs: a disk that fills up while it is
     copied leaves no output and no truncated tokenizer.json."""
     source = tiny_models("nokv")
@@ -232,10 +297,12 @@ def test_a_full_disk_while_copying_the_tokenizer_writes_nothing(tiny_models, tmp
     for name in ("model.onnx", "model.onnx.data"):
         (model_dir / name).write_bytes((source.parent / name).read_bytes())
     size = sum(p.stat().st_size for p in model_dir.iterdir())
-    assert size < 1 << 20                                  # the model fits, the tokenizer not
+    assert size < 1 << 20  # the model fits, the tokenizer not
     (model_dir / "tokenizer.json").write_bytes(b" " * (2 << 20))
-    assert main(["optimize", str(model_dir / "model.onnx"), "-o", str(small_disk / "q.onnx"),
-                 *RTN]) == 2
+    assert (
+        main(["optimize", str(model_dir / "model.onnx"), "-o", str(small_disk / "q.onnx"), *RTN])
+        == 2
+    )
     err = capsys.readouterr().err
     assert "No space left on device" in err and len(err.strip().splitlines()) == 1
     assert list(small_disk.iterdir()) == []
@@ -245,11 +312,9 @@ def fill(disk: Path) -> None:
     """Fill ``disk`` to the last byte (unbuffered writes, smaller and smaller)."""
     with open(disk / "filler", "wb", buffering=0) as f:
         for size in (65536, 4096, 1):
-            try:
+            with contextlib.suppress(OSError):
                 while True:
                     f.write(b"\0" * size)
-            except OSError:
-                pass
 
 
 def test_a_full_disk_leaves_no_lock_and_no_olive_config(tiny_models, small_disk, capsys):
@@ -260,7 +325,10 @@ def test_a_full_disk_leaves_no_lock_and_no_olive_config(tiny_models, small_disk,
     before = contents(small_disk)
     assert main(["optimize", str(tiny_models("nokv")), "-o", str(small_disk / "q.onnx"), *RTN]) == 2
     assert "No space left on device" in capsys.readouterr().err
-    for args in (["-o", str(small_disk / "new.json")], ["-o", str(small_disk / "o.json"), "--force"]):
+    for args in (
+        ["-o", str(small_disk / "new.json")],
+        ["-o", str(small_disk / "o.json"), "--force"],
+    ):
         assert main(["olive-config", "--ours-only", *args]) == 2
         err = capsys.readouterr().err
         assert "No space left on device" in err and len(err.strip().splitlines()) == 1

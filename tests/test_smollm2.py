@@ -1,24 +1,18 @@
 """End to end on the real SmolLM2-135M (built from PyPI: a few minutes; run in CI)."""
 
-import sys
-from pathlib import Path
-
 import numpy as np
 import pytest
 
 import qronos_onnx
-from qronos_onnx.api import token_windows
+from qronos_onnx.calibration.data import token_windows
 from qronos_onnx.eval import evaluate_windows
-
-ROOT = Path(__file__).resolve().parents[1]
 
 pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
 def smollm2():
-    sys.path.insert(0, str(ROOT / "models"))
-    import smollm2
+    from models import smollm2
 
     return smollm2.build()
 
@@ -36,10 +30,18 @@ def test_qronos_on_smollm2_beats_rtn_and_gptq_at_3_bits(smollm2, tmp_path):
     ppl = {}
     for algo in ("rtn", "gptq", "qronos"):
         out = tmp_path / algo / "model.onnx"
-        report = qronos_onnx.optimize(smollm2, out, bits=3, group_size=64, algo=algo,
-                                      calib_windows=8, seqlen=512, progress=False)
-        assert report["totals"]["targets"] == 210                 # 30 layers x 7
-        assert report["skipped"][-1]["reason"].startswith("tied lm_head")
+        report = qronos_onnx.optimize(
+            smollm2,
+            out,
+            bits=3,
+            group_size=64,
+            algo=algo,
+            calib_windows=8,
+            seqlen=512,
+            progress=False,
+        )
+        assert report.totals.targets == 210  # 30 layers x 7
+        assert report.skipped[-1].reason.startswith("tied lm_head")
         ppl[algo] = evaluate_windows(out, windows, progress=False).perplexity
     assert np.isfinite(list(ppl.values())).all()
     assert float_ppl < ppl["qronos"] < ppl["gptq"] < ppl["rtn"], (float_ppl, ppl)

@@ -1,19 +1,20 @@
-"""Solvers against the brute-force float64 references, and the properties docs/algorithm.md promises."""
+"""Solvers against the brute-force float64 references, and the properties docs/algorithm.md
+promises."""
 
 import numpy as np
 import pytest
 import torch
 
-import reference as ref
 from qronos_onnx.quant import Grid, SolverWarning, solve
 from qronos_onnx.quant.gptq import gptq_sweep
 from qronos_onnx.quant.grid import ColumnGrid, dequantize
 from qronos_onnx.quant.linalg import inverse_factor, largest_eigenvalue
+from tests import reference as ref
 
 GRIDS = [
-    Grid(bits=3, group_size=None),                 # per channel, asymmetric
-    Grid(bits=4, group_size=16, symmetric=True),   # grouped, symmetric
-    Grid(bits=2, group_size=12),                   # 48 = 4 groups of 12; 2-bit
+    Grid(bits=3, group_size=None),  # per channel, asymmetric
+    Grid(bits=4, group_size=16, symmetric=True),  # grouped, symmetric
+    Grid(bits=2, group_size=12),  # 48 = 4 groups of 12; 2-bit
 ]
 
 
@@ -24,8 +25,13 @@ def problem(seed, C=12, d=48, n=3000):
 
 
 def entry_grid(q, d):
-    return ref.EntryGrid(q.scales.numpy(), None if q.zero_points is None else q.zero_points.numpy(),
-                         q.grid.group_len(d), q.grid.qmin, q.grid.qmax)
+    return ref.EntryGrid(
+        q.scales.numpy(),
+        None if q.zero_points is None else q.zero_points.numpy(),
+        q.grid.group_len(d),
+        q.grid.qmin,
+        q.grid.qmax,
+    )
 
 
 def t64(a):
@@ -66,8 +72,17 @@ def test_qronos_matches_reference_with_strong_damping(grid, damping):
 @pytest.mark.parametrize("act_order", [False, True])
 def test_qronos_ls_variant_matches_reference(grid, act_order):
     W, _, _, H, G = problem(4)
-    q = solve("qronos", t64(W), t64(H), t64(G), grid=grid, act_order=act_order, variant="ls",
-              damping=1e-3, solver_block=8)
+    q = solve(
+        "qronos",
+        t64(W),
+        t64(H),
+        t64(G),
+        grid=grid,
+        act_order=act_order,
+        variant="ls",
+        damping=1e-3,
+        solver_block=8,
+    )
     expected = ref.qronos_ls(W, H, G, entry_grid(q, W.shape[1]), act_order, q.info.damping)
     np.testing.assert_array_equal(q.codes.numpy(), expected)
 
@@ -92,7 +107,9 @@ def test_largest_eigenvalue_leaves_its_input_unchanged(dtype):
     _, _, _, H, _ = problem(6)
     H = torch.as_tensor(H, dtype=dtype)
     before = H.clone()
-    assert largest_eigenvalue(H) == pytest.approx(float(np.linalg.eigvalsh(H.double())[-1]), rel=1e-3)
+    assert largest_eigenvalue(H) == pytest.approx(
+        float(np.linalg.eigvalsh(H.double())[-1]), rel=1e-3
+    )
     torch.testing.assert_close(H, before, rtol=0, atol=0)
 
 
@@ -117,8 +134,9 @@ def objective(q, W, X, Xq):
     return float((r**2).sum() / ((W @ X) ** 2).sum())
 
 
-@pytest.mark.parametrize("grid", [Grid(bits=4, group_size=16), Grid(bits=3, group_size=None)],
-                         ids=str)
+@pytest.mark.parametrize(
+    "grid", [Grid(bits=4, group_size=16), Grid(bits=3, group_size=None)], ids=str
+)
 def test_mismatched_problems_order_qronos_gptq_rtn(grid):
     errs = {a: [] for a in ("rtn", "gptq", "gpfq", "qronos")}
     for seed in range(5):
@@ -147,7 +165,7 @@ def test_qronos_equals_gptq_without_mismatch():
 @pytest.mark.parametrize("algorithm", ["gptq", "gpfq", "qronos"])
 def test_dead_columns_give_a_valid_result_and_a_warning(algorithm):
     W, X, Xq, _, _ = problem(30)
-    Xq[[3, 17, 40]] = 0.0                      # features the quantized stream never activates
+    Xq[[3, 17, 40]] = 0.0  # features the quantized stream never activates
     H, G = ref.stats(X, Xq)
     grid = Grid(bits=4, group_size=16)
     with pytest.warns(SolverWarning, match="never active"):
@@ -165,7 +183,7 @@ def test_indefinite_h_retries_with_more_damping(algorithm):
     rng = np.random.default_rng(0)
     W = rng.standard_normal((8, 16))
     v = rng.standard_normal(16)
-    H = np.eye(16) - 1.5 * np.outer(v, v) / (v @ v)     # one eigenvalue -0.5
+    H = np.eye(16) - 1.5 * np.outer(v, v) / (v @ v)  # one eigenvalue -0.5
     with pytest.warns(SolverWarning, match="retrying"):
         q = solve(algorithm, t64(W), t64(H), t64(H), grid=Grid(bits=4, group_size=8))
     assert q.info.retries >= 1 and not q.info.fell_back_to_rtn
@@ -175,7 +193,7 @@ def test_indefinite_h_retries_with_more_damping(algorithm):
 def test_unfactorisable_h_falls_back_to_rtn_and_says_so():
     W = torch.randn(8, 16, dtype=torch.float64)
     H = torch.eye(16, dtype=torch.float64)
-    H[0, 1] = H[1, 0] = 1e6    # eigenvalue -1e6: beyond any damping the retries reach
+    H[0, 1] = H[1, 0] = 1e6  # eigenvalue -1e6: beyond any damping the retries reach
     grid = Grid(bits=4, group_size=8)
     with pytest.warns(SolverWarning, match="falling back to RTN"):
         q = solve("gptq", W, H, grid=grid)
@@ -204,7 +222,7 @@ def test_half_precision_weights_work_in_float32(algorithm):
 
 
 def test_short_last_group_solves():
-    W, X, Xq, H, G = problem(42, d=40)
+    W, _X, _Xq, H, G = problem(42, d=40)
     q = solve("qronos", t64(W), t64(H), t64(G), grid=Grid(bits=4, group_size=16))
     assert q.scales.shape == (12, 3)
     expected = ref.qronos(W, H, G, entry_grid(q, 40), True, q.info.damping)
@@ -217,21 +235,30 @@ def test_ternary_codes():
     assert set(np.unique(q.codes.numpy())) <= {-1, 0, 1}
 
 
-@pytest.mark.parametrize("bad", [
-    dict(algorithm="adaround"),
-    dict(algorithm="qronos", G=None),
-    dict(algorithm="gptq", H=None),
-    dict(algorithm="gptq", H=torch.eye(5)),
-    dict(algorithm="gptq", H=torch.full((16, 16), float("nan"))),
-    dict(algorithm="qronos", variant="exact"),
-    dict(algorithm="gptq", damping=-1.0),
-])
+@pytest.mark.parametrize(
+    "bad",
+    [
+        {"algorithm": "adaround"},
+        {"algorithm": "qronos", "G": None},
+        {"algorithm": "gptq", "H": None},
+        {"algorithm": "gptq", "H": torch.eye(5)},
+        {"algorithm": "gptq", "H": torch.full((16, 16), float("nan"))},
+        {"algorithm": "qronos", "variant": "exact"},
+        {"algorithm": "gptq", "damping": -1.0},
+    ],
+)
 def test_bad_inputs_are_refused(bad):
-    args = dict(algorithm="gptq", H=torch.eye(16), G=torch.eye(16))
+    args = {"algorithm": "gptq", "H": torch.eye(16), "G": torch.eye(16)}
     args.update(bad)
     with pytest.raises(ValueError):
-        solve(args.pop("algorithm"), torch.randn(4, 16), args.pop("H"), args.pop("G"),
-              grid=Grid(bits=4, group_size=8), **args)
+        solve(
+            args.pop("algorithm"),
+            torch.randn(4, 16),
+            args.pop("H"),
+            args.pop("G"),
+            grid=Grid(bits=4, group_size=8),
+            **args,
+        )
 
 
 @pytest.mark.cuda
@@ -254,7 +281,12 @@ def test_inputs_are_never_modified(algorithm, act_order, variant):
     W[:, 5] = 0
     args = [t64(W), t64(H), t64(G)]
     before = [a.clone() for a in args]
-    solve(algorithm, *args, grid=Grid(bits=4, group_size=16), act_order=act_order,
-          variant=variant if algorithm == "qronos" else "step")
-    for a, b in zip(args, before):
+    solve(
+        algorithm,
+        *args,
+        grid=Grid(bits=4, group_size=16),
+        act_order=act_order,
+        variant=variant if algorithm == "qronos" else "step",
+    )
+    for a, b in zip(args, before, strict=False):
         assert torch.equal(a, b)

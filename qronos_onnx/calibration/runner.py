@@ -32,10 +32,11 @@ import onnx_ir as ir
 import torch
 from tqdm.auto import tqdm
 
-from ..errors import QronosError
-from ..ir.act_quant import ACT_SCALE, fit_static_scale
-from ..ir.stages import Stage, fed_constants, last_uses, stage_model
-from ..ir.targets import TargetGroup
+from qronos_onnx.errors import QronosError
+from qronos_onnx.ir.act_quant import ACT_SCALE, fit_static_scale
+from qronos_onnx.ir.stages import Stage, fed_constants, last_uses, stage_model
+from qronos_onnx.ir.targets import TargetGroup
+
 from .session import make_session, run_session
 from .stats import GroupStats, token_rows
 
@@ -87,7 +88,7 @@ class CalibrationRun:
 
     stages: int = 0
     session_runs: int = 0
-    seconds: dict[str, float] = field(default_factory=lambda: Counter())
+    seconds: dict[str, float] = field(default_factory=Counter)
     providers: list[str] = field(default_factory=list)
     node_runs: Counter = field(default_factory=Counter)
     output_error: dict[str, tuple[float, float]] = field(default_factory=dict)
@@ -112,7 +113,7 @@ def torch_device(device: str) -> torch.device:
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if device == "cuda" and not torch.cuda.is_available():
-        raise QronosError("--device cuda: torch sees no CUDA GPU")
+        raise QronosError("device cuda: torch sees no CUDA GPU")
     if device not in ("cpu", "cuda"):
         raise QronosError(f"device must be auto, cpu or cuda, got {device!r}")
     return torch.device(device)
@@ -128,8 +129,13 @@ class TwoStreamCalibrator:
         options: see ``CalibrationOptions``.
     """
 
-    def __init__(self, model: ir.Model, stages: Sequence[Stage], samples: Sequence[dict],
-                 options: CalibrationOptions | None = None):
+    def __init__(
+        self,
+        model: ir.Model,
+        stages: Sequence[Stage],
+        samples: Sequence[dict],
+        options: CalibrationOptions | None = None,
+    ):
         if not samples:
             raise QronosError("no calibration samples")
         self.model = model
@@ -140,8 +146,11 @@ class TwoStreamCalibrator:
         self._values: dict[str, dict[str, list]] = {"float": {}, "quant": {}, "shared": {}}
         self._quant_weights: dict[str, np.ndarray] = {}
         self._last_use = last_uses(self.stages)
-        self._sources = {s.group.input: s.group.source for s in self.stages
-                         if s.group is not None and s.group.source is not None}
+        self._sources = {
+            s.group.input: s.group.source
+            for s in self.stages
+            if s.group is not None and s.group.source is not None
+        }
         self.run_info = CalibrationRun(stages=len(self.stages))
 
     # -- value store -------------------------------------------------------------------
@@ -152,15 +161,16 @@ class TwoStreamCalibrator:
         if name in feed:
             return feed[name]
         if side == "float" and name in self._sources:
-            name = self._sources[name]           # the float network skips activation quantizers
-        store = self._values["float" if side == "float" and self.options.reference == "network"
-                             else "quant"]
+            name = self._sources[name]  # the float network skips activation quantizers
+        store = self._values[
+            "float" if side == "float" and self.options.reference == "network" else "quant"
+        ]
         if name in store:
             return store[name][s]
         return self._values["shared"][name][s]
 
     def _store(self, where: str, names: Sequence[str], arrays: Sequence, s: int) -> None:
-        for name, array in zip(names, arrays):
+        for name, array in zip(names, arrays, strict=False):
             self._values[where].setdefault(name, [None] * len(self.samples))[s] = array
 
     def _free(self, stage: Stage) -> None:
@@ -175,8 +185,13 @@ class TwoStreamCalibrator:
     def run(self, solve: SolveFn) -> CalibrationRun:
         """Calibrate every stage and solve every group, in order."""
         per_sample = sum(len(self._passes(st)) for st in self.stages if st.nodes)
-        bar = tqdm(total=per_sample * len(self.samples), desc="calibrating", unit="run",
-                   disable=not self.options.progress, dynamic_ncols=True)
+        bar = tqdm(
+            total=per_sample * len(self.samples),
+            desc="calibrating",
+            unit="run",
+            disable=not self.options.progress,
+            dynamic_ncols=True,
+        )
         try:
             for stage in self.stages:
                 bar.set_postfix_str(_label(stage), refresh=False)
@@ -214,8 +229,13 @@ class TwoStreamCalibrator:
                 feeds.update(quant_consts if side == "quant" else float_consts)
                 t0 = time.perf_counter()
                 what = f"the stage of {_label(stage)} ({_STREAM[side]}, sample {s})"
-                outputs = dict(zip(stage.run_outputs,
-                                   run_session(session, stage.run_outputs, feeds, what)))
+                outputs = dict(
+                    zip(
+                        stage.run_outputs,
+                        run_session(session, stage.run_outputs, feeds, what),
+                        strict=False,
+                    )
+                )
                 self.run_info.seconds["stages"] += time.perf_counter() - t0
                 self.run_info.session_runs += 1
                 self._store(where, stage.outputs, [outputs[n] for n in stage.outputs], s)
@@ -223,7 +243,9 @@ class TwoStreamCalibrator:
                 bar.update(1)
             if measured:
                 mask = self._mask(s)
-                for i, (y, y_quant) in enumerate(zip(layer_outputs["float"], layer_outputs["quant"])):
+                for i, (y, y_quant) in enumerate(
+                    zip(layer_outputs["float"], layer_outputs["quant"], strict=False)
+                ):
                     y, y_quant = token_rows(y, mask), token_rows(y_quant, mask)
                     sums[i] += (_square_sum(y), _square_sum(y - y_quant))
                 tokens += y.shape[0]
@@ -234,7 +256,7 @@ class TwoStreamCalibrator:
             for s in range(len(self.samples)):
                 self._accumulate(stats, group, s)
             self.run_info.seconds["statistics"] += time.perf_counter() - t0
-        for (node, _), (ref, err) in zip(stage.target_outputs, sums):
+        for (node, _), (ref, err) in zip(stage.target_outputs, sums, strict=False):
             self.run_info.output_error[node] = (ref / tokens, err / tokens)
         if self.options.reference == "stage" and group is not None:
             # The float stage's outputs only give this group's X (kept until here: a static
@@ -260,15 +282,18 @@ class TwoStreamCalibrator:
         for name in stage.act_scales:
             value = graph.initializers[name]
             static = value.meta[ACT_SCALE]
-            arrays = [token_rows(self._lookup("quant", static.source, s), self._mask(s))
-                      for s in range(len(self.samples))]
+            arrays = [
+                token_rows(self._lookup("quant", static.source, s), self._mask(s))
+                for s in range(len(self.samples))
+            ]
             scale, zero = fit_static_scale(arrays, static.spec)
             old = value.const_value
             value.const_value = ir.Tensor(np.asarray(scale, dtype=old.dtype.numpy()), name=name)
             if static.zero_point is not None:
                 zp = graph.initializers[static.zero_point]
-                zp.const_value = ir.Tensor(np.asarray(zero, dtype=zp.const_value.dtype.numpy()),
-                                           name=static.zero_point)
+                zp.const_value = ir.Tensor(
+                    np.asarray(zero, dtype=zp.const_value.dtype.numpy()), name=static.zero_point
+                )
 
     def _accumulate(self, stats: GroupStats, group: TargetGroup, s: int) -> None:
         x_quant = self._lookup("quant", group.input, s)
@@ -278,7 +303,8 @@ class TwoStreamCalibrator:
                 raise QronosError(
                     f"NaN or Inf in the calibration activations of the {label} network at "
                     f"{group.input!r} (input of {group.targets[0].name}), sample {s}: check the "
-                    "model and the calibration data")
+                    "model and the calibration data"
+                )
         stats.add(x, x_quant, self._mask(s))
 
     def _mask(self, s: int) -> np.ndarray | None:
@@ -301,8 +327,13 @@ class TwoStreamCalibrator:
         prefix = None
         if self.options.profile:
             prefix = os.path.join(tempfile.gettempdir(), f"qronos_stage{stage.index}_")
-        session = make_session(proto, self.options.device, self.options.optimize_graph, prefix,
-                               f"calibration stage {stage.index}")
+        session = make_session(
+            proto,
+            self.options.device,
+            self.options.optimize_graph,
+            prefix,
+            f"calibration stage {stage.index}",
+        )
         if not self.run_info.providers:
             self.run_info.providers = session.get_providers()
         return session

@@ -7,7 +7,7 @@ import onnx
 import onnxruntime as ort
 from onnxruntime.capi import onnxruntime_pybind11_state as _ort_state
 
-from ..errors import QronosError
+from qronos_onnx.errors import QronosError
 
 CUDA = "CUDAExecutionProvider"
 CPU = "CPUExecutionProvider"
@@ -17,8 +17,9 @@ CPU = "CPUExecutionProvider"
 _LOG_FATAL = 4
 
 #: The exceptions ONNX Runtime raises (its pybind module's error classes).
-_ORT_ERRORS = tuple(v for v in vars(_ort_state).values()
-                    if isinstance(v, type) and issubclass(v, Exception))
+_ORT_ERRORS = tuple(
+    v for v in vars(_ort_state).values() if isinstance(v, type) and issubclass(v, Exception)
+)
 
 
 def providers(device: str = "auto") -> list[str]:
@@ -29,17 +30,23 @@ def providers(device: str = "auto") -> list[str]:
         return [CPU]
     if device == "cuda":
         if CUDA not in available:
-            raise QronosError("--device cuda needs onnxruntime-gpu (pip install 'qronos-onnx[gpu]' "
-                              "in an environment without onnxruntime)")
+            raise QronosError(
+                "device cuda needs onnxruntime-gpu (pip install 'qronos-onnx[gpu]' "
+                "in an environment without onnxruntime)"
+            )
         return [CUDA, CPU]
     if device != "auto":
         raise QronosError(f"device must be auto, cpu or cuda, got {device!r}")
     return [CUDA, CPU] if CUDA in available else [CPU]
 
 
-def make_session(model: onnx.ModelProto | str, device: str = "auto", optimize: bool = True,
-                 profile_prefix: str | None = None,
-                 what: str = "the model") -> ort.InferenceSession:
+def make_session(
+    model: onnx.ModelProto | str,
+    device: str = "auto",
+    optimize: bool = True,
+    profile_prefix: str | None = None,
+    what: str = "the model",
+) -> ort.InferenceSession:
     """A session for an in-memory model (or a model path).
 
     ``optimize=False`` keeps every node as it is (no fusions), so that node-level profiling
@@ -54,8 +61,11 @@ def make_session(model: onnx.ModelProto | str, device: str = "auto", optimize: b
     # Many short runs interleave with torch work on the same cores: idle ORT threads must
     # sleep, not spin, or they steal the cores torch needs between runs.
     options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    options.graph_optimization_level = (ort.GraphOptimizationLevel.ORT_ENABLE_ALL if optimize
-                                        else ort.GraphOptimizationLevel.ORT_DISABLE_ALL)
+    options.graph_optimization_level = (
+        ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        if optimize
+        else ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    )
     if profile_prefix is not None:
         options.enable_profiling = True
         options.profile_file_prefix = profile_prefix
@@ -65,12 +75,13 @@ def make_session(model: onnx.ModelProto | str, device: str = "auto", optimize: b
     except _ORT_ERRORS as err:
         raise QronosError(f"ONNX Runtime cannot load {what}: {_last_line(err)}") from err
     if device == "cuda" and CUDA not in session.get_providers():
-        raise QronosError("--device cuda: ONNX Runtime could not start its CUDA provider")
+        raise QronosError("device cuda: ONNX Runtime could not start its CUDA provider")
     return session
 
 
-def run_session(session: ort.InferenceSession, outputs: list[str], feeds: dict[str, np.ndarray],
-                what: str) -> list[np.ndarray]:
+def run_session(
+    session: ort.InferenceSession, outputs: list[str], feeds: dict[str, np.ndarray], what: str
+) -> list[np.ndarray]:
     """``session.run(outputs, feeds)``; an ONNX Runtime failure becomes a ``QronosError`` that
     names ``what`` was running and the feed shapes (a window longer than the model supports and
     a lack of memory both end here)."""
@@ -79,11 +90,16 @@ def run_session(session: ort.InferenceSession, outputs: list[str], feeds: dict[s
     try:
         return session.run(outputs, feeds, run_options)
     except _ORT_ERRORS as err:
-        shapes = ", ".join(f"{k} {list(np.shape(v))}" for k, v in feeds.items()
-                           if k in ("input_ids", "attention_mask", "position_ids"))
-        raise QronosError(f"ONNX Runtime failed on {what} ({shapes}): {_last_line(err)}. If the "
-                          "windows are longer than the model supports or memory ran out, use a "
-                          "shorter --seqlen") from err
+        shapes = ", ".join(
+            f"{k} {list(np.shape(v))}"
+            for k, v in feeds.items()
+            if k in ("input_ids", "attention_mask", "position_ids")
+        )
+        raise QronosError(
+            f"ONNX Runtime failed on {what} ({shapes}): {_last_line(err)}. If the "
+            "windows are longer than the model supports or memory ran out, use a "
+            "shorter seqlen"
+        ) from err
 
 
 def _last_line(err: Exception) -> str:

@@ -24,9 +24,14 @@ def token_rows(a: np.ndarray, mask: np.ndarray | None) -> np.ndarray:
     of ``a``. Without a mask, or with one that does not match ``a``, every row is kept.
     """
     rows = a.reshape(-1, a.shape[-1])
-    if (mask is not None and a.ndim >= 2 and mask.ndim == a.ndim - 1
-            and mask.shape[:-1] == a.shape[:-2] and mask.shape[-1] > a.shape[-2]):
-        mask = mask[..., -a.shape[-2]:]
+    if (
+        mask is not None
+        and a.ndim >= 2
+        and mask.ndim == a.ndim - 1
+        and mask.shape[:-1] == a.shape[:-2]
+        and mask.shape[-1] > a.shape[-2]
+    ):
+        mask = mask[..., -a.shape[-2] :]
     if mask is not None and mask.size == rows.shape[0]:
         rows = rows[mask.reshape(-1) != 0]
     return rows
@@ -44,7 +49,7 @@ class GroupStats:
         self._H32 = torch.zeros(d, d, dtype=torch.float32, device=self.device)
         self._G32 = torch.zeros_like(self._H32)
         self._pending = 0
-        self._same: bool | None = None   # X is X~ for every batch (nothing quantized upstream)
+        self._same: bool | None = None  # X is X~ for every batch (nothing quantized upstream)
         self.tokens = 0
 
     def add(self, x: np.ndarray, x_quant: np.ndarray, mask: np.ndarray | None = None) -> None:
@@ -65,8 +70,8 @@ class GroupStats:
         xq = self._tokens(x_quant, mask)
         d = self.in_features
         width = -(-d // _H_PANELS)
-        for i in range(0, d, width):                    # upper block triangle of H
-            self._H32[i:i + width, i:].addmm_(xq[:, i:i + width].T, xq[:, i:])
+        for i in range(0, d, width):  # upper block triangle of H
+            self._H32[i : i + width, i:].addmm_(xq[:, i : i + width].T, xq[:, i:])
         if not same:
             self._G32.addmm_(self._tokens(x, mask).T, xq)
         self.tokens += xq.shape[0]

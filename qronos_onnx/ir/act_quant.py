@@ -72,8 +72,8 @@ class StaticScale:
 
 def fit_static_scale(arrays, spec: ActQuant) -> tuple[np.float32, int]:
     """Per-tensor scale and zero point covering every calibration activation in ``arrays``."""
-    lo = min(0.0, min(float(a.min()) for a in arrays))
-    hi = max(0.0, max(float(a.max()) for a in arrays))
+    lo = min(0.0, *(float(a.min()) for a in arrays))
+    hi = max(0.0, *(float(a.max()) for a in arrays))
     if spec.symmetric:
         scale, zero = max(-lo, hi) / spec.qmax, 0
     else:
@@ -82,8 +82,9 @@ def fit_static_scale(arrays, spec: ActQuant) -> tuple[np.float32, int]:
     return np.float32(scale if scale > 0 else 1.0), zero
 
 
-def insert_act_quant(model: ir.Model, group: TargetGroup, spec: ActQuant,
-                     dtype: ir.DataType) -> ir.Value:
+def insert_act_quant(
+    model: ir.Model, group: TargetGroup, spec: ActQuant, dtype: ir.DataType
+) -> ir.Value:
     """Insert a quantizer for ``group.input`` and make the group's targets read its output.
 
     The output value's ``meta[ACT_QUANT_SOURCE]`` names the value quantized. Returns it.
@@ -126,16 +127,23 @@ def insert_act_quant(model: ir.Model, group: TargetGroup, spec: ActQuant,
         else:
             magnitude = add("Abs", [source])
             if opset >= 18:
-                peak = add("ReduceMax", [magnitude, const("axes", np.array([-1], np.int64))],
-                           keepdims=1)
+                peak = add(
+                    "ReduceMax", [magnitude, const("axes", np.array([-1], np.int64))], keepdims=1
+                )
             else:
                 peak = add("ReduceMax", [magnitude], axes=[-1], keepdims=1)
             raw = add("Div", [peak, const("qmax", np.array(spec.qmax, np_type))])
-            tiny = ml_dtypes.finfo(np_type).tiny      # numpy's finfo knows no bfloat16
+            tiny = ml_dtypes.finfo(np_type).tiny  # numpy's finfo knows no bfloat16
             scale = add("Max", [raw, const("tiny", np.array(tiny, np_type))])
         rounded = add("Round", [add("Div", [source, scale])])
-        clipped = add("Clip", [rounded, const("qmin", np.array(spec.qmin, np_type)),
-                               const("qmax_c", np.array(spec.qmax, np_type))])
+        clipped = add(
+            "Clip",
+            [
+                rounded,
+                const("qmin", np.array(spec.qmin, np_type)),
+                const("qmax_c", np.array(spec.qmax, np_type)),
+            ],
+        )
         out = add("Mul", [clipped, scale])
     out.name = prefix
     out.meta[ACT_QUANT_SOURCE] = group.input

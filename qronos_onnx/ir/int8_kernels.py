@@ -62,6 +62,9 @@ def saturating_matmuls(model: ir.Model) -> list[str]:
         if integer_codes(weight) != ir.DataType.INT8:
             continue
         codes = weight.producer().inputs[0].const_value
-        if codes is not None and int(np.abs(codes.numpy().astype(np.int16)).max()) > INT8_WEIGHT_LIMIT:
+        if (
+            codes is not None
+            and int(np.abs(codes.numpy().astype(np.int16)).max()) > INT8_WEIGHT_LIMIT
+        ):
             found.append(node.name)
     return found

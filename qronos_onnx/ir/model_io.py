@@ -16,10 +16,10 @@ import onnx
 import onnx_ir as ir
 from google.protobuf.message import DecodeError
 
-from ..errors import QronosError
+from qronos_onnx.errors import QronosError
 
 EXTERNAL_THRESHOLD_BYTES = 1024
-TOKENIZER_FILE = "tokenizer.json"   # copied beside an output model by ``optimize``
+TOKENIZER_FILE = "tokenizer.json"  # copied beside an output model by ``optimize``
 
 
 def load_model(path: str | os.PathLike) -> ir.Model:
@@ -31,15 +31,20 @@ def load_model(path: str | os.PathLike) -> ir.Model:
     """
     path = Path(path)
     if not path.is_file():
-        raise QronosError(f"model file not found: {path}"
-                          + (" (it is a directory)" if path.is_dir() else ""))
+        raise QronosError(
+            f"model file not found: {path}" + (" (it is a directory)" if path.is_dir() else "")
+        )
     try:
         proto = onnx.load(str(path), load_external_data=False)
     except (DecodeError, RuntimeError, ValueError, OSError) as err:
-        raise QronosError(f"{path} is not a readable ONNX model (truncated or corrupt?): {err}") from err
+        raise QronosError(
+            f"{path} is not a readable ONNX model (truncated or corrupt?): {err}"
+        ) from err
     if not proto.graph.node:
-        raise QronosError(f"{path} is not a readable ONNX model: its graph has no nodes "
-                          "(truncated or corrupt file?)")
+        raise QronosError(
+            f"{path} is not a readable ONNX model: its graph has no nodes "
+            "(truncated or corrupt file?)"
+        )
     _check_external_data(proto, path.parent)
     model = ir.serde.deserialize_model(proto)
     ir.external_data.set_base_dir(model.graph, path.parent)
@@ -59,9 +64,14 @@ def _map_hard_linked_data(model: ir.Model) -> None:
             continue
         real = os.path.realpath(tensor.path)
         if os.stat(real).st_nlink > 1:
-            value.const_value = ir.ExternalTensor(real, tensor.offset, tensor.length,
-                                                  tensor.dtype, shape=tensor.shape,
-                                                  name=tensor.name)
+            value.const_value = ir.ExternalTensor(
+                real,
+                tensor.offset,
+                tensor.length,
+                tensor.dtype,
+                shape=tensor.shape,
+                name=tensor.name,
+            )
 
 
 def _name_nodes(model: ir.Model) -> None:
@@ -92,25 +102,34 @@ def _check_external_data(proto: onnx.ModelProto, base: Path) -> None:
     for tensor, location, info in _external_entries(proto, base):
         written = Path(info.get("location", ""))
         if written.is_absolute() or ".." in written.parts:
-            raise QronosError(f"tensor {tensor.name!r} keeps its data at {str(written)!r}, outside "
-                              "the model's folder; ONNX external data must be a path inside it "
-                              "(move the data file beside the model and fix the location)")
+            raise QronosError(
+                f"tensor {tensor.name!r} keeps its data at {str(written)!r}, outside "
+                "the model's folder; ONNX external data must be a path inside it "
+                "(move the data file beside the model and fix the location)"
+            )
         if location not in sizes:
             if not location.is_file():
-                raise QronosError(f"external data file {location} (tensor {tensor.name!r}) is "
-                                  "missing: keep the data file next to the model")
+                raise QronosError(
+                    f"external data file {location} (tensor {tensor.name!r}) is "
+                    "missing: keep the data file next to the model"
+                )
             if not location.resolve().is_relative_to(folder):
-                raise QronosError(f"external data file {location} is a symbolic link to "
-                                  f"{location.resolve()}, outside the model's folder; copy the "
-                                  "data file beside the model instead")
+                raise QronosError(
+                    f"external data file {location} is a symbolic link to "
+                    f"{location.resolve()}, outside the model's folder; copy the "
+                    "data file beside the model instead"
+                )
             if not os.access(location, os.R_OK):
-                raise QronosError(f"cannot read the external data file {location}: permission "
-                                  "denied")
+                raise QronosError(
+                    f"cannot read the external data file {location}: permission denied"
+                )
             sizes[location] = location.stat().st_size
         end = int(info.get("offset", 0)) + int(info.get("length", 0))
         if end > sizes[location]:
-            raise QronosError(f"external data file {location} is truncated: tensor "
-                              f"{tensor.name!r} needs {end} bytes, the file has {sizes[location]}")
+            raise QronosError(
+                f"external data file {location} is truncated: tensor "
+                f"{tensor.name!r} needs {end} bytes, the file has {sizes[location]}"
+            )
 
 
 def _external_entries(proto: onnx.ModelProto, base: Path):
@@ -147,8 +166,12 @@ def model_files(path: str | os.PathLike) -> set[Path]:
     return files
 
 
-def check_output_path(output: str | os.PathLike, inputs: Sequence[str | os.PathLike],
-                      force: bool, companions: Sequence[str] = ()) -> Path:
+def check_output_path(
+    output: str | os.PathLike,
+    inputs: Sequence[str | os.PathLike],
+    force: bool,
+    companions: Sequence[str] = (),
+) -> Path:
     """Check where ``output`` will be written, before any work.
 
     What gets written is ``output``, its data file ``<output>.data`` and the ``companions``
@@ -162,13 +185,17 @@ def check_output_path(output: str | os.PathLike, inputs: Sequence[str | os.PathL
     limit = _name_max(output.parent)
     # the longest name made from the output's is its staging directory, 14 bytes longer
     if len(os.fsencode(output.name)) + 14 > limit:
-        raise QronosError(f"the output name {output.name!r} is too long: this file system "
-                          f"allows {limit} bytes per name, and the files written beside it "
-                          f"need {limit - 14} at most")
+        raise QronosError(
+            f"the output name {output.name!r} is too long: this file system "
+            f"allows {limit} bytes per name, and the files written beside it "
+            f"need {limit - 14} at most"
+        )
     for name in companions:
         if len(os.fsencode(name)) > limit:
-            raise QronosError(f"the file name {name!r} is longer than the {limit} bytes this "
-                              "file system allows; choose a shorter name")
+            raise QronosError(
+                f"the file name {name!r} is longer than the {limit} bytes this "
+                "file system allows; choose a shorter name"
+            )
     if output.is_dir():
         raise QronosError(f"{output} is a directory; give the output model's file name")
     _check_writable_dir(output.parent)
@@ -177,9 +204,11 @@ def check_output_path(output: str | os.PathLike, inputs: Sequence[str | os.PathL
         if Path(name).name != name or name in ("", ".", ".."):
             raise QronosError(f"{name!r} is not a plain file name for beside the output")
         if name.endswith(".onnx") or name == TOKENIZER_FILE or name == f"{output.name}.lock":
-            raise QronosError(f"{name!r} cannot name a file beside the output: *.onnx names "
-                              f"models, {TOKENIZER_FILE} the tokenizer copied there and "
-                              f"{output.name}.lock the run's lock")
+            raise QronosError(
+                f"{name!r} cannot name a file beside the output: *.onnx names "
+                f"models, {TOKENIZER_FILE} the tokenizer copied there and "
+                f"{output.name}.lock the run's lock"
+            )
         if output.with_name(name) in written:
             raise QronosError(f"{name!r} is the output model's own file name")
         written.append(output.with_name(name))
@@ -192,11 +221,13 @@ def check_output_path(output: str | os.PathLike, inputs: Sequence[str | os.PathL
         for path in written:
             if path.resolve() in read or _inode(path) in inodes:
                 link = "" if path.resolve() in read else " through a hard link"
-                raise QronosError(f"refusing to overwrite {path}: the input model {source} reads "
-                                  f"it{link}; choose another output")
+                raise QronosError(
+                    f"refusing to overwrite {path}: the input model {source} reads "
+                    f"it{link}; choose another output"
+                )
     existing = [path for path in written if path.exists()]
     if existing and not force:
-        raise QronosError(f"{existing[0]} exists; pass --force (force=True) to overwrite it")
+        raise QronosError(f"{existing[0]} exists; give force to overwrite it")
     return output
 
 

@@ -61,8 +61,9 @@ def block_size_for(group_size: int | None, in_features: int) -> int:
     if group_size is None:
         return max(MIN_BLOCK, 1 << (in_features - 1).bit_length())
     if group_size < MIN_BLOCK or group_size & (group_size - 1):
-        raise ValueError(f"MatMulNBits needs a power-of-two group size >= {MIN_BLOCK}, "
-                         f"got {group_size}")
+        raise ValueError(
+            f"MatMulNBits needs a power-of-two group size >= {MIN_BLOCK}, got {group_size}"
+        )
     return group_size
 
 
@@ -79,9 +80,15 @@ class NBitsTensors:
     block_size: int
 
 
-def to_matmulnbits(codes: np.ndarray, scales: np.ndarray, zero_points: np.ndarray | None,
-                   bits: int, group_size: int | None, symmetric: bool,
-                   scale_dtype: np.dtype) -> NBitsTensors:
+def to_matmulnbits(
+    codes: np.ndarray,
+    scales: np.ndarray,
+    zero_points: np.ndarray | None,
+    bits: int,
+    group_size: int | None,
+    symmetric: bool,
+    scale_dtype: np.dtype,
+) -> NBitsTensors:
     """MatMulNBits tensors holding exactly ``codes``.
 
     Args:
@@ -95,24 +102,25 @@ def to_matmulnbits(codes: np.ndarray, scales: np.ndarray, zero_points: np.ndarra
     k_blocks = -(-K // block)
     if symmetric:
         stored = codes.astype(np.int16) + (1 << (store - 1))
-        pad_value = 1 << (store - 1)                      # code 0
+        pad_value = 1 << (store - 1)  # code 0
     else:
         stored = codes.astype(np.int16)
         pad_value = 0
     full = np.full((N, k_blocks * block), pad_value, dtype=np.uint8)
     full[:, :K] = stored.astype(np.uint8)
     B = pack_bits(full.reshape(N, k_blocks, block), store)
-    if scales.shape[1] != k_blocks:                      # groups and blocks must coincide
+    if scales.shape[1] != k_blocks:  # groups and blocks must coincide
         raise ValueError(f"{scales.shape[1]} groups per row cannot fill {k_blocks} blocks")
     zp = None if zero_points is None else pack_bits(zero_points, store).reshape(-1)
     return NBitsTensors(B, scales.astype(scale_dtype).reshape(-1), zp, K, N, store, block)
 
 
-def from_matmulnbits(t: NBitsTensors, symmetric: bool) -> tuple[np.ndarray, np.ndarray,
-                                                                  np.ndarray | None]:
+def from_matmulnbits(
+    t: NBitsTensors, symmetric: bool
+) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
     """The codes ``[N, K]``, scales ``[N, k_blocks]`` and zero points stored in ``t``."""
     k_blocks = t.B.shape[1]
-    stored = unpack_bits(t.B, t.bits, t.block_size).reshape(t.N, -1)[:, :t.K].astype(np.int16)
+    stored = unpack_bits(t.B, t.bits, t.block_size).reshape(t.N, -1)[:, : t.K].astype(np.int16)
     scales = t.scales.reshape(t.N, k_blocks)
     if symmetric:
         return (stored - (1 << (t.bits - 1))).astype(np.int8), scales, None

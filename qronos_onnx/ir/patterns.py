@@ -8,7 +8,7 @@ import fnmatch
 import re
 from collections.abc import Sequence
 
-from ..errors import QronosError
+from qronos_onnx.errors import QronosError
 
 
 def check_patterns(patterns: Sequence[str], option: str) -> None:

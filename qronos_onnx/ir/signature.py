@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import numpy as np
 import onnx_ir as ir
 
-from ..errors import QronosError
+from qronos_onnx.errors import QronosError
 
 _PAST = re.compile(r"^past_key_values\.(\d+)\.(key|value)$")
 
@@ -37,29 +37,37 @@ class LLMSignature:
     position_ids: str | None
     past: tuple[PastInput, ...]
     logits: str
-    vocab: int | None = None      # token ids the graph accepts and scores (None: not static)
+    vocab: int | None = None  # token ids the graph accepts and scores (None: not static)
     positions: int | None = None  # rows of a position table gathered by position_ids (None: none)
 
     def check_token_ids(self, windows: np.ndarray, source: str = "the tokenizer") -> None:
         """Refuse token ids the model has no embedding row or logit for (a wrong tokenizer, or
         feeds made for another model); ``source`` names where the ids came from."""
         if np.size(windows) and int(np.min(windows)) < 0:
-            raise QronosError(f"{source} produces token id {int(np.min(windows))}; token ids "
-                              "are never negative")
+            raise QronosError(
+                f"{source} produces token id {int(np.min(windows))}; token ids are never negative"
+            )
         top = int(np.max(windows)) if np.size(windows) else -1
         if self.vocab is not None and top >= self.vocab:
-            hint = (": is it the model's own tokenizer? (pass --tokenizer)"
-                    if source == "the tokenizer" else "")
-            raise QronosError(f"{source} produces token id {top}, but the model's vocabulary has "
-                              f"{self.vocab} entries{hint}")
+            hint = (
+                ": is it the model's own tokenizer? (give tokenizer)"
+                if source == "the tokenizer"
+                else ""
+            )
+            raise QronosError(
+                f"{source} produces token id {top}, but the model's vocabulary has "
+                f"{self.vocab} entries{hint}"
+            )
 
     def check_seqlen(self, seqlen: int) -> None:
         """Refuse windows longer than the model's position table (ONNX Runtime would fail in a
         Gather mid-run)."""
         if self.positions is not None and seqlen > self.positions:
-            raise QronosError(f"--seqlen {seqlen} is longer than the model supports: its position "
-                              f"table has {self.positions} rows (use --seqlen {self.positions} or "
-                              "less)")
+            raise QronosError(
+                f"seqlen {seqlen} is longer than the model supports: its position "
+                f"table has {self.positions} rows (use seqlen {self.positions} or "
+                "less)"
+            )
 
     def feed(self, input_ids: np.ndarray, attention_mask: np.ndarray | None = None) -> dict:
         """A full feed for a batch of windows ``[batch, seq]`` with an empty (length-0) cache."""
@@ -67,8 +75,11 @@ class LLMSignature:
         batch, seq = input_ids.shape
         feed = {self.input_ids: input_ids}
         if self.attention_mask is not None:
-            feed[self.attention_mask] = (np.ones((batch, seq), np.int64) if attention_mask is None
-                                         else np.asarray(attention_mask, dtype=np.int64))
+            feed[self.attention_mask] = (
+                np.ones((batch, seq), np.int64)
+                if attention_mask is None
+                else np.asarray(attention_mask, dtype=np.int64)
+            )
         if self.position_ids is not None:
             # positions count the real tokens: left padding (mask 0) does not advance them
             mask = feed.get(self.attention_mask, np.ones((batch, seq), np.int64))
@@ -101,21 +112,26 @@ def detect_signature(model: ir.Model) -> LLMSignature:
         raise QronosError(
             "not a decoder LLM graph: expected an input 'input_ids' and an output 'logits' "
             f"(found inputs {sorted(inputs)}, outputs {outputs}); export the model with "
-            "Optimum or torch.onnx using these names")
+            "Optimum or torch.onnx using these names"
+        )
     past = []
     for name, value in inputs.items():
         if _PAST.match(name):
             shape = value.shape
             dims = [] if shape is None else list(shape)
             if len(dims) != 4 or not isinstance(dims[1], int) or not isinstance(dims[3], int):
-                raise QronosError(f"KV-cache input {name} must be [batch, kv_heads, past, head_dim] "
-                                  f"with static kv_heads and head_dim, got {dims}")
+                raise QronosError(
+                    f"KV-cache input {name} must be [batch, kv_heads, past, head_dim] "
+                    f"with static kv_heads and head_dim, got {dims}"
+                )
             past.append(PastInput(name, np.dtype(value.dtype.numpy()), dims[1], dims[3]))
     known = {"input_ids", "attention_mask", "position_ids"} | {p.name for p in past}
     unknown = sorted(set(inputs) - known)
     if unknown:
-        raise QronosError(f"unsupported model inputs {unknown}: a decoder LLM takes input_ids, "
-                          "attention_mask, position_ids and past_key_values.N.key/value")
+        raise QronosError(
+            f"unsupported model inputs {unknown}: a decoder LLM takes input_ids, "
+            "attention_mask, position_ids and past_key_values.N.key/value"
+        )
     return LLMSignature(
         input_ids="input_ids",
         attention_mask="attention_mask" if "attention_mask" in inputs else None,
@@ -123,8 +139,11 @@ def detect_signature(model: ir.Model) -> LLMSignature:
         past=tuple(sorted(past, key=lambda p: _past_key(p.name))),
         logits="logits",
         vocab=_vocab_size(inputs["input_ids"], model.graph.outputs[outputs.index("logits")]),
-        positions=(min(_gathered_rows(inputs["position_ids"]), default=None)
-                   if "position_ids" in inputs else None),
+        positions=(
+            min(_gathered_rows(inputs["position_ids"]), default=None)
+            if "position_ids" in inputs
+            else None
+        ),
     )
 
 
@@ -153,9 +172,12 @@ def _gathered_rows(indices: ir.Value) -> list[int]:
             seen.add(id(node))
             if node.op_type in _INDEX_PASSTHROUGH and node.inputs[0] is value:
                 todo.extend(node.outputs)
-            elif (node.op_type == "Gather" and node.inputs[1] is value
-                  and node.inputs[0].const_value is not None
-                  and node.attributes.get_int("axis", 0) == 0):
+            elif (
+                node.op_type == "Gather"
+                and node.inputs[1] is value
+                and node.inputs[0].const_value is not None
+                and node.attributes.get_int("axis", 0) == 0
+            ):
                 rows.append(node.inputs[0].const_value.shape[0])
     return rows
 

@@ -23,7 +23,8 @@ import numpy as np
 import onnx
 import onnx_ir as ir
 
-from ..errors import QronosError
+from qronos_onnx.errors import QronosError
+
 from .act_quant import ACT_SCALE
 from .targets import TargetGroup
 
@@ -94,8 +95,9 @@ def plan_stages(model: ir.Model, groups: list[TargetGroup]) -> list[Stage]:
             computed.update(ordered)
             _check_no_control_flow(ordered)
             if scales:
-                stages.append(Stage(len(stages), ordered, shared=False, act_scales=scales,
-                                    quant_only=True))
+                stages.append(
+                    Stage(len(stages), ordered, shared=False, act_scales=scales, quant_only=True)
+                )
                 continue
             shared = [n for n in ordered if n not in dependent]
             own = [n for n in ordered if n in dependent]
@@ -103,21 +105,23 @@ def plan_stages(model: ir.Model, groups: list[TargetGroup]) -> list[Stage]:
                 stages.append(Stage(len(stages), shared, shared=True))
             if own:
                 stages.append(Stage(len(stages), own, shared=False))
-        if len(stages) == start:      # the group reads a graph input directly
+        if len(stages) == start:  # the group reads a graph input directly
             stages.append(Stage(len(stages), [], shared=True))
         stages[-1].group = group
     tail = [n for n in model.graph if n.name in target_nodes and n not in computed]
-    if tail:        # targets no later group input needs: run them once to measure their error
+    if tail:  # targets no later group input needs: run them once to measure their error
         stages.append(Stage(len(stages), tail, shared=False))
     _wire(stages, weight_names)
     for stage in stages:
-        stage.target_outputs = [(n.name, n.outputs[0].name) for n in stage.nodes
-                                if n.name in target_nodes]
+        stage.target_outputs = [
+            (n.name, n.outputs[0].name) for n in stage.nodes if n.name in target_nodes
+        ]
     return stages
 
 
-def _parts(group: TargetGroup, values: dict[str, ir.Value],
-           computed: set[ir.Node]) -> list[tuple[set[ir.Node], list[str]]]:
+def _parts(
+    group: TargetGroup, values: dict[str, ir.Value], computed: set[ir.Node]
+) -> list[tuple[set[ir.Node], list[str]]]:
     """The nodes the group input needs, as ``(nodes, static scales)`` parts in run order.
 
     A static activation quantizer gets a part of its own, after the nodes computing its source,
@@ -128,17 +132,22 @@ def _parts(group: TargetGroup, values: dict[str, ir.Value],
         return [(needed, [])]
     main = _ancestors(values[group.source], computed)
     quantizer = needed - main
-    scales = sorted({v.name for n in quantizer for v in n.inputs
-                     if v is not None and ACT_SCALE in v.meta})
+    scales = sorted(
+        {v.name for n in quantizer for v in n.inputs if v is not None and ACT_SCALE in v.meta}
+    )
     return [(main, []), (quantizer, scales)] if scales else [(needed, [])]
 
 
 def _check_no_control_flow(nodes: list[ir.Node]) -> None:
     for node in nodes:
-        if any(a.type in (ir.AttributeType.GRAPH, ir.AttributeType.GRAPHS)
-               for a in node.attributes.values()):
-            raise QronosError(f"control flow ({node.op_type} node {node.name!r}) on the path "
-                              "of a quantized layer is not supported")
+        if any(
+            a.type in (ir.AttributeType.GRAPH, ir.AttributeType.GRAPHS)
+            for a in node.attributes.values()
+        ):
+            raise QronosError(
+                f"control flow ({node.op_type} node {node.name!r}) on the path "
+                "of a quantized layer is not supported"
+            )
 
 
 def _values_by_name(model: ir.Model) -> dict[str, ir.Value]:
@@ -165,9 +174,10 @@ def _ancestors(value: ir.Value, computed: set[ir.Node]) -> set[ir.Node]:
 def _target_dependent(model: ir.Model, target_nodes: set[str]) -> set[ir.Node]:
     """Nodes whose result depends on a target's output (the targets included)."""
     dependent: set[ir.Node] = set()
-    for node in model.graph:                       # graph order is topological
+    for node in model.graph:  # graph order is topological
         if node.name in target_nodes or any(
-                v is not None and v.producer() in dependent for v in node.inputs):
+            v is not None and v.producer() in dependent for v in node.inputs
+        ):
             dependent.add(node)
     return dependent
 
@@ -212,8 +222,11 @@ def last_uses(stages: list[Stage]) -> dict[str, int]:
     The float stream reads an activation quantizer's source wherever the quantized stream reads
     its output, so a source lives as long as its quantized twin.
     """
-    sources = {st.group.input: st.group.source for st in stages
-               if st.group is not None and st.group.source is not None}
+    sources = {
+        st.group.input: st.group.source
+        for st in stages
+        if st.group is not None and st.group.source is not None
+    }
     last: dict[str, int] = {}
     for stage in stages:
         names = list(stage.inputs)
@@ -236,8 +249,10 @@ def stage_model(model: ir.Model, stage: Stage, input_types: dict[str, np.dtype])
         constants, and whose outputs are ``stage.run_outputs`` (untyped: ONNX Runtime infers
         them).
     """
-    graph_inputs = [onnx.helper.make_tensor_value_info(n, _onnx_type(input_types[n]), None)
-                    for n in stage.inputs]
+    graph_inputs = [
+        onnx.helper.make_tensor_value_info(n, _onnx_type(input_types[n]), None)
+        for n in stage.inputs
+    ]
     fed = set(fed_constants(model, stage))
     embedded = []
     for name in stage.constants:
@@ -255,10 +270,12 @@ def stage_model(model: ir.Model, stage: Stage, input_types: dict[str, np.dtype])
         info = onnx.ValueInfoProto()
         info.name = name
         outputs.append(info)
-    graph = onnx.helper.make_graph(nodes, f"stage_{stage.index}", graph_inputs, outputs,
-                                   initializer=embedded)
-    opsets = [onnx.helper.make_opsetid(domain, version)
-              for domain, version in model.opset_imports.items()]
+    graph = onnx.helper.make_graph(
+        nodes, f"stage_{stage.index}", graph_inputs, outputs, initializer=embedded
+    )
+    opsets = [
+        onnx.helper.make_opsetid(domain, version) for domain, version in model.opset_imports.items()
+    ]
     proto = onnx.helper.make_model(graph, opset_imports=opsets)
     proto.ir_version = model.ir_version
     proto.functions.extend(ir.serde.serialize_function(f) for f in model.functions.values())
@@ -267,8 +284,12 @@ def stage_model(model: ir.Model, stage: Stage, input_types: dict[str, np.dtype])
 
 def fed_constants(model: ir.Model, stage: Stage) -> list[str]:
     """Constants of ``stage`` that are fed at run time (not embedded), target weights first."""
-    big = [n for n in stage.constants if n not in stage.weights
-           and model.graph.initializers[n].const_value.nbytes > FED_CONSTANT_BYTES]
+    big = [
+        n
+        for n in stage.constants
+        if n not in stage.weights
+        and model.graph.initializers[n].const_value.nbytes > FED_CONSTANT_BYTES
+    ]
     return [*stage.weights, *big]
 
 

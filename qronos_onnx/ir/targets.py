@@ -15,6 +15,8 @@ from dataclasses import dataclass
 import numpy as np
 import onnx_ir as ir
 
+from qronos_onnx.errors import QronosError
+
 from .patterns import check_patterns, matches
 
 _FLOAT_TYPES = (ir.DataType.FLOAT, ir.DataType.FLOAT16, ir.DataType.BFLOAT16, ir.DataType.DOUBLE)
@@ -98,8 +100,13 @@ def readable_name(node: ir.Node) -> str:
 ALREADY_QUANTIZED = "already quantized (weight from a DequantizeLinear)"
 
 
-def find_targets(model: ir.Model, *, include_lm_head: bool = False, include: Sequence[str] = (),
-                 exclude: Sequence[str] = ()) -> tuple[list[TargetGroup], list[Skipped]]:
+def find_targets(
+    model: ir.Model,
+    *,
+    include_lm_head: bool = False,
+    include: Sequence[str] = (),
+    exclude: Sequence[str] = (),
+) -> tuple[list[TargetGroup], list[Skipped]]:
     """All targets of ``model``, grouped by input in graph order, and the skipped layers.
 
     ``include`` (when given: only these) and ``exclude`` take globs or ``re:`` regexes, matched
@@ -127,14 +134,48 @@ def find_targets(model: ir.Model, *, include_lm_head: bool = False, include: Seq
     for t in targets:
         groups.setdefault(t.input, []).append(t)
     values = {v.name: v for n in model.graph for v in n.outputs}
-    return [TargetGroup(k, tuple(v), _act_quant_source(values.get(k)))
-            for k, v in groups.items()], skipped
+    return [
+        TargetGroup(k, tuple(v), _act_quant_source(values.get(k))) for k, v in groups.items()
+    ], skipped
 
 
 #: The skip reasons of layers that ``include`` / ``exclude`` patterns leave out.
 NOT_INCLUDED = "not included by pattern"
 EXCLUDED = "excluded by pattern"
 PATTERN_REASONS = (NOT_INCLUDED, EXCLUDED)
+
+
+def require_targets(
+    model: ir.Model, groups: Sequence[TargetGroup], skipped: Sequence[Skipped]
+) -> None:
+    """Refuse a model with nothing left to quantize, saying why: already quantized, every
+    layer left out by the include / exclude patterns, or no layer at all."""
+    if groups:
+        return
+    packed = sum(n.op_type == "MatMulNBits" for n in model.graph)
+    dequantized = sum(s.reason == ALREADY_QUANTIZED for s in skipped)
+    if packed or dequantized:
+        found = ", ".join(
+            f"{n} {what}"
+            for n, what in (
+                (packed, "MatMulNBits"),
+                (dequantized, "MatMul on DequantizeLinear weights"),
+            )
+            if n
+        )
+        raise QronosError(
+            f"the model is already quantized ({found}) and has no float layer "
+            "left to quantize: start from the float model"
+        )
+    left_out = [s for s in skipped if s.reason in PATTERN_REASONS]
+    if left_out:
+        raise QronosError(
+            f"the include/exclude patterns leave out all {len(left_out)} "
+            "quantizable layers; `qronos-onnx inspect MODEL` lists their names"
+        )
+    raise QronosError(
+        f"no quantizable MatMul/Gemm with a constant 2-D weight was found ({len(skipped)} skipped)"
+    )
 
 
 def _pattern_reason(node: ir.Node, include: Sequence[str], exclude: Sequence[str]) -> str | None:
@@ -155,34 +196,56 @@ def _act_quant_source(value: ir.Value | None) -> str | None:
     return None if value is None else value.meta.get(ACT_QUANT_SOURCE)
 
 
-def untie_lm_head(model: ir.Model, include: Sequence[str] = (),
-                  exclude: Sequence[str] = ()) -> bool:
-    """Give a tied lm_head (MatMul on a Transpose of the embedding) its own weight initializer,
-    so that it can be quantized without touching the embedding; nothing is done when the
-    ``include`` / ``exclude`` patterns leave it out (the copy would only add a float weight).
-    Returns whether it was untied."""
+def tied_lm_head(
+    model: ir.Model, include: Sequence[str] = (), exclude: Sequence[str] = ()
+) -> tuple[ir.Node, ir.Node] | None:
+    """The lm_head that reads a Transpose of a constant table (a tied embedding), with that
+    Transpose, unless the ``include`` / ``exclude`` patterns leave it out; else ``None``."""
     for node in _logits_producers(model):
         if _pattern_reason(node, include, exclude):
             continue
         weight = node.inputs[1]
         producer = None if weight is None else weight.producer()
-        if producer is None or producer.op_type != "Transpose" or producer.inputs[0].const_value is None:
+        if (
+            producer is None
+            or producer.op_type != "Transpose"
+            or producer.inputs[0].const_value is None
+        ):
             continue
-        table = producer.inputs[0].const_value
         perm = producer.attributes.get("perm")
-        if perm is not None and list(perm.value) != [1, 0]:
-            continue
-        name = f"{producer.inputs[0].name}.lm_head"
-        shape = ir.Shape([table.shape[1], table.shape[0]])
-        untied = ir.Value(name=name, const_value=ir.LazyTensor(
+        if perm is None or list(perm.value) == [1, 0]:
+            return node, producer
+    return None
+
+
+def untie_lm_head(
+    model: ir.Model, include: Sequence[str] = (), exclude: Sequence[str] = ()
+) -> bool:
+    """Give a tied lm_head (``tied_lm_head``) its own weight initializer, so that it can be
+    quantized without touching the embedding; nothing is done when the ``include`` / ``exclude``
+    patterns leave it out (the copy would only add a float weight). Returns whether it was
+    untied."""
+    tied = tied_lm_head(model, include, exclude)
+    if tied is None:
+        return False
+    node, producer = tied
+    table = producer.inputs[0].const_value
+    name = f"{producer.inputs[0].name}.lm_head"
+    shape = ir.Shape([table.shape[1], table.shape[0]])
+    untied = ir.Value(
+        name=name,
+        const_value=ir.LazyTensor(
             lambda t=table, n=name: ir.Tensor(np.ascontiguousarray(t.numpy().T), name=n),
-            dtype=table.dtype, shape=shape, name=name))
-        model.graph.register_initializer(untied)
-        node.replace_input_with(1, untied)
-        if not producer.outputs[0].uses():
-            model.graph.remove(producer)
-        return True
-    return False
+            dtype=table.dtype,
+            shape=shape,
+            name=name,
+        ),
+    )
+    model.graph.register_initializer(untied)
+    node.replace_input_with(1, untied)
+    if not producer.outputs[0].uses():
+        model.graph.remove(producer)
+    return True
 
 
 def _as_target(node: ir.Node, name: str, lm_head: bool) -> tuple[Target | None, str | None]:
@@ -197,14 +260,22 @@ def _as_target(node: ir.Node, name: str, lm_head: bool) -> tuple[Target | None, 
             return None, "Gemm with transA=1"
         if attrs.get("alpha") is not None and attrs["alpha"].value != 1.0:
             return None, "Gemm with alpha != 1"
-        if len(node.inputs) > 2 and node.inputs[2] is not None and \
-                attrs.get("beta") is not None and attrs["beta"].value != 1.0:
+        if (
+            len(node.inputs) > 2
+            and node.inputs[2] is not None
+            and attrs.get("beta") is not None
+            and attrs["beta"].value != 1.0
+        ):
             return None, "Gemm with beta != 1"
         transposed = bool(attrs["transB"].value) if attrs.get("transB") is not None else False
     if b.const_value is None:
         producer = b.producer()
-        if producer is not None and producer.op_type == "Transpose" and producer.inputs[0] is not None \
-                and producer.inputs[0].const_value is not None:
+        if (
+            producer is not None
+            and producer.op_type == "Transpose"
+            and producer.inputs[0] is not None
+            and producer.inputs[0].const_value is not None
+        ):
             what = "tied lm_head" if lm_head else "weight is a Transpose of a shared initializer"
             return None, f"{what} (MatMul on a Transpose of an initializer)"
         if producer is not None and producer.op_type == "DequantizeLinear":
@@ -221,10 +292,19 @@ def _as_target(node: ir.Node, name: str, lm_head: bool) -> tuple[Target | None, 
         return None, f"weight is shared with {len(b.uses()) - 1} other node(s)"
     in_f, out_f = (shape[1], shape[0]) if transposed else shape
     bias = node.inputs[2] if node.op_type == "Gemm" and len(node.inputs) > 2 else None
-    return Target(node=node.name, name=name, op_type=node.op_type, input=a.name, weight=b.name,
-                  transposed=transposed, in_features=int(in_f), out_features=int(out_f),
-                  output=node.outputs[0].name, lm_head=lm_head,
-                  bias=None if bias is None else bias.name), None
+    return Target(
+        node=node.name,
+        name=name,
+        op_type=node.op_type,
+        input=a.name,
+        weight=b.name,
+        transposed=transposed,
+        in_features=int(in_f),
+        out_features=int(out_f),
+        output=node.outputs[0].name,
+        lm_head=lm_head,
+        bias=None if bias is None else bias.name,
+    ), None
 
 
 def _logits_producers(model: ir.Model) -> set[ir.Node]:

@@ -6,8 +6,10 @@
   ``DequantizeLinear`` (blocked along K, or per output channel); ONNX Runtime fuses the pattern
   into MatMulNBits on CPU and CUDA, and any ONNX runtime can run it.
 
-Pre-condition: target nodes carry ``meta[QUANTIZED]`` and ``meta[TARGET]`` (``QuantizePass``).
-Post-condition: no float weight of a quantized target is left in the graph.
+Requires: solved target nodes carry ``meta[QUANTIZED]`` and ``meta[TARGET]``
+(``CalibrateSolvePass``).
+Ensures: every solved target computes from its integer codes (a MatMulNBits, or a MatMul whose
+weight is a DequantizeLinear output); no float weight of a solved target is left.
 """
 
 from __future__ import annotations
@@ -18,12 +20,13 @@ import ml_dtypes
 import numpy as np
 import onnx_ir as ir
 
-from ..errors import QronosError
-from ..ir.int8_kernels import INT8_WEIGHT_LIMIT, integer_codes, saturating_matmuls
-from ..ir.packing import to_matmulnbits
-from ..ir.targets import Target
-from ..quant import QuantizedWeight
-from .quantize import QUANTIZED, TARGET
+from qronos_onnx.errors import QronosError
+from qronos_onnx.ir.int8_kernels import INT8_WEIGHT_LIMIT, integer_codes, saturating_matmuls
+from qronos_onnx.ir.packing import to_matmulnbits
+from qronos_onnx.ir.targets import Target
+from qronos_onnx.quant import QuantizedWeight
+
+from .calibrate import QUANTIZED, TARGET
 
 QDQ_OPSET = 21
 
@@ -33,8 +36,9 @@ def quantized_nodes(model: ir.Model) -> list[tuple[ir.Node, Target, QuantizedWei
     return [(n, n.meta[TARGET], n.meta[QUANTIZED]) for n in model.graph if QUANTIZED in n.meta]
 
 
-def add_initializer(graph: ir.Graph, name: str, array: np.ndarray,
-                    dtype: ir.DataType | None = None) -> ir.Value:
+def add_initializer(
+    graph: ir.Graph, name: str, array: np.ndarray, dtype: ir.DataType | None = None
+) -> ir.Value:
     """A new initializer named ``name`` (made unique)."""
     base, i = name, 0
     while name in graph.initializers:
@@ -72,34 +76,59 @@ class ToMatMulNBitsPass(ir.passes.InPlacePass):
             grid = q.grid
             weight = graph.initializers[target.weight].const_value
             try:
-                t = to_matmulnbits(q.codes.numpy(), q.scales.numpy(),
-                                   None if q.zero_points is None else q.zero_points.numpy(),
-                                   grid.bits, grid.group_size, grid.symmetric, weight.dtype.numpy())
+                t = to_matmulnbits(
+                    q.codes.numpy(),
+                    q.scales.numpy(),
+                    None if q.zero_points is None else q.zero_points.numpy(),
+                    grid.bits,
+                    grid.group_size,
+                    grid.symmetric,
+                    weight.dtype.numpy(),
+                )
             except ValueError as err:
-                raise QronosError(f"{target.name}: {err}; use --format qdq or another group size") from err
+                raise QronosError(
+                    f"{target.name}: {err}; use format qdq or another group size"
+                ) from err
             B = add_initializer(graph, f"{target.weight}_Q{t.bits}", t.B)
             scales = add_initializer(graph, f"{target.weight}_scales", t.scales)
-            zero = (None if t.zero_points is None
-                    else add_initializer(graph, f"{target.weight}_zero_points", t.zero_points))
+            zero = (
+                None
+                if t.zero_points is None
+                else add_initializer(graph, f"{target.weight}_zero_points", t.zero_points)
+            )
             bias = node.inputs[2] if node.op_type == "Gemm" and len(node.inputs) > 2 else None
-            if bias is not None and (bias.const_value is None
-                                     or bias.const_value.size != target.out_features):
-                raise QronosError(f"{target.name}: Gemm bias must be a constant of "
-                                  f"{target.out_features} values to become a MatMulNBits bias")
+            if bias is not None and (
+                bias.const_value is None or bias.const_value.size != target.out_features
+            ):
+                raise QronosError(
+                    f"{target.name}: Gemm bias must be a constant of "
+                    f"{target.out_features} values to become a MatMulNBits bias"
+                )
             attrs = {"K": t.K, "N": t.N, "bits": t.bits, "block_size": t.block_size}
             if self.accuracy_level is not None:
                 attrs["accuracy_level"] = self.accuracy_level
-            new = ir.node("MatMulNBits", [node.inputs[0], B, scales, zero, None, bias], attrs,
-                          domain="com.microsoft", name=node.name)
+            new = ir.node(
+                "MatMulNBits",
+                [node.inputs[0], B, scales, zero, None, bias],
+                attrs,
+                domain="com.microsoft",
+                name=node.name,
+            )
             new.meta.update(node.meta)
-            ir.convenience.replace_nodes_and_values(graph, node, [node], [new], node.outputs,
-                                                    new.outputs)
+            ir.convenience.replace_nodes_and_values(
+                graph, node, [node], [new], node.outputs, new.outputs
+            )
             _drop_weight(graph, target.weight)
             if bias is not None and bias.const_value.shape != (target.out_features,):
                 bias.const_value = ir.Tensor(bias.const_value.numpy().reshape(-1), name=bias.name)
         if nodes:
             model.opset_imports.setdefault("com.microsoft", 1)
         return ir.passes.PassResult(model, modified=bool(nodes))
+
+    def ensures(self, model: ir.Model) -> None:
+        left = [n.name for n, _, _ in quantized_nodes(model) if n.op_type != "MatMulNBits"]
+        if left:
+            raise ir.passes.PostconditionError(f"solved targets left as float: {left}")
 
 
 class ToQDQPass(ir.passes.InPlacePass):
@@ -115,7 +144,7 @@ class ToQDQPass(ir.passes.InPlacePass):
     """
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
-        convert_opset(model, QDQ_OPSET)
+        converted = convert_opset(model, QDQ_OPSET)
         graph = model.graph
         nodes = quantized_nodes(model)
         for node, target, q in nodes:
@@ -123,7 +152,7 @@ class ToQDQPass(ir.passes.InPlacePass):
             wide = grid.bits > 4
             codes = q.codes.numpy()
             zero = None if q.zero_points is None else q.zero_points.numpy()
-            if (grid.symmetric and grid.bits == 8 and integer_codes(node.inputs[0]) is not None):
+            if grid.symmetric and grid.bits == 8 and integer_codes(node.inputs[0]) is not None:
                 codes = (codes.astype(np.int16) + 128).astype(np.uint8)
                 zero = np.full(q.scales.shape, 128, np.uint8)
             if zero is None:
@@ -133,14 +162,15 @@ class ToQDQPass(ir.passes.InPlacePass):
                 dtype = ir.DataType.UINT8 if wide else ir.DataType.UINT4
                 np_type = np.uint8 if wide else ml_dtypes.uint4
             scales = q.scales.numpy().astype(
-                graph.initializers[target.weight].const_value.dtype.numpy())
+                graph.initializers[target.weight].const_value.dtype.numpy()
+            )
             # Stored layout: MatMul keeps W^T [K, N]; Gemm(transB=1) keeps W [N, K].
             k_axis = 1 if target.transposed else 0
             if not target.transposed:
                 codes, scales = codes.T, scales.T
                 zero = None if zero is None else zero.T
             attrs: dict = {}
-            if grid.group_size is None:                      # per output channel
+            if grid.group_size is None:  # per output channel
                 attrs["axis"] = 1 - k_axis
                 scales = scales.reshape(-1)
                 zero = None if zero is None else zero.reshape(-1)
@@ -149,25 +179,43 @@ class ToQDQPass(ir.passes.InPlacePass):
                 attrs["block_size"] = grid.group_size
             x = add_initializer(graph, f"{target.weight}_q", codes.astype(np_type), dtype)
             s = add_initializer(graph, f"{target.weight}_scale", np.ascontiguousarray(scales))
-            z = (None if zero is None else
-                 add_initializer(graph, f"{target.weight}_zero_point",
-                                 np.ascontiguousarray(zero).astype(np_type), dtype))
+            z = (
+                None
+                if zero is None
+                else add_initializer(
+                    graph,
+                    f"{target.weight}_zero_point",
+                    np.ascontiguousarray(zero).astype(np_type),
+                    dtype,
+                )
+            )
             dq = ir.node("DequantizeLinear", [x, s, z], attrs, name=f"{node.name}_weight_dq")
             graph.insert_before(node, dq)
             node.replace_input_with(1, dq.outputs[0])
             _drop_weight(graph, target.weight)
-        return ir.passes.PassResult(model, modified=True)
+        return ir.passes.PassResult(model, modified=converted or bool(nodes))
 
     def ensures(self, model: ir.Model) -> None:
+        left = [
+            n.name
+            for n, _, _ in quantized_nodes(model)
+            if n.inputs[1] is None
+            or n.inputs[1].producer() is None
+            or n.inputs[1].producer().op_type != "DequantizeLinear"
+        ]
+        if left:
+            raise ir.passes.PostconditionError(f"solved targets left as float: {left}")
         saturating = saturating_matmuls(model)
         if saturating:
             raise ir.passes.PostconditionError(
                 f"int8 weights beyond +-{INT8_WEIGHT_LIMIT} read by integer activations (x86 CPUs "
-                f"without VNNI would saturate): {', '.join(saturating)}")
+                f"without VNNI would saturate): {', '.join(saturating)}"
+            )
 
 
-def convert_opset(model: ir.Model, version: int) -> None:
-    """Convert the default-domain opset to at least ``version``, or say what blocks it.
+def convert_opset(model: ir.Model, version: int) -> bool:
+    """Convert the default-domain opset to at least ``version``, or say what blocks it;
+    returns whether the model was converted.
 
     onnxscript's converter only adapts nodes from opset 18 on; from older opsets it hands the
     graph (large initializers left out) to ONNX's C++ converter, which also moves e.g. the
@@ -176,7 +224,7 @@ def convert_opset(model: ir.Model, version: int) -> None:
     """
     current = model.opset_imports.get("", 1)
     if current >= version:
-        return
+        return False
     from onnxscript import version_converter
 
     notices = logging.getLogger(version_converter.__name__)
@@ -185,9 +233,12 @@ def convert_opset(model: ir.Model, version: int) -> None:
     try:
         version_converter.convert_version(model, version, fallback=True)
     except Exception as err:  # the converter raises several types; all mean "cannot convert"
-        raise QronosError(f"cannot convert the model from opset {current} to {version} (needed "
-                          f"for QDQ int4): {err}; use --format matmulnbits") from err
+        raise QronosError(
+            f"cannot convert the model from opset {current} to {version} (needed "
+            f"for QDQ int4): {err}; use format matmulnbits"
+        ) from err
     finally:
         notices.setLevel(level)
     if model.opset_imports.get("", 1) < version:
-        raise QronosError(f"opset conversion to {version} did not apply; use --format matmulnbits")
+        raise QronosError(f"opset conversion to {version} did not apply; use format matmulnbits")
+    return True

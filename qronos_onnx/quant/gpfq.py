@@ -32,7 +32,7 @@ def gpfq(problem: LayerProblem, solver_block: int) -> Tensor:
     target = problem.weight @ torch.triu(problem.G.to(dtype))
     C, d = problem.weight.shape
     codes = torch.empty_like(problem.weight)
-    q = torch.zeros(d, C, dtype=dtype, device=H.device)     # column-major dequantized values
+    q = torch.zeros(d, C, dtype=dtype, device=H.device)  # column-major dequantized values
     for i1 in range(0, d, solver_block):
         i2 = min(i1 + solver_block, d)
         acc = (target[:, i1:i2] - (H[:i1, i1:i2].T @ q[:i1]).T).T.contiguous()
@@ -40,5 +40,5 @@ def gpfq(problem: LayerProblem, solver_block: int) -> Tensor:
             t = i1 + i
             code, q[t] = problem.cols.round(acc[i] / H[t, t], t)
             codes[:, t] = code
-            acc[i + 1:].addr_(H[t, t + 1:i2], q[t], alpha=-1)
+            acc[i + 1 :].addr_(H[t, t + 1 : i2], q[t], alpha=-1)
     return codes

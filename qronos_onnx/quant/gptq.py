@@ -17,8 +17,9 @@ from .linalg import inverse_factor
 from .problem import LayerProblem
 
 
-def gptq_sweep(W: Tensor, U: Tensor, cols: ColumnGrid, solver_block: int,
-               Y: Tensor | None = None) -> tuple[Tensor, Tensor]:
+def gptq_sweep(
+    W: Tensor, U: Tensor, cols: ColumnGrid, solver_block: int, Y: Tensor | None = None
+) -> tuple[Tensor, Tensor]:
     """Round the columns of ``W`` left to right, diffusing each error into the later ones.
 
     Args:
@@ -36,7 +37,7 @@ def gptq_sweep(W: Tensor, U: Tensor, cols: ColumnGrid, solver_block: int,
     """
     C, m = W.shape
     U = U.to(W.dtype)
-    inv_diag = (1.0 / torch.diagonal(U)).tolist()     # Python floats: no 0-d tensors per step
+    inv_diag = (1.0 / torch.diagonal(U)).tolist()  # Python floats: no 0-d tensors per step
     codes = torch.empty_like(W)
     loss = torch.zeros(C, dtype=W.dtype, device=W.device)
     for i1 in range(0, m, solver_block):
@@ -57,17 +58,18 @@ def gptq_sweep(W: Tensor, U: Tensor, cols: ColumnGrid, solver_block: int,
             block_codes[i], q = cols.round(w, i1 + i)
             e = errors[i]
             torch.sub(w, q, out=e).mul_(inv_diag[i1 + i])
-            block[i + 1:].addr_(Ub[i, i + 1:], e, alpha=-1)
+            block[i + 1 :].addr_(Ub[i, i + 1 :], e, alpha=-1)
         codes[:, i1:i2] = block_codes.T
         loss += (errors * errors).sum(dim=0)
         if y is not None:
-            errors -= y                     # what the later blocks still owe: e_s - Y_s
+            errors -= y  # what the later blocks still owe: e_s - Y_s
         W[:, i2:].addmm_(errors.T, U[i1:i2, i2:], alpha=-1)
     return codes, loss
 
 
-def gptq(problem: LayerProblem, lam: float, solver_block: int,
-         name: str = "layer") -> tuple[Tensor, float, int]:
+def gptq(
+    problem: LayerProblem, lam: float, solver_block: int, name: str = "layer"
+) -> tuple[Tensor, float, int]:
     """GPTQ on a prepared layer with ridge ``lam``.
 
     Dead columns are zeroed first (their inputs are always 0, so their weights do not matter).

@@ -61,7 +61,9 @@ class Grid:
         if self.group_size is not None and (
             not isinstance(self.group_size, int) or self.group_size < 1
         ):
-            raise ValueError(f"group_size must be a positive integer or None, got {self.group_size!r}")
+            raise ValueError(
+                f"group_size must be a positive integer or None, got {self.group_size!r}"
+            )
         if self.narrow_range and not self.symmetric:
             raise ValueError("narrow_range applies to symmetric grids only")
         if self.scale_search not in ("minmax", "mse"):
@@ -70,8 +72,13 @@ class Grid:
     @classmethod
     def ternary(cls, group_size: int | None = None, scale_search: ScaleSearch = "minmax") -> Grid:
         """The 1.58-bit grid: codes in {-1, 0, 1} times a scale."""
-        return cls(bits=2, group_size=group_size, symmetric=True, narrow_range=True,
-                   scale_search=scale_search)
+        return cls(
+            bits=2,
+            group_size=group_size,
+            symmetric=True,
+            narrow_range=True,
+            scale_search=scale_search,
+        )
 
     @property
     def qmin(self) -> int:
@@ -107,8 +114,9 @@ class Grid:
         g = self.group_len(in_features)
         return (in_features + g - 1) // g
 
-    def entry_params(self, scales: Tensor, zero_points: Tensor | None, in_features: int,
-                     dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+    def entry_params(
+        self, scales: Tensor, zero_points: Tensor | None, in_features: int, dtype: torch.dtype
+    ) -> tuple[Tensor, Tensor]:
         """Per-group ``scales`` and ``zero_points`` ``[C, n_groups]`` -> per-entry ``[C, d]``.
 
         Zero points come back as floats (zeros for symmetric grids).
@@ -145,7 +153,7 @@ class Grid:
         w = torch.nn.functional.pad(w, (0, n * g - d)).reshape(C, n, g)
         lo = w.amin(dim=-1).clamp(max=0)
         hi = w.amax(dim=-1).clamp(min=0)
-        if self.symmetric and not self.narrow_range:      # signed extreme of each group
+        if self.symmetric and not self.narrow_range:  # signed extreme of each group
             lo = torch.where(-lo >= hi, lo, hi)
             hi = lo
         scales, zeros = self._params(lo, hi)
@@ -174,8 +182,9 @@ class Grid:
         zero = torch.clamp(torch.round(-lo / safe), self.qmin, self.qmax)
         return scale, zero
 
-    def _mse_search(self, w: Tensor, lo: Tensor, hi: Tensor, scales: Tensor,
-                    zeros: Tensor | None) -> tuple[Tensor, Tensor | None]:
+    def _mse_search(
+        self, w: Tensor, lo: Tensor, hi: Tensor, scales: Tensor, zeros: Tensor | None
+    ) -> tuple[Tensor, Tensor | None]:
         best = torch.full_like(scales, float("inf"))
         for i in range(_MSE_STEPS):
             shrink = 1.0 - _MSE_STEP * i
@@ -234,13 +243,22 @@ class ColumnGrid:
     qmax: int
 
     @classmethod
-    def expand(cls, grid: Grid, scales: Tensor, zero_points: Tensor | None,
-               order: Tensor, dtype: torch.dtype) -> ColumnGrid:
+    def expand(
+        cls,
+        grid: Grid,
+        scales: Tensor,
+        zero_points: Tensor | None,
+        order: Tensor,
+        dtype: torch.dtype,
+    ) -> ColumnGrid:
         """Per-entry parameters for columns ``order`` (``[m]`` original column indices)."""
         groups = grid.column_groups(order.numel(), device=scales.device)[order]
         scale = scales.to(dtype).T[groups].contiguous()
-        zero = (torch.zeros_like(scale) if zero_points is None
-                else zero_points.to(dtype).T[groups].contiguous())
+        zero = (
+            torch.zeros_like(scale)
+            if zero_points is None
+            else zero_points.to(dtype).T[groups].contiguous()
+        )
         return cls(scale, zero, grid.qmin, grid.qmax)
 
     def columns(self, start: int, stop: int | None = None) -> ColumnGrid:

@@ -32,7 +32,7 @@ def largest_eigenvalue(H: Tensor, iterations: int = 30, seed: int = 0) -> float:
     scale = float(H.abs().max())
     if scale == 0:
         return 0.0
-    A = H.to(torch.float32) / scale            # a damping scale needs no more precision
+    A = H.to(torch.float32) / scale  # a damping scale needs no more precision
     v = torch.rand(H.shape[0], generator=torch.Generator().manual_seed(seed)).to(H.device)
     for _ in range(iterations):
         v = A @ v
@@ -71,8 +71,10 @@ def inverse_factor(H: Tensor, lam: float, name: str = "layer") -> tuple[Tensor, 
         if retries == MAX_DAMPING_RETRIES:
             break
         new_lam = max(10.0 * lam, floor)
-        msg = (f"{name}: H + lam I is not positive definite at lam={lam:.3g}; "
-               f"retrying with lam={new_lam:.3g}")
+        msg = (
+            f"{name}: H + lam I is not positive definite at lam={lam:.3g}; "
+            f"retrying with lam={new_lam:.3g}"
+        )
         warnings.warn(msg, SolverWarning, stacklevel=3)
         lam = new_lam
     raise FactorizationError(f"{name}: no damping up to lam={lam:.3g} made H factorisable")
@@ -90,7 +92,7 @@ def _lower_inverse(L: Tensor, panels: int = 8) -> Tensor:
     for p in range(0, d, width):
         q = min(p + width, d)
         rhs = torch.zeros(d - p, q - p, dtype=L.dtype, device=L.device)
-        rhs.diagonal().fill_(1.0)                  # columns p:q of the identity, rows p:
+        rhs.diagonal().fill_(1.0)  # columns p:q of the identity, rows p:
         inv[p:, p:q] = torch.linalg.solve_triangular(L[p:, p:], rhs, upper=False)
     return inv
 
@@ -102,7 +104,7 @@ def times_upper_t(R: Tensor, U: Tensor, panels: int = 8) -> Tensor:
     the trailing part: about 55% of the work of the dense product.
     """
     m = U.shape[0]
-    out = R.new_empty(R.shape[:-1] + (m,))
+    out = R.new_empty((*R.shape[:-1], m))
     width = max(1, -(-m // panels))
     for p in range(0, m, width):
         q = min(p + width, m)

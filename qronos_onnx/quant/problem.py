@@ -40,8 +40,17 @@ class LayerProblem:
     cols: ColumnGrid
 
     @classmethod
-    def build(cls, weight: Tensor, H: Tensor, G: Tensor | None, grid: Grid, scales: Tensor,
-              zero_points: Tensor | None, act_order: bool, name: str = "layer") -> LayerProblem:
+    def build(
+        cls,
+        weight: Tensor,
+        H: Tensor,
+        G: Tensor | None,
+        grid: Grid,
+        scales: Tensor,
+        zero_points: Tensor | None,
+        act_order: bool,
+        name: str = "layer",
+    ) -> LayerProblem:
         """Order columns (by decreasing ``diag(H)`` under act-order) and fix dead columns
         (``name`` is used in warnings)."""
         work = torch.float64 if weight.dtype == torch.float64 else torch.float32
@@ -53,9 +62,12 @@ class LayerProblem:
             H = H.clone()
             H[dead, dead] = 1.0
             n_dead = int(dead.sum())
-            warnings.warn(f"{name}: {n_dead} of {d} input features are never active in the calibration "
-                          f"data (diag(H) == 0); their weights are quantized to zero",
-                          SolverWarning, stacklevel=4)
+            warnings.warn(
+                f"{name}: {n_dead} of {d} input features are never active in the calibration "
+                f"data (diag(H) == 0); their weights are quantized to zero",
+                SolverWarning,
+                stacklevel=4,
+            )
         G = None if G is None else G.to(device=device, dtype=work)
         if act_order:
             order = torch.argsort(torch.diagonal(H), descending=True, stable=True)

@@ -25,8 +25,13 @@ from .problem import LayerProblem
 Variant = Literal["step", "ls"]
 
 
-def qronos(problem: LayerProblem, lam: float, solver_block: int, variant: Variant = "step",
-           name: str = "layer") -> tuple[Tensor, float, int]:
+def qronos(
+    problem: LayerProblem,
+    lam: float,
+    solver_block: int,
+    variant: Variant = "step",
+    name: str = "layer",
+) -> tuple[Tensor, float, int]:
     """Qronos on a prepared layer (``problem.G`` required) with ridge ``lam``.
 
     ``variant="step"`` (the paper): with ``w`` the original row, ``Hd = H + lam I``,
@@ -52,14 +57,15 @@ def qronos(problem: LayerProblem, lam: float, solver_block: int, variant: Varian
     if variant != "step":
         raise ValueError(f"variant must be 'step' or 'ls', got {variant!r}")
     codes = torch.empty_like(w)
-    h0 = problem.H[0].to(w.dtype)                 # row 1 of H in the paper's 1-based indices
+    h0 = problem.H[0].to(w.dtype)  # row 1 of H in the paper's 1-based indices
     p1 = (w @ G[:, 0] - w[:, 1:] @ h0[1:]) / h0[0]
     codes[:, 0], q1 = problem.cols.round(p1, 0)
     U1 = U[1:, 1:]
     Y = _refit(w, G, U1, lam, first=1, dead=problem.dead)
     Y.addr_(q1, h0[1:] @ U1.T, alpha=-1)
-    codes[:, 1:], _ = gptq_sweep(torch.zeros_like(Y), U1, problem.cols.columns(1), solver_block,
-                                 Y=Y)
+    codes[:, 1:], _ = gptq_sweep(
+        torch.zeros_like(Y), U1, problem.cols.columns(1), solver_block, Y=Y
+    )
     return codes, lam, retries
 
 
@@ -73,12 +79,12 @@ def _refit(w: Tensor, G: Tensor, U: Tensor, lam: float, first: int, dead: Tensor
     ``w (G U^T)`` costs ``d^2 m / 2`` + ``C d m``, cheaper when ``C > d``.
     """
     C, d = w.shape
-    if C > d:
+    if d < C:
         M = times_upper_t(G[:, first:], U)
         M[first:].add_(U.T, alpha=lam)
         Y = w @ M
     else:
-        R = (w @ G)[:, first:]                    # the contiguous product, then the view
+        R = (w @ G)[:, first:]  # the contiguous product, then the view
         R.add_(w[:, first:], alpha=lam)
         Y = times_upper_t(R, U)
     idle = torch.nonzero(dead[first:]).flatten()

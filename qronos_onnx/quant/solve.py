@@ -30,9 +30,19 @@ DEFAULT_DAMPING = {"gptq": 0.01, "qronos": 1e-3}
 MAX_DAMPING = 1e6
 
 
-def solve(algorithm: str, weight: Tensor, H: Tensor | None = None, G: Tensor | None = None, *,
-          grid: Grid, act_order: bool = True, damping: float | None = None,
-          solver_block: int = 128, variant: Variant = "step", name: str = "layer") -> QuantizedWeight:
+def solve(
+    algorithm: str,
+    weight: Tensor,
+    H: Tensor | None = None,
+    G: Tensor | None = None,
+    *,
+    grid: Grid,
+    act_order: bool = True,
+    damping: float | None = None,
+    solver_block: int = 128,
+    variant: Variant = "step",
+    name: str = "layer",
+) -> QuantizedWeight:
     """Quantize one layer's weight onto ``grid``.
 
     Args:
@@ -57,8 +67,13 @@ def solve(algorithm: str, weight: Tensor, H: Tensor | None = None, G: Tensor | N
     _check_inputs(algorithm, weight, H, G)
     scales, zero_points = grid.fit(weight)
     if algorithm == "rtn":
-        return QuantizedWeight(rtn_codes(weight, grid, scales, zero_points), scales, zero_points,
-                               grid, SolveInfo("rtn"))
+        return QuantizedWeight(
+            rtn_codes(weight, grid, scales, zero_points),
+            scales,
+            zero_points,
+            grid,
+            SolveInfo("rtn"),
+        )
 
     problem = LayerProblem.build(weight, H, G, grid, scales, zero_points, act_order, name)
     n_dead = int(problem.dead.sum())
@@ -71,18 +86,22 @@ def solve(algorithm: str, weight: Tensor, H: Tensor | None = None, G: Tensor | N
             if not 0 <= rel <= MAX_DAMPING:
                 raise ValueError(f"damping must be a number in [0, {MAX_DAMPING:g}], got {rel}")
             H64 = H.to(device=weight.device, dtype=torch.float64)
-            ref = (float(torch.diagonal(H64).abs().mean()) if algorithm == "gptq"
-                   else largest_eigenvalue(H64))
+            ref = (
+                float(torch.diagonal(H64).abs().mean())
+                if algorithm == "gptq"
+                else largest_eigenvalue(H64)
+            )
             if algorithm == "gptq":
                 codes, lam, retries = gptq(problem, rel * ref, solver_block, name)
             else:
                 codes, lam, retries = qronos(problem, rel * ref, solver_block, variant, name)
     except FactorizationError as err:
-        msg = f"{err}; falling back to RTN"                # err starts with the layer name
+        msg = f"{err}; falling back to RTN"  # err starts with the layer name
         warnings.warn(msg, SolverWarning, stacklevel=2)
         info = SolveInfo(algorithm, act_order, 0.0, 0, True, n_dead)
-        return QuantizedWeight(rtn_codes(weight, grid, scales, zero_points), scales, zero_points,
-                               grid, info)
+        return QuantizedWeight(
+            rtn_codes(weight, grid, scales, zero_points), scales, zero_points, grid, info
+        )
     info = SolveInfo(algorithm, act_order, lam, retries, False, n_dead)
     codes = problem.unpermute(codes).to(grid.code_dtype)
     return QuantizedWeight(codes, scales, zero_points, grid, info)
@@ -97,8 +116,9 @@ def rtn_codes(weight: Tensor, grid: Grid, scales: Tensor, zero_points: Tensor | 
 
 def _check_inputs(algorithm: str, weight: Tensor, H: Tensor | None, G: Tensor | None) -> None:
     if weight.ndim != 2 or not weight.is_floating_point():
-        raise ValueError(f"weight must be a 2-D float tensor [out, in], got "
-                         f"{tuple(weight.shape)} {weight.dtype}")
+        raise ValueError(
+            f"weight must be a 2-D float tensor [out, in], got {tuple(weight.shape)} {weight.dtype}"
+        )
     if not _all_finite(weight):
         raise ValueError("weight has NaN or Inf entries")
     d = weight.shape[1]

@@ -58,12 +58,14 @@ class QuantizedWeight:
 
     def dequantize(self) -> Tensor:
         """``[C, d]`` float32: ``(codes - zero_point) * scale`` of each entry's group."""
-        scale, zero = self.grid.entry_params(self.scales, self.zero_points, self.codes.shape[1],
-                                             torch.float32)
+        scale, zero = self.grid.entry_params(
+            self.scales, self.zero_points, self.codes.shape[1], torch.float32
+        )
         return dequantize(self.codes.to(torch.float32), scale, zero)
 
     def rows(self, start: int, stop: int) -> QuantizedWeight:
         """Output channels ``start:stop`` (rows are solved independently)."""
         zp = None if self.zero_points is None else self.zero_points[start:stop]
-        return QuantizedWeight(self.codes[start:stop], self.scales[start:stop], zp, self.grid,
-                               self.info)
+        return QuantizedWeight(
+            self.codes[start:stop], self.scales[start:stop], zp, self.grid, self.info
+        )

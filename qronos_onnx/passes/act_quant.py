@@ -1,0 +1,63 @@
+"""Insert the recipe's activation quantizer in front of every target group (W4A4, W8A8).
+
+The quantizer nodes (``ir/act_quant.py``) serve calibration and deployment alike: the quantized
+stream runs them, so the solver sees exactly the activations the written model computes.
+"""
+
+from __future__ import annotations
+
+import onnx_ir as ir
+
+from qronos_onnx.config import Recipe
+from qronos_onnx.ir.act_quant import insert_act_quant
+from qronos_onnx.ir.targets import ACT_QUANT_SOURCE, find_targets
+
+
+class InsertActQuantPass(ir.passes.InPlacePass):
+    """Put ``recipe.act_quant_for(target)`` in front of every target group.
+
+    Requires: the recipe's targets (``find_targets``) read float activations.
+    Ensures: with an activation quantizer in the recipe, every target group reads a
+    quantizer's output (its ``meta[ACT_QUANT_SOURCE]`` names the value quantized); without one,
+    the graph is unchanged.
+    """
+
+    def __init__(self, recipe: Recipe):
+        super().__init__()
+        self.recipe = recipe
+
+    def _groups(self, model: ir.Model):
+        return find_targets(
+            model,
+            include_lm_head=self.recipe.lm_head != "skip",
+            include=self.recipe.include,
+            exclude=self.recipe.exclude,
+        )[0]
+
+    def requires(self, model: ir.Model) -> None:
+        if any(g.source is not None for g in self._groups(model)):
+            raise ir.passes.PreconditionError("activation quantizers are already in place")
+
+    def call(self, model: ir.Model) -> ir.passes.PassResult:
+        if self.recipe.act_quant is None:
+            return ir.passes.PassResult(model, modified=False)
+        for group in self._groups(model):
+            first = group.targets[0]
+            dtype = model.graph.initializers[first.weight].const_value.dtype
+            insert_act_quant(model, group, self.recipe.act_quant_for(first), dtype)
+        return ir.passes.PassResult(model, modified=True)
+
+    def ensures(self, model: ir.Model) -> None:
+        if self.recipe.act_quant is None:
+            return
+        bare = [
+            g.input
+            for g in self._groups(model)
+            if ACT_QUANT_SOURCE not in _value(model, g.input).meta
+        ]
+        if bare:
+            raise ir.passes.PostconditionError(f"groups without a quantizer: {bare}")
+
+
+def _value(model: ir.Model, name: str) -> ir.Value:
+    return next(v for n in model.graph for v in n.outputs if v.name == name)

@@ -1,0 +1,309 @@
+"""Calibrate and solve: two-stream calibration and a solve for every target, on ``onnx_ir``.
+
+``CalibrateSolvePass`` runs the stages of the graph through ONNX Runtime in the float and the
+quantized stream (``calibration/runner.py``), accumulates each target group's ``H`` and ``G``
+and solves its targets (``quant.solve``), group after group, so that every later group sees the
+solved weights upstream.
+
+Requires: a decoder LLM graph (``LLMSignature``) with at least one target.
+Ensures: every target's weight initializer holds the dequantized solved weight (same dtype and
+layout as before: a fake-quantized float model), and the target node's ``meta[QUANTIZED]``
+holds its ``QuantizedWeight`` (codes, scales, zero points) and ``meta[TARGET]`` its
+``Target``, for the exporters (``passes/formats.py``). ``results`` lists every target with its
+solve time and errors, ``skipped`` the layers left in float with the reason.
+"""
+
+from __future__ import annotations
+
+import time
+import warnings
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import onnx_ir as ir
+import torch
+
+from qronos_onnx.calibration.runner import (
+    CalibrationOptions,
+    CalibrationRun,
+    TwoStreamCalibrator,
+    torch_device,
+)
+from qronos_onnx.calibration.stats import token_rows
+from qronos_onnx.config import Recipe
+from qronos_onnx.errors import CalibrationWarning
+from qronos_onnx.ir.signature import LLMSignature, detect_signature
+from qronos_onnx.ir.stages import plan_stages
+from qronos_onnx.ir.targets import Skipped, Target, TargetGroup, find_targets, require_targets
+from qronos_onnx.quant import Grid, QuantizedWeight, rtn_codes, solve
+
+#: ``Node.meta`` keys of a solved target: its ``QuantizedWeight`` and its ``Target``.
+QUANTIZED = "qronos.quantized"
+TARGET = "qronos.target"
+
+#: Called after each group is solved: ``observer(group, H, G, results)``.
+Observer = Callable[[TargetGroup, torch.Tensor, torch.Tensor, list["TargetResult"]], None]
+
+
+@dataclass
+class TargetResult:
+    """One solved target.
+
+    The errors are relative output errors on the calibration set, ``||W X - Q X~||^2 /
+    ||W X||^2`` (``X`` from the float network, ``X~`` from the quantized one):
+    ``error`` for the solved codes, measured by ONNX Runtime on the layer's own outputs in both
+    streams, and ``error_rtn`` for round-to-nearest codes on the same grid ("before solving"),
+    from the statistics: ``(||W X||^2/n - 2 tr(W G Q^T) + tr(Q H Q^T)) / (||W X||^2/n)``.
+    With ``reference="stage"`` the float layer of the measuring run reads the quantized
+    stream's input (that is what the float stage is applied to), so both errors are the
+    matched ``||(W - Q) X~||^2 / ||W X~||^2``, the cross term taken from ``H``.
+    """
+
+    target: Target
+    weight: QuantizedWeight
+    seconds: float
+    cross_rtn: float = 0.0  # tr(W G Q_rtn^T) (tr(W H Q_rtn^T) in stage mode)
+    quad_rtn: float = 0.0  # tr(Q_rtn H Q_rtn^T)
+    output_ref: float | None = None  # ||W X||^2 / n, measured
+    output_err: float | None = None  # ||W X - Q X~||^2 / n, measured
+
+    @property
+    def error(self) -> float | None:
+        return None if not self.output_ref else self.output_err / self.output_ref
+
+    @property
+    def error_rtn(self) -> float | None:
+        """``None`` for a Gemm with a bias: the measured reference then includes the bias."""
+        if not self.output_ref or self.target.bias is not None:
+            return None
+        return (self.output_ref - 2 * self.cross_rtn + self.quad_rtn) / self.output_ref
+
+
+def _warn_if_too_few_tokens(
+    groups: Sequence[TargetGroup], samples: Sequence[dict], signature: LLMSignature, algorithm: str
+) -> None:
+    """Warn when the calibration tokens (padding excluded) are fewer than a group's input
+    features: its ``H`` is then singular and GPTQ-type solvers rest on their damping alone
+    (measured on SmolLM2 W3: GPTQ worse than RTN with 1024 tokens for down_proj's 1536 inputs).
+    """
+    if algorithm == "rtn":
+        return
+    # Counted as the statistics count them: the tokens of input_ids whose mask is non-zero.
+    mask = signature.attention_mask
+    tokens = sum(
+        token_rows(s[signature.input_ids][..., None], s.get(mask)).shape[0] for s in samples
+    )
+    short = [g for g in groups if g.in_features > tokens]
+    if not short:
+        return
+    widest = max(short, key=lambda g: g.in_features)
+    msg = (
+        f"the calibration set has {tokens} tokens, fewer than the input features of "
+        f"{len(short)} of {len(groups)} layer groups (up to {widest.in_features}, at "
+        f"{widest.targets[0].name}): their H = X~ X~^T / n is singular and {algorithm} rests "
+        f"on its damping alone, which can end worse than round-to-nearest. Calibrate on at "
+        f"least {widest.in_features} tokens (a few times more is better)."
+    )
+    warnings.warn(msg, CalibrationWarning, stacklevel=3)
+
+
+def _row_dots(a: torch.Tensor, b: torch.Tensor, rows: int = 1024) -> torch.Tensor:
+    """Per-row dot products of two ``[C, d]`` tensors, summed in float64, on the CPU: ``[C]``.
+
+    A block of ``rows`` rows at a time, so the float64 copies stay small for any ``C``.
+    """
+    return torch.cat(
+        [
+            torch.einsum("cd,cd->c", a[i : i + rows].double(), b[i : i + rows].double())
+            for i in range(0, a.shape[0], rows)
+        ]
+    ).cpu()
+
+
+def weight_matrix(tensor: ir.TensorProtocol, target: Target) -> torch.Tensor:
+    """``W`` ``[out, in]`` from the stored initializer (``W^T`` for MatMul), in its dtype.
+
+    Half-precision weights stay half precision: the grid then rounds its scales to that dtype
+    before solving (exported scales are stored in it); the solvers work in float32 anyway.
+    """
+    if tensor.dtype == ir.DataType.BFLOAT16:  # numpy has no bfloat16: go by the bits
+        bits = np.array(tensor.numpy()).view(np.uint16)
+        matrix = torch.from_numpy(bits).view(torch.bfloat16)
+    else:
+        matrix = torch.from_numpy(np.array(tensor.numpy()))  # a copy: the source is mapped
+    return matrix if target.transposed else matrix.T
+
+
+def stored_layout(w: torch.Tensor, target: Target, dtype: np.dtype) -> np.ndarray:
+    """``W`` ``[out, in]`` back to the initializer's layout and dtype."""
+    array = (w if target.transposed else w.T).contiguous().numpy()
+    return array.astype(dtype, copy=False)
+
+
+class CalibrateSolvePass(ir.passes.InPlacePass):
+    """Calibrate and solve every target of an LLM graph (see the module docstring).
+
+    Args:
+        recipe: grids, solver and target selection.
+        samples: full-graph feed dicts, one per calibration batch.
+        calibration: engine options (reference stream, device, progress).
+        observer: optional callback after each group (tests use it to check statistics).
+    """
+
+    def __init__(
+        self,
+        recipe: Recipe,
+        samples: Sequence[dict],
+        calibration: CalibrationOptions | None = None,
+        observer: Observer | None = None,
+    ):
+        super().__init__()
+        self.recipe = recipe
+        self.samples = samples
+        self.calibration = calibration or CalibrationOptions()
+        self.observer = observer
+        self.results: list[TargetResult] = []
+        self.skipped: list[Skipped] = []
+        self.run_info: CalibrationRun | None = None
+
+    def requires(self, model: ir.Model) -> None:
+        detect_signature(model)
+        require_targets(model, *self._find(model))
+
+    def call(self, model: ir.Model) -> ir.passes.PassResult:
+        groups, self.skipped = self._find(model)
+        if self.recipe.solver.algorithm == "rtn" and self.recipe.act_quant is None:
+            self.run_info = CalibrationRun()  # RTN needs no data: no calibration at all
+            for group in groups:
+                self._solve(model, group, None, None)
+        else:
+            _warn_if_too_few_tokens(
+                groups, self.samples, detect_signature(model), self.recipe.solver.algorithm
+            )
+            stages = plan_stages(model, groups)
+            calibrator = TwoStreamCalibrator(model, stages, self.samples, self.calibration)
+            self.run_info = calibrator.run(lambda g, H, G: self._solve(model, g, H, G))
+        for result in self.results:
+            ref, err = self.run_info.output_error.get(result.target.node, (None, None))
+            result.output_ref, result.output_err = ref, err
+            self._write(model, result)
+        return ir.passes.PassResult(model, modified=True)
+
+    def ensures(self, model: ir.Model) -> None:
+        unsolved = [
+            t.name
+            for g in self._find(model)[0]
+            for t in g.targets
+            if QUANTIZED not in model.graph.node(t.node).meta
+        ]
+        if unsolved:
+            raise ir.passes.PostconditionError(f"targets left unsolved: {', '.join(unsolved)}")
+
+    def _find(self, model: ir.Model):
+        return find_targets(
+            model,
+            include_lm_head=self.recipe.lm_head != "skip",
+            include=self.recipe.include,
+            exclude=self.recipe.exclude,
+        )
+
+    def _solve(
+        self, model: ir.Model, group: TargetGroup, H: torch.Tensor | None, G: torch.Tensor | None
+    ) -> dict[str, np.ndarray]:
+        """Solve the group's targets, each set sharing a grid as one stacked weight (rows are
+        independent), and return their dequantized weights in the stored layout. ``H is None``:
+        round to nearest, no statistics."""
+        by_grid: dict[Grid, list[Target]] = {}
+        for target in group.targets:
+            by_grid.setdefault(self.recipe.grid_for(target), []).append(target)
+        solved, new = {}, []
+        for grid, targets in by_grid.items():
+            weights, results = self._solve_stack(model, targets, grid, H, G)
+            solved.update(weights)
+            new.extend(results)
+        order = {t.node: i for i, t in enumerate(group.targets)}
+        new.sort(key=lambda r: order[r.target.node])
+        self.results.extend(new)
+        if self.observer is not None and H is not None:
+            self.observer(group, H, G, new)
+        return solved
+
+    def _solve_stack(self, model, targets, grid, H, G):
+        """One stacked solve: ``({weight: stored-layout dequantized weight}, results)``."""
+        tensors = [model.graph.initializers[t.weight].const_value for t in targets]
+        W = torch.cat([weight_matrix(x, t) for x, t in zip(tensors, targets, strict=False)])
+        device = torch_device(self.calibration.device)
+        W = W.to(device)
+        opts = self.recipe.solver
+        t0 = time.perf_counter()
+        if H is None:  # RTN without calibration
+            q = solve("rtn", W, grid=grid, name=targets[0].name)
+            cross_rtn = quad_rtn = torch.zeros(W.shape[0])
+        else:
+            H, G = H.to(device), G.to(device)
+            q = solve(
+                opts.algorithm,
+                W,
+                H,
+                G,
+                grid=grid,
+                act_order=opts.act_order,
+                damping=opts.damping,
+                solver_block=opts.solver_block,
+                variant=opts.variant,
+                name=targets[0].name,
+            )
+            # The RTN error of the report, per row: tr(W G Q^T) and tr(Q H Q^T). Products in
+            # float32 (half the time of float64; ~1e-6 relative), row sums in float64. In stage
+            # mode the measured reference is W X~ (see TargetResult), so the cross term is H's.
+            rtn = QuantizedWeight(
+                rtn_codes(W, grid, q.scales, q.zero_points), q.scales, q.zero_points, grid, q.info
+            ).dequantize()
+            cross = H if self.calibration.reference == "stage" else G
+            cross_rtn = _row_dots(W.float() @ cross.float(), rtn)
+            quad_rtn = _row_dots(rtn @ H.float(), rtn)
+        seconds = time.perf_counter() - t0
+        q = QuantizedWeight(
+            q.codes.cpu(),
+            q.scales.cpu(),
+            None if q.zero_points is None else q.zero_points.cpu(),
+            q.grid,
+            q.info,
+        )
+        solved, start, new = {}, 0, []
+        for target, tensor in zip(targets, tensors, strict=False):
+            rows = slice(start, start + target.out_features)
+            part = q.rows(rows.start, rows.stop)
+            start = rows.stop
+            new.append(
+                TargetResult(
+                    target,
+                    part,
+                    seconds * target.out_features / W.shape[0],
+                    float(cross_rtn[rows].sum()),
+                    float(quad_rtn[rows].sum()),
+                )
+            )
+            solved[target.weight] = stored_layout(part.dequantize(), target, tensor.dtype.numpy())
+        return solved, new
+
+    @staticmethod
+    def _write(model: ir.Model, result: TargetResult) -> None:
+        """Replace the target's weight by its dequantized value (computed when saved)."""
+        target, weight = result.target, result.weight
+        value = model.graph.initializers[target.weight]
+        old = value.const_value
+        dtype = old.dtype
+
+        def dequantized() -> ir.Tensor:
+            return ir.Tensor(
+                stored_layout(weight.dequantize(), target, dtype.numpy()), name=value.name
+            )
+
+        value.const_value = ir.LazyTensor(
+            dequantized, dtype=dtype, shape=old.shape, name=value.name
+        )
+        node = model.graph.node(target.node)
+        node.meta[QUANTIZED] = weight
+        node.meta[TARGET] = target
