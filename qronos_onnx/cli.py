@@ -193,6 +193,7 @@ def _eval(args: argparse.Namespace) -> int:
         f"tokens, {result.tokens} scored, {result.seconds:.0f} s)"
     )
     if result.kl is not None:
+        assert result.top1_agreement is not None  # measured together with kl
         _print(
             f"KL(reference || model) {result.kl:.5f} nats/token, top-1 agreement "
             f"{100 * result.top1_agreement:.2f}%"

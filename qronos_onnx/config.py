@@ -253,10 +253,10 @@ def warn_recipe_mismatches(
         size = None if t.lm_head else recipe.requested_grid(t).group_size
         if size is not None and size > t.in_features:
             wide.setdefault(size, []).append(t)
-    for size, layers in wide.items():
-        widest = max(layers, key=lambda t: t.in_features)
+    for size, narrow in wide.items():
+        widest = max(narrow, key=lambda t: t.in_features)
         warnings.warn(
-            f"group size {size} is larger than the input features of {len(layers)} "
+            f"group size {size} is larger than the input features of {len(narrow)} "
             f"layer(s) (up to {widest.in_features}, at {widest.name}): they get one "
             "scale per output channel",
             RecipeWarning,

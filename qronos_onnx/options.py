@@ -297,7 +297,7 @@ def field_type(name: str) -> Any:
 
 def recipe_path(preset: str) -> Path:
     """The recipe file of a preset."""
-    return Path(str(resources.files(__package__).joinpath("recipes", f"{preset}.yaml")))
+    return Path(str(resources.files(__package__).joinpath("recipes").joinpath(f"{preset}.yaml")))
 
 
 def load_recipe(recipe: str | os.PathLike) -> dict[str, Any]:

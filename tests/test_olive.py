@@ -38,6 +38,7 @@ def test_merged_package_config_keeps_olives_passes():
     assert "qronosquantization" in merged.passes and "onnxblockwisertnquantization" in merged.passes
 
 
+@pytest.mark.slow
 def test_example_workflow_runs_through_olive(tiny_models, tmp_path, monkeypatch):
     shutil.copytree(tiny_models("nokv").parent, tmp_path / "models" / "tiny-llama")
     monkeypatch.chdir(tmp_path)

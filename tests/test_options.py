@@ -128,6 +128,7 @@ def test_bad_recipe_files_are_one_line(tmp_path, content, message, capsys):
     assert code == 2 and len(err.strip().splitlines()) == 1, err
 
 
+@pytest.mark.slow
 def test_cli_api_and_olive_write_byte_identical_models(tiny_models, tmp_path, monkeypatch):
     """One recipe through the three front ends: the same model file and data file, byte for
     byte (they are one orchestrator)."""

@@ -16,6 +16,8 @@ import pytest
 
 from qronos_onnx.cli import main
 
+pytestmark = pytest.mark.slow  # child processes, real signals, mounts
+
 RTN = ["--algo", "rtn", "--group-size", "32", "-q"]
 
 #: A child running the CLI, which sends itself ``SIGNAL`` at an injected point: ``save`` (right

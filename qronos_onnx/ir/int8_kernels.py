@@ -18,6 +18,8 @@ from __future__ import annotations
 import numpy as np
 import onnx_ir as ir
 
+from .values import constant, is_constant, name_of, producer_of
+
 #: The largest ``|code|`` of an int8 weight multiplied by 8-bit activations that no x86
 #: kernel saturates: ``2 * 255 * INT8_WEIGHT_LIMIT <= 32767``.
 INT8_WEIGHT_LIMIT = 64
@@ -29,8 +31,10 @@ def integer_codes(value: ir.Value | None) -> ir.DataType | None:
     """The 8-bit integer type behind ``value`` when it is a ``DequantizeLinear`` output (looked
     for through ``Cast`` nodes, as written for half precision below opset 19); ``None`` for a
     float value."""
-    while value is not None and value.producer() is not None:
+    while value is not None:
         node = value.producer()
+        if node is None:
+            break
         if node.op_type == "Cast":
             value = node.inputs[0]
             continue
@@ -59,12 +63,12 @@ def saturating_matmuls(model: ir.Model) -> list[str]:
         if node.op_type != "MatMul" or integer_codes(node.inputs[0]) is None:
             continue
         weight = node.inputs[1]
-        if integer_codes(weight) != ir.DataType.INT8:
+        if weight is None or integer_codes(weight) != ir.DataType.INT8:
             continue
-        codes = weight.producer().inputs[0].const_value
+        codes = producer_of(weight).inputs[0]
         if (
-            codes is not None
-            and int(np.abs(codes.numpy().astype(np.int16)).max()) > INT8_WEIGHT_LIMIT
+            is_constant(codes)
+            and int(np.abs(constant(codes).numpy().astype(np.int16)).max()) > INT8_WEIGHT_LIMIT
         ):
-            found.append(node.name)
+            found.append(name_of(node))
     return found

@@ -124,5 +124,6 @@ def from_matmulnbits(
     scales = t.scales.reshape(t.N, k_blocks)
     if symmetric:
         return (stored - (1 << (t.bits - 1))).astype(np.int8), scales, None
+    assert t.zero_points is not None  # asymmetric codes are stored with their zero points
     zp = unpack_bits(t.zero_points.reshape(t.N, -1), t.bits, k_blocks)
     return stored.astype(np.uint8), scales, zp.astype(np.uint8)

@@ -15,6 +15,8 @@ import onnx_ir as ir
 
 from qronos_onnx.errors import QronosError
 
+from .values import constant, dtype_of, is_constant, name_of, static_shape
+
 _PAST = re.compile(r"^past_key_values\.(\d+)\.(key|value)$")
 
 
@@ -82,7 +84,11 @@ class LLMSignature:
             )
         if self.position_ids is not None:
             # positions count the real tokens: left padding (mask 0) does not advance them
-            mask = feed.get(self.attention_mask, np.ones((batch, seq), np.int64))
+            mask = (
+                np.ones((batch, seq), np.int64)
+                if self.attention_mask is None
+                else feed[self.attention_mask]
+            )
             feed[self.position_ids] = np.maximum(np.cumsum(mask, axis=1) - 1, 0).astype(np.int64)
         for p in self.past:
             feed[p.name] = np.zeros((batch, p.kv_heads, 0, p.head_dim), dtype=p.dtype)
@@ -106,8 +112,8 @@ def detect_signature(model: ir.Model) -> LLMSignature:
         QronosError: no ``input_ids`` input or no ``logits`` output, or a KV-cache input whose
             head count or head size is not static.
     """
-    inputs = {v.name: v for v in model.graph.inputs}
-    outputs = [v.name for v in model.graph.outputs]
+    inputs = {name_of(v): v for v in model.graph.inputs}
+    outputs = [name_of(v) for v in model.graph.outputs]
     if "input_ids" not in inputs or "logits" not in outputs:
         raise QronosError(
             "not a decoder LLM graph: expected an input 'input_ids' and an output 'logits' "
@@ -124,7 +130,7 @@ def detect_signature(model: ir.Model) -> LLMSignature:
                     f"KV-cache input {name} must be [batch, kv_heads, past, head_dim] "
                     f"with static kv_heads and head_dim, got {dims}"
                 )
-            past.append(PastInput(name, np.dtype(value.dtype.numpy()), dims[1], dims[3]))
+            past.append(PastInput(name, np.dtype(dtype_of(value).numpy()), dims[1], dims[3]))
     known = {"input_ids", "attention_mask", "position_ids"} | {p.name for p in past}
     unknown = sorted(set(inputs) - known)
     if unknown:
@@ -175,13 +181,15 @@ def _gathered_rows(indices: ir.Value) -> list[int]:
             elif (
                 node.op_type == "Gather"
                 and node.inputs[1] is value
-                and node.inputs[0].const_value is not None
+                and is_constant(node.inputs[0])
                 and node.attributes.get_int("axis", 0) == 0
             ):
-                rows.append(node.inputs[0].const_value.shape[0])
+                rows.append(static_shape(constant(node.inputs[0]))[0])
     return rows
 
 
 def _past_key(name: str) -> tuple[int, str]:
-    layer, kind = _PAST.match(name).groups()
+    match = _PAST.match(name)
+    assert match is not None  # called with the names of KV-cache inputs only
+    layer, kind = match.groups()
     return int(layer), kind

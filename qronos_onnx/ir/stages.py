@@ -27,6 +27,7 @@ from qronos_onnx.errors import QronosError
 
 from .act_quant import ACT_SCALE
 from .targets import TargetGroup
+from .values import constant, name_of
 
 FED_CONSTANT_BYTES = 1 << 20
 
@@ -114,7 +115,7 @@ def plan_stages(model: ir.Model, groups: list[TargetGroup]) -> list[Stage]:
     _wire(stages, weight_names)
     for stage in stages:
         stage.target_outputs = [
-            (n.name, n.outputs[0].name) for n in stage.nodes if n.name in target_nodes
+            (name_of(n), name_of(n.outputs[0])) for n in stage.nodes if n.name in target_nodes
         ]
     return stages
 
@@ -133,7 +134,7 @@ def _parts(
     main = _ancestors(values[group.source], computed)
     quantizer = needed - main
     scales = sorted(
-        {v.name for n in quantizer for v in n.inputs if v is not None and ACT_SCALE in v.meta}
+        {name_of(v) for n in quantizer for v in n.inputs if v is not None and ACT_SCALE in v.meta}
     )
     return [(main, []), (quantizer, scales)] if scales else [(needed, [])]
 
@@ -151,10 +152,10 @@ def _check_no_control_flow(nodes: list[ir.Node]) -> None:
 
 
 def _values_by_name(model: ir.Model) -> dict[str, ir.Value]:
-    values = {v.name: v for v in model.graph.inputs}
+    values = {name_of(v): v for v in model.graph.inputs}
     values.update(model.graph.initializers)
     for node in model.graph:
-        values.update((v.name, v) for v in node.outputs)
+        values.update((name_of(v), v) for v in node.outputs)
     return values
 
 
@@ -187,28 +188,29 @@ def _wire(stages: list[Stage], weight_names: set[str]) -> None:
     produced_in: dict[str, int] = {}
     for stage in stages:
         for node in stage.nodes:
-            for v in node.outputs:
-                produced_in[v.name] = stage.index
+            for out in node.outputs:
+                produced_in[name_of(out)] = stage.index
     for stage in stages:
-        own = {v.name for n in stage.nodes for v in n.outputs}
+        own = {name_of(v) for n in stage.nodes for v in n.outputs}
         seen: set[str] = set()
         for node in stage.nodes:
             for v in node.inputs:
                 if v is None or v.name in own or v.name in seen:
                     continue
-                seen.add(v.name)
+                name = name_of(v)
+                seen.add(name)
                 if v.const_value is not None and not v.is_graph_input():
-                    stage.constants.append(v.name)
-                    if v.name in weight_names:
-                        stage.weights.append(v.name)
+                    stage.constants.append(name)
+                    if name in weight_names:
+                        stage.weights.append(name)
                 else:
-                    stage.inputs.append(v.name)
-                    if v.name in produced_in:
-                        _add_output(stages[produced_in[v.name]], v.name)
+                    stage.inputs.append(name)
+                    if name in produced_in:
+                        _add_output(stages[produced_in[name]], name)
         if stage.group is not None:
-            for name in (stage.group.input, stage.group.source):
-                if name in own:
-                    _add_output(stage, name)
+            for group_value in (stage.group.input, stage.group.source):
+                if group_value is not None and group_value in own:
+                    _add_output(stage, group_value)
 
 
 def _add_output(stage: Stage, name: str) -> None:
@@ -256,7 +258,7 @@ def stage_model(model: ir.Model, stage: Stage, input_types: dict[str, np.dtype])
     fed = set(fed_constants(model, stage))
     embedded = []
     for name in stage.constants:
-        tensor = model.graph.initializers[name].const_value
+        tensor = constant(model.graph.initializers[name])
         if name in fed:
             graph_inputs.append(onnx.helper.make_tensor_value_info(name, int(tensor.dtype), None))
         else:
@@ -288,7 +290,7 @@ def fed_constants(model: ir.Model, stage: Stage) -> list[str]:
         n
         for n in stage.constants
         if n not in stage.weights
-        and model.graph.initializers[n].const_value.nbytes > FED_CONSTANT_BYTES
+        and constant(model.graph.initializers[n]).nbytes > FED_CONSTANT_BYTES
     ]
     return [*stage.weights, *big]
 

@@ -18,6 +18,7 @@ import onnx_ir as ir
 from qronos_onnx.errors import QronosError
 
 from .patterns import check_patterns, matches
+from .values import constant, is_constant, name_of, static_shape
 
 _FLOAT_TYPES = (ir.DataType.FLOAT, ir.DataType.FLOAT16, ir.DataType.BFLOAT16, ir.DataType.DOUBLE)
 _LAYER_OPS = ("MatMul", "Gemm")
@@ -122,14 +123,15 @@ def find_targets(
             continue
         name = readable_name(node)
         target, reason = _as_target(node, name, node in logits)
-        if reason is None and target.lm_head and not include_lm_head:
+        if target is not None and target.lm_head and not include_lm_head:
             reason = "lm_head (not quantized by default)"
         if reason is None:
             reason = _pattern_reason(node, include, exclude)
         if reason is None:
+            assert target is not None  # _as_target gives a target or the reason for none
             targets.append(target)
         else:
-            skipped.append(Skipped(node.name, name, reason))
+            skipped.append(Skipped(name_of(node), name, reason))
     groups: dict[str, list[Target]] = {}
     for t in targets:
         groups.setdefault(t.input, []).append(t)
@@ -181,9 +183,9 @@ def require_targets(
 def _pattern_reason(node: ir.Node, include: Sequence[str], exclude: Sequence[str]) -> str | None:
     """Why ``include`` / ``exclude`` leave ``node`` out, or ``None`` when they keep it."""
     name = readable_name(node)
-    if include and not matches(include, name, node.name):
+    if include and not matches(include, name, name_of(node)):
         return NOT_INCLUDED
-    if matches(exclude, name, node.name):
+    if matches(exclude, name, name_of(node)):
         return EXCLUDED
     return None
 
@@ -209,7 +211,7 @@ def tied_lm_head(
         if (
             producer is None
             or producer.op_type != "Transpose"
-            or producer.inputs[0].const_value is None
+            or not is_constant(producer.inputs[0])
         ):
             continue
         perm = producer.attributes.get("perm")
@@ -229,13 +231,18 @@ def untie_lm_head(
     if tied is None:
         return False
     node, producer = tied
-    table = producer.inputs[0].const_value
-    name = f"{producer.inputs[0].name}.lm_head"
-    shape = ir.Shape([table.shape[1], table.shape[0]])
+    table = constant(producer.inputs[0])
+    name = f"{name_of(producer.inputs[0])}.lm_head"
+    dims = static_shape(table)
+    shape = ir.Shape([dims[1], dims[0]])
+
+    def transposed() -> ir.Tensor:
+        return ir.Tensor(np.ascontiguousarray(table.numpy().T), name=name)
+
     untied = ir.Value(
         name=name,
         const_value=ir.LazyTensor(
-            lambda t=table, n=name: ir.Tensor(np.ascontiguousarray(t.numpy().T), name=n),
+            transposed,
             dtype=table.dtype,
             shape=shape,
             name=name,
@@ -273,8 +280,7 @@ def _as_target(node: ir.Node, name: str, lm_head: bool) -> tuple[Target | None, 
         if (
             producer is not None
             and producer.op_type == "Transpose"
-            and producer.inputs[0] is not None
-            and producer.inputs[0].const_value is not None
+            and is_constant(producer.inputs[0])
         ):
             what = "tied lm_head" if lm_head else "weight is a Transpose of a shared initializer"
             return None, f"{what} (MatMul on a Transpose of an initializer)"
@@ -285,7 +291,7 @@ def _as_target(node: ir.Node, name: str, lm_head: bool) -> tuple[Target | None, 
         return None, "constant input activation"
     if b.const_value.dtype not in _FLOAT_TYPES:
         return None, f"weight dtype {b.const_value.dtype} is not a float type"
-    shape = tuple(b.const_value.shape)
+    shape = static_shape(b.const_value)
     if len(shape) != 2:
         return None, f"weight has rank {len(shape)}, not 2"
     if len(b.uses()) != 1:
@@ -293,15 +299,15 @@ def _as_target(node: ir.Node, name: str, lm_head: bool) -> tuple[Target | None, 
     in_f, out_f = (shape[1], shape[0]) if transposed else shape
     bias = node.inputs[2] if node.op_type == "Gemm" and len(node.inputs) > 2 else None
     return Target(
-        node=node.name,
+        node=name_of(node),
         name=name,
         op_type=node.op_type,
-        input=a.name,
-        weight=b.name,
+        input=name_of(a),
+        weight=name_of(b),
         transposed=transposed,
         in_features=int(in_f),
         out_features=int(out_f),
-        output=node.outputs[0].name,
+        output=name_of(node.outputs[0]),
         lm_head=lm_head,
         bias=None if bias is None else bias.name,
     ), None

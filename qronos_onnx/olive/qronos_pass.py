@@ -39,7 +39,8 @@ def _olive_type(name: str) -> Any:
     if typing.get_origin(tp) is tuple:
         return list | None
     kinds = {str if typing.get_origin(a) is typing.Literal else a for a in alternatives(tp)}
-    return Union[(*sorted(kinds - {type(None)}, key=str), type(None))]
+    members = (*sorted(kinds - {type(None)}, key=str), type(None))
+    return Union[members]  # noqa: UP007 (a Union built at run time from a tuple of types)
 
 
 class _OliveWriter:

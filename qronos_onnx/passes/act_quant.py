@@ -11,6 +11,7 @@ import onnx_ir as ir
 from qronos_onnx.config import Recipe
 from qronos_onnx.ir.act_quant import insert_act_quant
 from qronos_onnx.ir.targets import ACT_QUANT_SOURCE, find_targets
+from qronos_onnx.ir.values import constant
 
 
 class InsertActQuantPass(ir.passes.InPlacePass):
@@ -43,8 +44,10 @@ class InsertActQuantPass(ir.passes.InPlacePass):
             return ir.passes.PassResult(model, modified=False)
         for group in self._groups(model):
             first = group.targets[0]
-            dtype = model.graph.initializers[first.weight].const_value.dtype
-            insert_act_quant(model, group, self.recipe.act_quant_for(first), dtype)
+            dtype = constant(model.graph.initializers[first.weight]).dtype
+            spec = self.recipe.act_quant_for(first)
+            assert spec is not None  # the recipe has an activation quantizer (checked above)
+            insert_act_quant(model, group, spec, dtype)
         return ir.passes.PassResult(model, modified=True)
 
     def ensures(self, model: ir.Model) -> None:

@@ -36,6 +36,7 @@ from qronos_onnx.errors import CalibrationWarning
 from qronos_onnx.ir.signature import LLMSignature, detect_signature
 from qronos_onnx.ir.stages import plan_stages
 from qronos_onnx.ir.targets import Skipped, Target, TargetGroup, find_targets, require_targets
+from qronos_onnx.ir.values import constant, tensor_shape
 from qronos_onnx.quant import Grid, QuantizedWeight, rtn_codes, solve
 
 #: ``Node.meta`` keys of a solved target: its ``QuantizedWeight`` and its ``Target``.
@@ -70,7 +71,10 @@ class TargetResult:
 
     @property
     def error(self) -> float | None:
-        return None if not self.output_ref else self.output_err / self.output_ref
+        if not self.output_ref:
+            return None
+        assert self.output_err is not None  # measured together with output_ref
+        return self.output_err / self.output_ref
 
     @property
     def error_rtn(self) -> float | None:
@@ -225,7 +229,7 @@ class CalibrateSolvePass(ir.passes.InPlacePass):
         order = {t.node: i for i, t in enumerate(group.targets)}
         new.sort(key=lambda r: order[r.target.node])
         self.results.extend(new)
-        if self.observer is not None and H is not None:
+        if self.observer is not None and H is not None and G is not None:
             self.observer(group, H, G, new)
         return solved
 
@@ -293,7 +297,7 @@ class CalibrateSolvePass(ir.passes.InPlacePass):
         """Replace the target's weight by its dequantized value (computed when saved)."""
         target, weight = result.target, result.weight
         value = model.graph.initializers[target.weight]
-        old = value.const_value
+        old = constant(value)
         dtype = old.dtype
 
         def dequantized() -> ir.Tensor:
@@ -302,7 +306,7 @@ class CalibrateSolvePass(ir.passes.InPlacePass):
             )
 
         value.const_value = ir.LazyTensor(
-            dequantized, dtype=dtype, shape=old.shape, name=value.name
+            dequantized, dtype=dtype, shape=tensor_shape(old), name=value.name
         )
         node = model.graph.node(target.node)
         node.meta[QUANTIZED] = weight

@@ -24,6 +24,7 @@ from qronos_onnx.errors import QronosError
 from qronos_onnx.ir.int8_kernels import INT8_WEIGHT_LIMIT, integer_codes, saturating_matmuls
 from qronos_onnx.ir.packing import to_matmulnbits
 from qronos_onnx.ir.targets import Target
+from qronos_onnx.ir.values import constant, producer_op
 from qronos_onnx.quant import QuantizedWeight
 
 from .calibrate import QUANTIZED, TARGET
@@ -74,7 +75,7 @@ class ToMatMulNBitsPass(ir.passes.InPlacePass):
         nodes = quantized_nodes(model)
         for node, target, q in nodes:
             grid = q.grid
-            weight = graph.initializers[target.weight].const_value
+            weight = constant(graph.initializers[target.weight])
             try:
                 t = to_matmulnbits(
                     q.codes.numpy(),
@@ -119,8 +120,8 @@ class ToMatMulNBitsPass(ir.passes.InPlacePass):
                 graph, node, [node], [new], node.outputs, new.outputs
             )
             _drop_weight(graph, target.weight)
-            if bias is not None and bias.const_value.shape != (target.out_features,):
-                bias.const_value = ir.Tensor(bias.const_value.numpy().reshape(-1), name=bias.name)
+            if bias is not None and constant(bias).shape != (target.out_features,):
+                bias.const_value = ir.Tensor(constant(bias).numpy().reshape(-1), name=bias.name)
         if nodes:
             model.opset_imports.setdefault("com.microsoft", 1)
         return ir.passes.PassResult(model, modified=bool(nodes))
@@ -162,7 +163,7 @@ class ToQDQPass(ir.passes.InPlacePass):
                 dtype = ir.DataType.UINT8 if wide else ir.DataType.UINT4
                 np_type = np.uint8 if wide else ml_dtypes.uint4
             scales = q.scales.numpy().astype(
-                graph.initializers[target.weight].const_value.dtype.numpy()
+                constant(graph.initializers[target.weight]).dtype.numpy()
             )
             # Stored layout: MatMul keeps W^T [K, N]; Gemm(transB=1) keeps W [N, K].
             k_axis = 1 if target.transposed else 0
@@ -199,9 +200,7 @@ class ToQDQPass(ir.passes.InPlacePass):
         left = [
             n.name
             for n, _, _ in quantized_nodes(model)
-            if n.inputs[1] is None
-            or n.inputs[1].producer() is None
-            or n.inputs[1].producer().op_type != "DequantizeLinear"
+            if producer_op(n.inputs[1]) != "DequantizeLinear"
         ]
         if left:
             raise ir.passes.PostconditionError(f"solved targets left as float: {left}")

@@ -198,6 +198,7 @@ class Grid:
             best = torch.where(better, err, best)
             scales = torch.where(better, s, scales)
             if zeros is not None:
+                assert z is not None  # an asymmetric grid: every fit has zero points
                 zeros = torch.where(better, z, zeros)
         return scales, zeros
 

@@ -75,6 +75,7 @@ def solve(
             SolveInfo("rtn"),
         )
 
+    assert H is not None  # _check_inputs: every algorithm but rtn needs H
     problem = LayerProblem.build(weight, H, G, grid, scales, zero_points, act_order, name)
     n_dead = int(problem.dead.sum())
     lam, retries = 0.0, 0

@@ -54,7 +54,8 @@ class QuantizedWeight:
     @property
     def shape(self) -> tuple[int, int]:
         """``(out_features, in_features)``."""
-        return tuple(self.codes.shape)
+        out_features, in_features = self.codes.shape
+        return out_features, in_features
 
     def dequantize(self) -> Tensor:
         """``[C, d]`` float32: ``(codes - zero_point) * scale`` of each entry's group."""
