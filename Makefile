@@ -6,8 +6,10 @@ PYTHON ?= python3
 VENV   := .venv
 PY     := $(VENV)/bin/python
 PIP    := $(PY) -m pip
-# cpu (onnxruntime) or gpu (onnxruntime-gpu); never both.
+# cpu (onnxruntime) or gpu (onnxruntime-gpu); never both. GenAI follows: its CPU package
+# requires onnxruntime, its CUDA package onnxruntime-gpu.
 ORT    ?= cpu
+GENAI  := $(if $(filter gpu,$(ORT)),genai-gpu,genai)
 MODEL  := models/smollm2-135m/model.onnx
 QUANT  := models/smollm2-135m-w4/model.onnx
 
@@ -16,7 +18,7 @@ QUANT  := models/smollm2-135m-w4/model.onnx
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PIP) install -q torch==2.13.0
-	$(PIP) install -q -e ".[$(ORT),test,olive]"
+	$(PIP) install -q -e ".[$(ORT),$(GENAI),test,olive]"
 	touch $@
 
 install: $(VENV)/.installed

@@ -1,6 +1,7 @@
 """Build a random tiny Llama as ONNX, in seconds, for the tests.
 
     python models/tiny_llama.py OUT_DIR [--layers 2] [--kv-cache] [--untied]
+    python models/tiny_llama.py OUT_DIR --checkpoint     (a Hugging Face checkpoint)
 
 Writes ``OUT_DIR/model.onnx`` with external data (``model.onnx.data``) and a byte-level
 ``tokenizer.json`` (vocabulary 256). The export is ``torch.onnx.export(dynamo=True)``
@@ -124,8 +125,16 @@ def main() -> None:
     ap.add_argument("--layers", type=int, default=2)
     ap.add_argument("--kv-cache", action="store_true")
     ap.add_argument("--untied", action="store_true")
+    ap.add_argument(
+        "--checkpoint",
+        action="store_true",
+        help="write a Hugging Face checkpoint instead of the ONNX model",
+    )
     args = ap.parse_args()
-    print(build(args.out_dir, args.layers, args.kv_cache, args.untied))
+    if args.checkpoint:
+        print(build_checkpoint(args.out_dir, args.layers))
+    else:
+        print(build(args.out_dir, args.layers, args.kv_cache, args.untied))
 
 
 if __name__ == "__main__":

@@ -12,15 +12,21 @@ same options as the command line's flags and a recipe file's keys.
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import os
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 from .arguments import check_int, check_path, check_str
 from .calibration.data import check_context, default_tokenizer, token_windows
+from .config import check_format, recipe_for
 from .errors import QronosError
 from .eval import EvalResult, evaluate_windows
-from .ir.model_io import load_model
+from .export import MODEL_FILE, export_checkpoint, is_checkpoint
+from .ir.model_io import check_output_path, load_model
 from .ir.signature import detect_signature
 from .options import (
     DEFAULT_EVAL_WINDOWS,
@@ -30,8 +36,9 @@ from .options import (
     fields,
     option,
 )
-from .pipeline import default_file_writer, run
+from .pipeline import run
 from .report import Report
+from .writers import default_file_writer
 
 
 def optimize(
@@ -42,6 +49,11 @@ def optimize(
 ) -> Report:
     """Quantize the ONNX LLM ``model`` into ``output`` (``.onnx``; its data file, report and
     tokenizer are written beside it, all or nothing). Returns the report.
+
+    ``model`` may also be a Hugging Face checkpoint directory: it is exported first
+    (``qronos_onnx.export``: ONNX Runtime GenAI's model builder, or ``torch.onnx``) into a
+    temporary directory, or into ``OUTPUT_DIR/float`` with ``keep_float``; ``output`` may then
+    name a directory (the model is ``output/model.onnx``).
 
     Args:
         config: an ``OptimizeConfig``, a preset name (``w4``, ``w3``, ``w2``, ``w4a4``,
@@ -65,7 +77,34 @@ def optimize(
         data = overrides.pop("calib_data")  # feeds, not a text: not an option value
         _check_feeds(data)
     settings = resolve(config).replace(**overrides)
-    return run(model, settings, default_file_writer(model, output, settings), data)
+    if not is_checkpoint(model):
+        return run(model, settings, default_file_writer(output, settings), data)
+    output = Path(output) if Path(output).suffix == ".onnx" else Path(output) / MODEL_FILE
+    writer = default_file_writer(output, settings)
+    check_format(recipe_for(settings), settings.format)  # what needs no work, first
+    check_output_path(output, [], settings.force, [writer.report] if writer.report else [])
+    with _exported(model, output, settings) as float_model:
+        return run(float_model, settings, writer, data)
+
+
+@contextlib.contextmanager
+def _exported(
+    checkpoint: str | os.PathLike, output: Path, settings: OptimizeConfig
+) -> Iterator[Path]:
+    """The float ONNX model of a checkpoint, exported for the run: kept in ``float/`` beside
+    the output with ``keep_float``, else in a temporary directory removed afterwards."""
+    if settings.keep_float:
+        float_dir = output.parent / "float"
+        if not (float_dir / MODEL_FILE).is_file():
+            export_checkpoint(checkpoint, float_dir, settings.export_dtype, settings.exporter)
+        yield float_dir / MODEL_FILE
+        return
+    output.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix=".float.", dir=output.parent) as tmp:
+        path, _ = export_checkpoint(
+            checkpoint, Path(tmp) / "float", settings.export_dtype, settings.exporter
+        )
+        yield path
 
 
 def resolve(config: OptimizeConfig | str | os.PathLike | None) -> OptimizeConfig:

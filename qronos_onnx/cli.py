@@ -221,7 +221,11 @@ def _inspect(args: argparse.Namespace) -> int:
     n = sum(len(g.targets) for g in groups)
     _print(f"targets: {n} in {len(groups)} groups; stages: {len(stages)}")
     for g in groups:
-        names = ", ".join(f"{t.name} [{t.out_features}x{t.in_features}]" for t in g.targets)
+        names = ", ".join(
+            f"{t.name} [{t.out_features}x{t.in_features}]"
+            + (f" ({', '.join(f'{p} {a}:{b}' for p, a, b in t.parts)})" if t.parts else "")
+            for t in g.targets
+        )
         _print(f"  {names}")
     _print(f"skipped: {len(skipped)}")
     for s in skipped:
@@ -240,6 +244,15 @@ def _inspect(args: argparse.Namespace) -> int:
         if ops[k]
     }
     _print(f"formats present: {formats}")
+    return 0
+
+
+def _export(args: argparse.Namespace) -> int:
+    from .export import export_checkpoint
+
+    path, used = export_checkpoint(args.checkpoint, args.output, args.dtype, args.exporter)
+    exporter = "ONNX Runtime GenAI's model builder" if used == "genai" else "torch.onnx"
+    _print(f"wrote {path} ({exporter})")
     return 0
 
 
@@ -289,8 +302,17 @@ def parser() -> argparse.ArgumentParser:
         description="Quantize an ONNX decoder LLM. A preset or recipe sets the "
         "options (default --w4); explicit flags override it.",
     )
-    o.add_argument("model", help="input model.onnx (external data beside it)")
-    o.add_argument("-o", "--output", required=True, help="output .onnx (+ .onnx.data)")
+    o.add_argument(
+        "model",
+        help="input model.onnx (external data beside it), or a Hugging Face checkpoint "
+        "directory (exported first, see the export command)",
+    )
+    o.add_argument(
+        "-o",
+        "--output",
+        required=True,
+        help="output .onnx (+ .onnx.data); for a checkpoint input, a directory may be given",
+    )
     add_optimize_options(o)
     o.set_defaults(func=_optimize)
 
@@ -336,6 +358,26 @@ def parser() -> argparse.ArgumentParser:
     i.add_argument("model")
     i.add_argument("--lm-head", action="store_true", help="count the lm_head as a target")
     i.set_defaults(func=_inspect)
+
+    x = sub.add_parser(
+        "export",
+        help="a Hugging Face checkpoint as a float ONNX model (GenAI builder or torch.onnx)",
+        epilog=EPILOG,
+        description="Export a local Hugging Face checkpoint to a float ONNX model directory "
+        "(model.onnx, model.onnx.data, genai_config.json, tokenizer files) with ONNX Runtime "
+        "GenAI's model builder when it is installed and able, else torch.onnx. No network.",
+    )
+    x.add_argument("checkpoint", help="a local Hugging Face checkpoint directory")
+    x.add_argument("-o", "--output", required=True, help="the output directory (new)")
+    x.add_argument("--dtype", choices=["fp32", "fp16"], default="fp32", help="(default: fp32)")
+    x.add_argument(
+        "--exporter",
+        choices=["auto", "genai", "torch"],
+        default="auto",
+        help="GenAI's model builder, torch.onnx, or auto (the builder when installed and "
+        "able; default)",
+    )
+    x.set_defaults(func=_export)
 
     c = sub.add_parser(
         "olive-config",

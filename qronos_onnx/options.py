@@ -185,6 +185,39 @@ class OptimizeConfig:
         "kernel); none: unset (exact)",
         metavar="0..4|none",
     )
+    genai_config: bool = _option(
+        False,
+        "write a genai_config.json (and the tokenizer files) beside the output, so that "
+        "ONNX Runtime GenAI runs it; automatic when the input has one",
+        takes_value=False,
+        switches=(
+            Switch(
+                ("--genai-config",),
+                True,
+                "write a genai_config.json for ONNX "
+                "Runtime GenAI (automatic when the input model has one)",
+            ),
+        ),
+    )
+    # -- a Hugging Face checkpoint as the input ----------------------------------------------
+    exporter: Literal["auto", "genai", "torch"] = _option(
+        "auto",
+        "how a Hugging Face checkpoint given as the model is exported: ONNX Runtime "
+        "GenAI's model builder, torch.onnx, or auto (the builder when installed and able)",
+        olive=False,
+    )
+    export_dtype: Literal["fp32", "fp16"] = _option(
+        "fp32", "the float type of a checkpoint's export", olive=False
+    )
+    keep_float: bool = _option(
+        False,
+        "keep a checkpoint's float export in OUTPUT_DIR/float",
+        takes_value=False,
+        olive=False,
+        switches=(
+            Switch(("--keep-float",), True, "keep a checkpoint's float export in OUTPUT_DIR/float"),
+        ),
+    )
     # -- calibration data -------------------------------------------------------------------
     calib_data: str = _option(
         WIKI_VITAL, f"a text file, or '{WIKI_VITAL}'", metavar="PATH", path=True

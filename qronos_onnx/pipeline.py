@@ -17,9 +17,7 @@ as one ``onnx_ir.passes.Sequential``; the input model is never modified.
 from __future__ import annotations
 
 import contextlib
-import filecmp
 import os
-import shutil
 import time
 import warnings
 from collections.abc import Callable, Iterator, Sequence
@@ -28,11 +26,11 @@ from typing import Any, Protocol
 
 import onnx_ir as ir
 
-from .calibration.data import calibration_samples, default_tokenizer
+from .calibration.data import calibration_samples
 from .calibration.runner import CalibrationOptions
 from .config import Recipe, check_format, recipe_for, warn_recipe_mismatches
 from .errors import CalibrationWarning, QronosError, RecipeWarning
-from .ir.model_io import TOKENIZER_FILE, check_output_path, data_file_name, load_model, write_model
+from .ir.model_io import load_model
 from .ir.signature import detect_signature
 from .ir.targets import find_targets, require_targets
 from .options import WIKI_VITAL, OptimizeConfig
@@ -41,8 +39,7 @@ from .passes.calibrate import CalibrateSolvePass, Observer
 from .passes.formats import ToMatMulNBitsPass, ToQDQPass
 from .passes.lm_head import UntieLmHeadPass
 from .quant import SolverWarning
-from .report import Report, build_report, report_name
-from .staging import output_lock, staged_output, termination_as_interrupt
+from .report import Report, build_report
 
 #: The warnings a run records in its report (they are printed as they happen, too).
 RECORDED_WARNINGS = (CalibrationWarning, RecipeWarning, SolverWarning)
@@ -228,91 +225,3 @@ def _warn_unused_options(config: OptimizeConfig, data: Any) -> None:
             RecipeWarning,
             stacklevel=3,
         )
-
-
-class FileWriter:
-    """Writes ``OUT.onnx``, ``OUT.onnx.data``, the report and the tokenizer beside it, all or
-    nothing (``staging``), holding the output's lock for the whole run.
-
-    Args:
-        output: the output model's path.
-        force: replace existing outputs.
-        report: the report's file name (``{stem}`` = the output's name without ``.onnx``), or
-            ``None`` for none.
-        tokenizer: a ``tokenizer.json`` (or a directory holding one) to place beside the
-            output when none is there yet; an existing one that differs is kept, with a
-            warning.
-    """
-
-    def __init__(
-        self,
-        output: str | os.PathLike,
-        force: bool = False,
-        report: str | None = None,
-        tokenizer: str | os.PathLike | None = None,
-    ):
-        self.output = Path(output)
-        self.force = force
-        self.report = None if report is None else report_name(self.output, report)
-        self.tokenizer = tokenizer
-
-    def check(self, model_path: Path) -> None:
-        check_output_path(
-            self.output, [model_path], self.force, [] if self.report is None else [self.report]
-        )
-
-    @contextlib.contextmanager
-    def reserve(self) -> Iterator[None]:
-        with termination_as_interrupt(), output_lock(self.output):
-            yield
-
-    def write(self, model: ir.Model, make_report: ReportMaker) -> Report:
-        output = self.output
-        tokenizer = _tokenizer_to_copy(self.tokenizer, output.parent)
-        names = [
-            data_file_name(output),
-            *([] if self.report is None else [self.report]),
-            *([] if tokenizer is None else [TOKENIZER_FILE]),
-            output.name,
-        ]
-        with staged_output(output, names, self.force) as staged:
-            written = write_model(model, staged / output.name)
-            if tokenizer is not None:
-                written.append(Path(shutil.copyfile(tokenizer, staged / TOKENIZER_FILE)))
-            report = make_report(written)
-            if self.report is not None:
-                report.write(staged / self.report)
-        return report
-
-
-def default_file_writer(
-    model: str | os.PathLike, output: str | os.PathLike, config: OptimizeConfig
-) -> FileWriter:
-    """The writer of the command line and the Python API."""
-    return FileWriter(
-        output, config.force, config.report, config.tokenizer or default_tokenizer(model)
-    )
-
-
-def _tokenizer_to_copy(tokenizer: str | os.PathLike | None, out_dir: Path) -> Path | None:
-    """The ``tokenizer.json`` to place beside the output: ``tokenizer`` (a file or a directory
-    holding one) when the output's directory has none. An existing one is never replaced; one
-    that differs is kept with a warning (the model is evaluated and deployed with the
-    tokenizer beside it)."""
-    if tokenizer is None:
-        return None
-    source = Path(tokenizer)
-    source = source / TOKENIZER_FILE if source.is_dir() else source
-    target = out_dir / TOKENIZER_FILE
-    if not (source.is_file() and source.name == TOKENIZER_FILE):
-        return None
-    if not target.exists():
-        return source
-    if not filecmp.cmp(source, target, shallow=False):
-        warnings.warn(
-            f"{target} differs from {source} and was kept; replace it if it is not "
-            "the model's tokenizer",
-            UserWarning,
-            stacklevel=3,
-        )
-    return None

@@ -32,6 +32,8 @@ class LayerReport:
             calibration set of round-to-nearest codes and of the solved codes (``None`` when
             not measured; see ``passes.calibrate.TargetResult``).
         solve_seconds: time of the solve.
+        parts: for a fused projection (a packed QKV), ``{part: [first row, end row]}`` of the
+            output rows each of q, k and v takes; ``None`` for a plain layer.
     """
 
     name: str
@@ -47,6 +49,7 @@ class LayerReport:
     error_rtn: float | None
     error: float | None
     solve_seconds: float
+    parts: dict[str, list[int]] | None = None
 
     @classmethod
     def of(cls, r: TargetResult) -> LayerReport:
@@ -65,6 +68,7 @@ class LayerReport:
             error_rtn=r.error_rtn,
             error=r.error,
             solve_seconds=round(r.seconds, 4),
+            parts={p: [a, b] for p, a, b in t.parts} or None,
         )
 
 

@@ -16,7 +16,8 @@ from qronos_onnx.errors import QronosError
 from qronos_onnx.ir.model_io import load_model
 from qronos_onnx.ir.signature import detect_signature
 from qronos_onnx.options import DEFAULT_REPORT, OptimizeConfig
-from qronos_onnx.pipeline import FileWriter, run
+from qronos_onnx.pipeline import run
+from qronos_onnx.writers import FileWriter
 from tests.helpers import random_samples
 
 
@@ -158,7 +159,7 @@ def test_a_failed_write_leaves_the_previous_output_as_it_was(
     interrupted), what was placed is removed and the previous files come back, byte for byte."""
     write(tiny_models("nokv"), tmp_path / "q.onnx")
     before = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
-    assert set(before) == {"q.onnx", "q.onnx.data", "q.report.json"}
+    assert set(before) == {"q.onnx", "q.onnx.data", "q.report.json", "tokenizer.json"}
     failing_replace(monkeypatch, {(step, failing): error})
     expected = QronosError if isinstance(error, OSError) else KeyboardInterrupt
     with pytest.raises(

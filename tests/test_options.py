@@ -72,6 +72,10 @@ EVERYTHING = {
     "report": ("r.json", ["--report", "r.json"]),
     "force": (True, ["--force"]),
     "progress": (False, ["-q"]),
+    "genai_config": (True, ["--genai-config"]),
+    "exporter": ("torch", ["--exporter", "torch"]),
+    "export_dtype": ("fp16", ["--export-dtype", "fp16"]),
+    "keep_float": (True, ["--keep-float"]),
 }
 
 

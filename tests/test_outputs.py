@@ -29,18 +29,18 @@ RTN = ["--algo", "rtn", "--group-size", "32", "-q"]
 #: new ones, and a rollback moves again from 7 on.
 CHILD = textwrap.dedent("""
     import os, signal, sys, time, types
-    import qronos_onnx.pipeline as pipeline, qronos_onnx.staging as staging
+    import qronos_onnx.writers as writers, qronos_onnx.staging as staging
     point, sig = sys.argv[1], getattr(signal, sys.argv[2])
     kill = lambda: os.kill(os.getpid(), sig)
     if point.startswith("save"):
-        write_model, pause = pipeline.write_model, float(point[5:] or 0)
+        write_model, pause = writers.write_model, float(point[5:] or 0)
         def saving(*args):
             time.sleep(pause)
             written = write_model(*args)
             if not pause:
                 kill()
             return written
-        pipeline.write_model = saving
+        writers.write_model = saving
     elif point == "cleanup":
         rmtree = staging.shutil.rmtree
         def cleaning(*args, **kwargs):
@@ -254,16 +254,16 @@ def test_a_file_that_appears_mid_run_is_not_replaced_without_force(
 ):
     """The existence check is repeated when placing: an output that another program wrote
     while the run worked is left as it is, and nothing is written."""
-    import qronos_onnx.pipeline as pipeline
+    import qronos_onnx.writers as writers
 
     output = tmp_path / "q.onnx"
-    write_model = pipeline.write_model
+    write_model = writers.write_model
 
     def meanwhile(*args):
         output.with_name("q.onnx.data").write_text("another program's")
         return write_model(*args)
 
-    monkeypatch.setattr(pipeline, "write_model", meanwhile)
+    monkeypatch.setattr(writers, "write_model", meanwhile)
     assert main(["optimize", str(tiny_models("nokv")), "-o", str(output), *RTN]) == 2
     assert "q.onnx.data appeared while this run was working" in capsys.readouterr().err
     assert contents(tmp_path) == {"q.onnx.data": b"another program's"}

@@ -16,8 +16,9 @@ from qronos_onnx.errors import QronosError
 from qronos_onnx.ir.model_io import load_model
 from qronos_onnx.ir.signature import detect_signature
 from qronos_onnx.options import DEFAULT_REPORT, OptimizeConfig
-from qronos_onnx.pipeline import FileWriter, run
+from qronos_onnx.pipeline import run
 from qronos_onnx.quant import Grid
+from qronos_onnx.writers import FileWriter
 from tests.helpers import padded_samples, random_samples
 
 

@@ -181,8 +181,12 @@ def feeds_from(data: Any) -> Iterator[dict[str, np.ndarray]]:
 
 
 def default_tokenizer(model: str | os.PathLike) -> Path:
-    """The tokenizer of a model when none is given: ``tokenizer.json`` beside it."""
-    return Path(model).parent / TOKENIZER_FILE
+    """The tokenizer of a model when none is given: ``tokenizer.json`` beside it, or in the
+    folder above (an Optimum export into ``CHECKPOINT/onnx`` may come without one). When
+    neither exists, the one beside it, for ``load_tokenizer`` to say it is missing."""
+    beside = Path(model).parent / TOKENIZER_FILE
+    above = Path(model).parent.parent / TOKENIZER_FILE
+    return above if not beside.is_file() and above.is_file() else beside
 
 
 def token_windows(

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import os
 import shutil
 import subprocess
@@ -147,6 +148,7 @@ def _run_torch(checkpoint: Path, out: Path, dtype: str) -> None:
     ``genai_config.json``."""
     import torch
     from transformers import AutoModelForCausalLM
+    from transformers.utils import logging as hf_logging
 
     from qronos_onnx.genai import GENAI_CONFIG, TOKENIZER_FILES, write_config_for
     from qronos_onnx.ir.model_io import load_model
@@ -154,6 +156,8 @@ def _run_torch(checkpoint: Path, out: Path, dtype: str) -> None:
 
     from .torch_export import export_causal_lm
 
+    hf_logging.disable_progress_bar()
+    logging.getLogger("torch.onnx").setLevel(logging.ERROR)  # notices about torchvision ops
     try:
         model = AutoModelForCausalLM.from_pretrained(
             str(checkpoint), dtype=torch.float16 if dtype == "fp16" else torch.float32

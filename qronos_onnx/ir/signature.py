@@ -1,7 +1,9 @@
-"""Recognise a decoder language model's ONNX signature (Optimum and ``torch.onnx`` naming).
+"""Recognise a decoder language model's ONNX signature (the naming of Optimum, ``torch.onnx``
+and ONNX Runtime GenAI's model builder).
 
 Inputs: ``input_ids``, ``attention_mask``, optional ``position_ids``, optional KV cache
-``past_key_values.N.key`` / ``past_key_values.N.value`` (``[batch, kv_heads, past, head_dim]``).
+``past_key_values.N.key`` / ``past_key_values.N.value`` (``[batch, kv_heads, past, head_dim]``;
+a symbolic head size is read off the attention node, see ``ir/attention.py``).
 Outputs: ``logits`` and, with a cache, ``present.N.key`` / ``present.N.value``.
 """
 
@@ -15,6 +17,7 @@ import onnx_ir as ir
 
 from qronos_onnx.errors import QronosError
 
+from .attention import cache_reader
 from .values import constant, dtype_of, is_constant, name_of, static_shape
 
 _PAST = re.compile(r"^past_key_values\.(\d+)\.(key|value)$")
@@ -123,14 +126,8 @@ def detect_signature(model: ir.Model) -> LLMSignature:
     past = []
     for name, value in inputs.items():
         if _PAST.match(name):
-            shape = value.shape
-            dims = [] if shape is None else list(shape)
-            if len(dims) != 4 or not isinstance(dims[1], int) or not isinstance(dims[3], int):
-                raise QronosError(
-                    f"KV-cache input {name} must be [batch, kv_heads, past, head_dim] "
-                    f"with static kv_heads and head_dim, got {dims}"
-                )
-            past.append(PastInput(name, np.dtype(dtype_of(value).numpy()), dims[1], dims[3]))
+            kv_heads, head_dim = _cache_dims(name, value)
+            past.append(PastInput(name, np.dtype(dtype_of(value).numpy()), kv_heads, head_dim))
     known = {"input_ids", "attention_mask", "position_ids"} | {p.name for p in past}
     unknown = sorted(set(inputs) - known)
     if unknown:
@@ -150,6 +147,23 @@ def detect_signature(model: ir.Model) -> LLMSignature:
             if "position_ids" in inputs
             else None
         ),
+    )
+
+
+def _cache_dims(name: str, value: ir.Value) -> tuple[int, int]:
+    """``(kv_heads, head_dim)`` of a KV-cache input ``[batch, kv_heads, past, head_dim]``: its
+    static dimensions, or those of the fused attention node reading it (GenAI's model builder
+    leaves the head size symbolic)."""
+    dims = [] if value.shape is None else list(value.shape)
+    if len(dims) == 4 and isinstance(dims[1], int) and isinstance(dims[3], int):
+        return dims[1], dims[3]
+    attention = cache_reader(value)
+    if len(dims) == 4 and attention is not None:
+        return attention.kv_heads, attention.head_size
+    raise QronosError(
+        f"KV-cache input {name} must be [batch, kv_heads, past, head_dim] with static kv_heads "
+        f"and head_dim, or be read by a GroupQueryAttention/MultiHeadAttention node whose head "
+        f"size the graph tells; got {dims}"
     )
 
 

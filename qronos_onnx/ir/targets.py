@@ -9,6 +9,8 @@ that looks like a layer is reported as skipped, with the reason.
 from __future__ import annotations
 
 import ast
+import dataclasses
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -17,6 +19,7 @@ import onnx_ir as ir
 
 from qronos_onnx.errors import QronosError
 
+from .attention import attention_nodes
 from .patterns import check_patterns, matches
 from .values import constant, is_constant, name_of, static_shape
 
@@ -39,6 +42,9 @@ class Target:
         output: the layer's output value.
         lm_head: the layer computes the logits.
         bias: the Gemm bias input, if any.
+        parts: ``(name, first row, end row)`` of the outputs a fused projection packs, such as
+            a QKV projection read by a GroupQueryAttention (``q``, ``k``, ``v``); empty for a
+            plain layer.
     """
 
     node: str
@@ -52,6 +58,7 @@ class Target:
     output: str
     lm_head: bool
     bias: str | None = None
+    parts: tuple[tuple[str, int, int], ...] = ()
 
 
 @dataclass(frozen=True)
@@ -83,9 +90,15 @@ class TargetGroup:
         return self.targets[0].in_features
 
 
+#: A node named by its module's path, as Optimum and GenAI's model builder name them:
+#: ``/model/layers.0/mlp/down_proj/MatMul`` (possibly with a suffix made unique on load).
+_PATH_NAME = re.compile(r"^/(.+)/(MatMul|Gemm)(_\d+)?$")
+
+
 def readable_name(node: ir.Node) -> str:
-    """The module path the PyTorch exporter recorded (``model.layers.0.mlp.down_proj``), or
-    the node name (Optimum and the legacy exporter already use paths as node names)."""
+    """The module path of a layer (``model.layers.0.mlp.down_proj``): as the PyTorch exporter
+    recorded it, or read from a path-like node name (Optimum, GenAI's model builder); else the
+    node name."""
     scopes = node.metadata_props.get("pkg.torch.onnx.name_scopes")
     if scopes:
         try:
@@ -94,6 +107,9 @@ def readable_name(node: ir.Node) -> str:
             parts = None
         if isinstance(parts, list) and len(parts) >= 2 and parts[-2]:
             return str(parts[-2])
+    match = _PATH_NAME.match(node.name or "")
+    if match:
+        return match.group(1).replace("/", ".")
     return node.name or "<unnamed>"
 
 
@@ -118,6 +134,7 @@ def find_targets(
     logits = _logits_producers(model)
     targets: list[Target] = []
     skipped: list[Skipped] = []
+    packed_queries = {name_of(a.node.inputs[0]): a for a in attention_nodes(model) if a.packed}
     for node in model.graph:
         if node.op_type not in _LAYER_OPS or node.domain not in ("", "ai.onnx"):
             continue
@@ -129,6 +146,9 @@ def find_targets(
             reason = _pattern_reason(node, include, exclude)
         if reason is None:
             assert target is not None  # _as_target gives a target or the reason for none
+            packed = packed_queries.get(name_of(node.outputs[0]))
+            if packed is not None:
+                target = dataclasses.replace(target, parts=packed.qkv_parts())
             targets.append(target)
         else:
             skipped.append(Skipped(name_of(node), name, reason))
@@ -200,23 +220,31 @@ def _act_quant_source(value: ir.Value | None) -> str | None:
 
 def tied_lm_head(
     model: ir.Model, include: Sequence[str] = (), exclude: Sequence[str] = ()
-) -> tuple[ir.Node, ir.Node] | None:
-    """The lm_head that reads a Transpose of a constant table (a tied embedding), with that
-    Transpose, unless the ``include`` / ``exclude`` patterns leave it out; else ``None``."""
+) -> tuple[ir.Node, ir.Value, bool] | None:
+    """The lm_head whose weight is the embedding table, unless the ``include`` / ``exclude``
+    patterns leave it out: ``(lm_head node, table, transposed)``, where the lm_head reads a
+    Transpose of the table (``torch.onnx``) or the table itself, which the embedding reads
+    through a Transpose (ONNX Runtime GenAI's model builder); else ``None``."""
     for node in _logits_producers(model):
         if _pattern_reason(node, include, exclude):
             continue
         weight = node.inputs[1]
-        producer = None if weight is None else weight.producer()
-        if (
-            producer is None
-            or producer.op_type != "Transpose"
-            or not is_constant(producer.inputs[0])
-        ):
+        if weight is None:
             continue
-        perm = producer.attributes.get("perm")
-        if perm is None or list(perm.value) == [1, 0]:
-            return node, producer
+        if is_constant(weight):
+            if len(weight.uses()) > 1:
+                return node, weight, False
+            continue
+        producer = weight.producer()
+        table = None if producer is None else producer.inputs[0]
+        if (
+            producer is not None
+            and producer.op_type == "Transpose"
+            and table is not None
+            and is_constant(table)
+            and list(producer.attributes.get_ints("perm", [1, 0])) == [1, 0]
+        ):
+            return node, table, True
     return None
 
 
@@ -230,27 +258,24 @@ def untie_lm_head(
     tied = tied_lm_head(model, include, exclude)
     if tied is None:
         return False
-    node, producer = tied
-    table = constant(producer.inputs[0])
-    name = f"{name_of(producer.inputs[0])}.lm_head"
+    node, source, transpose = tied
+    table = constant(source)
+    name = f"{name_of(source)}.lm_head"
     dims = static_shape(table)
-    shape = ir.Shape([dims[1], dims[0]])
 
-    def transposed() -> ir.Tensor:
-        return ir.Tensor(np.ascontiguousarray(table.numpy().T), name=name)
+    def copy() -> ir.Tensor:
+        array = table.numpy().T if transpose else table.numpy()
+        return ir.Tensor(np.ascontiguousarray(array), name=name)
 
+    shape = ir.Shape([dims[1], dims[0]] if transpose else list(dims))
     untied = ir.Value(
-        name=name,
-        const_value=ir.LazyTensor(
-            transposed,
-            dtype=table.dtype,
-            shape=shape,
-            name=name,
-        ),
+        name=name, const_value=ir.LazyTensor(copy, dtype=table.dtype, shape=shape, name=name)
     )
     model.graph.register_initializer(untied)
+    previous = node.inputs[1]
     node.replace_input_with(1, untied)
-    if not producer.outputs[0].uses():
+    producer = previous.producer() if previous is not None else None
+    if producer is not None and not producer.outputs[0].uses():
         model.graph.remove(producer)
     return True
 
@@ -295,6 +320,8 @@ def _as_target(node: ir.Node, name: str, lm_head: bool) -> tuple[Target | None, 
     if len(shape) != 2:
         return None, f"weight has rank {len(shape)}, not 2"
     if len(b.uses()) != 1:
+        if lm_head:
+            return None, "tied lm_head (its weight is the embedding's, read through a Transpose)"
         return None, f"weight is shared with {len(b.uses()) - 1} other node(s)"
     in_f, out_f = (shape[1], shape[0]) if transposed else shape
     bias = node.inputs[2] if node.op_type == "Gemm" and len(node.inputs) > 2 else None

@@ -11,7 +11,6 @@ registry).
 
 from __future__ import annotations
 
-import contextlib
 import typing
 from pathlib import Path
 from typing import Any, Union
@@ -26,10 +25,17 @@ from olive.passes.pass_config import BasePassConfig, PassConfigParam
 from olive.resource_path import LocalFolder
 
 from qronos_onnx.api import resolve
-from qronos_onnx.ir.model_io import write_model
-from qronos_onnx.options import DEFAULT_PRESET, alternatives, field_type, fields, option
+from qronos_onnx.options import (
+    DEFAULT_PRESET,
+    DEFAULT_REPORT,
+    alternatives,
+    field_type,
+    fields,
+    option,
+)
 from qronos_onnx.pipeline import ReportMaker, run
-from qronos_onnx.report import Report, report_name
+from qronos_onnx.report import Report
+from qronos_onnx.writers import FileWriter
 
 
 def _olive_type(name: str) -> Any:
@@ -43,27 +49,26 @@ def _olive_type(name: str) -> Any:
     return Union[members]  # noqa: UP007 (a Union built at run time from a tuple of types)
 
 
-class _OliveWriter:
-    """Writes the model (external data, as the command line does) and its report into Olive's
-    output directory."""
+class _OliveWriter(FileWriter):
+    """The command line's writer (model and data, report, tokenizer files, and the
+    ``genai_config.json`` of an input from Olive's ``ModelBuilder``) into Olive's output
+    directory, and the handler Olive passes on: the input's model attributes, with the files
+    written beside the model as ``additional_files`` (how Olive carries them)."""
 
-    def __init__(self, output: Path):
-        self.output = output
+    def __init__(self, output: Path, attributes: dict[str, Any] | None):
+        super().__init__(output, force=True, report=DEFAULT_REPORT)
+        self.attributes = dict(attributes or {})
         self.handler: ONNXModelHandler | None = None
 
-    def check(self, model_path: Path) -> None:
-        """Olive gives every pass a fresh output directory: nothing to refuse."""
-
-    def reserve(self) -> contextlib.AbstractContextManager:
-        return contextlib.nullcontext()
-
     def write(self, model: ir.Model, make_report: ReportMaker) -> Report:
-        self.output.parent.mkdir(parents=True, exist_ok=True)
-        written = write_model(model, self.output)
-        report = make_report(written)
-        report.write(self.output.with_name(report_name(self.output)))
+        report = super().write(model, make_report)
+        model_files = {self.output.name, f"{self.output.name}.data"}
+        extra = sorted(str(p) for p in self.placed if p.name not in model_files)
+        self.attributes["additional_files"] = extra
         self.handler = ONNXModelHandler(
-            model_path=LocalFolder({"path": self.output.parent}), onnx_file_name=self.output.name
+            model_path=LocalFolder({"path": self.output.parent}),
+            onnx_file_name=self.output.name,
+            model_attributes=self.attributes,
         )
         return report
 
@@ -108,7 +113,7 @@ class QronosQuantization(Pass):
             if option(f).olive and getattr(config, f.name) is not None
         }
         settings = resolve(config.recipe).replace(progress=False, **overrides)
-        writer = _OliveWriter(output)
+        writer = _OliveWriter(output, model.model_attributes)
         run(model.model_path, settings, writer, self._calibration_feeds(model, config))
         return writer.handler
 

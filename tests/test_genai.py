@@ -1,0 +1,326 @@
+"""ONNX Runtime GenAI: models from its model builder in, GenAI-ready models out, Optimum
+exports, and a Hugging Face checkpoint quantized in one step."""
+
+import json
+import shutil
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+from onnx import numpy_helper
+
+import qronos_onnx
+from models import tiny_llama
+from qronos_onnx.cli import main
+from qronos_onnx.ir.model_io import load_model
+from qronos_onnx.ir.packing import NBitsTensors, from_matmulnbits
+from qronos_onnx.ir.signature import detect_signature
+
+og = pytest.importorskip("onnxruntime_genai")
+
+PROMPT = [72, 101, 108, 108, 111, 32, 119, 111]  # "Hello wo" in the byte vocabulary
+FAST = ["--group-size", "32", "--calib-windows", "4", "--seqlen", "64", "-q"]
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    path = tmp_path_factory.mktemp("genai_corpus") / "text.txt"
+    path.write_text(" ".join(["the quantized layers of a model run on onnx runtime"] * 600))
+    return path
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    """A tiny random Llama saved as a Hugging Face checkpoint."""
+    return tiny_llama.build_checkpoint(tmp_path_factory.mktemp("hf") / "tiny")
+
+
+@pytest.fixture(scope="module")
+def builder_model(checkpoint, tmp_path_factory):
+    """The checkpoint through ONNX Runtime GenAI's model builder (float32)."""
+    out = tmp_path_factory.mktemp("builder") / "float"
+    assert main(["export", str(checkpoint), "-o", str(out), "--exporter", "genai"]) == 0
+    return out / "model.onnx"
+
+
+def generate(model_dir, tokens=6):
+    """Greedy tokens from ONNX Runtime GenAI after ``PROMPT``."""
+    model = og.Model(str(model_dir))
+    params = og.GeneratorParams(model)
+    params.set_search_options(max_length=len(PROMPT) + tokens, do_sample=False)
+    generator = og.Generator(model, params)
+    generator.append_tokens(PROMPT)
+    out = []
+    while not generator.is_done():
+        generator.generate_next_token()
+        out.append(int(generator.get_next_tokens()[0]))
+    return out
+
+
+def teacher_forced_argmax(model_path, tokens):
+    """The most likely next token at every position of ``PROMPT + tokens``, computed by plain
+    ONNX Runtime on the whole sequence at once (an empty cache): what greedy decoding must
+    have produced."""
+    signature = detect_signature(load_model(model_path))
+    ids = np.array([PROMPT + tokens[:-1]], np.int64)
+    session = ort.InferenceSession(str(model_path), providers=["CPUExecutionProvider"])
+    logits = session.run(["logits"], signature.feed(ids))[0][0]
+    return [int(t) for t in logits[len(PROMPT) - 1 :].argmax(-1)]
+
+
+def test_builder_models_are_read(builder_model, capsys):
+    """The builder's graph: a symbolic KV head size, GroupQueryAttention, a fused QKV, no
+    position_ids, the embedding a Transpose of the lm_head weight."""
+    model = load_model(builder_model)
+    signature = detect_signature(model)
+    assert signature.position_ids is None
+    assert [(p.kv_heads, p.head_dim) for p in signature.past] == [(2, 16)] * 4
+    assert main(["inspect", str(builder_model), "--lm-head"]) == 0
+    listing = capsys.readouterr().out
+    assert "targets: 11 in 9 groups" in listing
+    assert "model.layers.0.attn.qkv_proj [128x64] (q 0:64, k 64:96, v 96:128)" in listing
+    assert "lm_head [260x64]" in listing
+
+
+def test_a_builder_model_quantized_runs_in_genai(builder_model, tmp_path, corpus):
+    """--w4 on the builder's model: the report names the q/k/v parts of the fused projection,
+    one layer computes exactly numpy's A @ dequant(B), and the output directory (with its own
+    genai_config.json) loads in ONNX Runtime GenAI, whose greedy tokens are the argmax of
+    the written model's own logits."""
+    out = tmp_path / "q"
+    args = ["optimize", str(builder_model), "-o", str(out / "model.onnx"), "--calib-data"]
+    assert main([*args, str(corpus), *FAST]) == 0
+    report = json.loads((out / "model.report.json").read_text())
+    qkv = next(t for t in report["targets"] if t["name"] == "model.layers.0.attn.qkv_proj")
+    assert qkv["parts"] == {"q": [0, 64], "k": [64, 96], "v": [96, 128]}
+    config = json.loads((out / "genai_config.json").read_text())
+    assert config["model"]["decoder"]["filename"] == "model.onnx"
+    # one layer against numpy
+    proto = onnx.load(str(out / "model.onnx"))
+    node = next(n for n in proto.graph.node if n.name == "/model/layers.1/mlp/down_proj/MatMul")
+    attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
+    inits = {t.name: numpy_helper.to_array(t, str(out)) for t in proto.graph.initializer}
+    t = NBitsTensors(
+        inits[node.input[1]],
+        inits[node.input[2]],
+        inits[node.input[3]],
+        attrs["K"],
+        attrs["N"],
+        attrs["bits"],
+        attrs["block_size"],
+    )
+    codes, scales, zeros = from_matmulnbits(t, symmetric=False)
+    group = attrs["block_size"]
+    weight = (codes.astype(np.float32) - np.repeat(zeros, group, 1)[:, : attrs["K"]]) * np.repeat(
+        scales, group, 1
+    )[:, : attrs["K"]]
+    proto.graph.output.extend(
+        [onnx.ValueInfoProto(name=node.input[0]), onnx.ValueInfoProto(name=node.output[0])]
+    )
+    session = ort.InferenceSession(proto.SerializeToString(), providers=["CPUExecutionProvider"])
+    feed = detect_signature(load_model(out / "model.onnx")).feed(np.array([PROMPT]))
+    a, y = session.run([node.input[0], node.output[0]], feed)
+    np.testing.assert_allclose(y, a @ weight.T, rtol=1e-4, atol=1e-4 * np.abs(y).max())
+    tokens = generate(out)
+    assert len(tokens) == 6 and tokens == teacher_forced_argmax(out / "model.onnx", tokens)
+
+
+def test_an_int8_lm_head_of_a_builder_model(builder_model, tmp_path, corpus):
+    """--lm-head int8 unties the builder's shared weight: the embedding keeps the float table,
+    the lm_head gets its own int8 copy, and GenAI still runs the result."""
+    out = tmp_path / "q"
+    assert (
+        main(
+            [
+                "optimize",
+                str(builder_model),
+                "-o",
+                str(out / "model.onnx"),
+                "--calib-data",
+                str(corpus),
+                "--lm-head",
+                "int8",
+                *FAST,
+            ]
+        )
+        == 0
+    )
+    ops = [n.op_type for n in onnx.load(str(out / "model.onnx")).graph.node]
+    assert ops.count("MatMulNBits") == 11 and "Transpose" in ops  # embedding: float table
+    assert len(generate(out)) == 6
+
+
+def test_a_torch_export_gets_a_genai_config_on_request(tiny_models, tmp_path, corpus):
+    """--genai-config for a torch.onnx export (no genai_config.json of its own): the output
+    runs in GenAI, greedy tokens equal to the written model's argmax."""
+    out = tmp_path / "q"
+    assert (
+        main(
+            [
+                "optimize",
+                str(tiny_models("kv")),
+                "-o",
+                str(out / "model.onnx"),
+                "--calib-data",
+                str(corpus),
+                "--genai-config",
+                *FAST,
+            ]
+        )
+        == 0
+    )
+    config = json.loads((out / "genai_config.json").read_text())
+    assert config["search"]["past_present_share_buffer"] is False
+    assert {"tokenizer.json", "tokenizer_config.json"} <= {p.name for p in out.iterdir()}
+    tokens = generate(out)
+    assert tokens == teacher_forced_argmax(out / "model.onnx", tokens)
+
+
+def test_an_optimum_export_finds_its_tokenizer_above_it(tmp_path, corpus):
+    """The committed Optimum export (tests/fixtures/make_optimum_fixture.py): optimize and eval
+    work, the tokenizer found in the checkpoint folder above the ONNX folder."""
+    fixture = tmp_path / "optimum-tiny"
+    shutil.copytree(qronos_onnx.__path__[0] + "/../tests/fixtures/optimum-tiny", fixture)
+    assert not (fixture / "onnx" / "tokenizer.json").exists()
+    out = tmp_path / "q" / "model.onnx"
+    report = qronos_onnx.optimize(
+        fixture / "onnx" / "model.onnx",
+        out,
+        calib_data=corpus,
+        group_size=32,
+        calib_windows=4,
+        seqlen=64,
+        genai_config=True,
+        progress=False,
+    )
+    assert report.totals.targets == 14
+    assert (out.parent / "tokenizer.json").read_bytes() == (fixture / "tokenizer.json").read_bytes()
+    result = qronos_onnx.evaluate(
+        out,
+        reference=fixture / "onnx" / "model.onnx",
+        data=corpus,
+        windows=2,
+        seqlen=64,
+        progress=False,
+    )
+    assert result.top1_agreement > 0.5
+    assert len(generate(out.parent)) == 6
+
+
+def test_export_then_optimize_and_in_one_step(checkpoint, tmp_path, corpus):
+    """`export` (torch.onnx here) then `optimize`, and `optimize CHECKPOINT -o DIR` (the GenAI
+    builder, the float export kept with --keep-float): both outputs run in GenAI."""
+    assert (
+        main(["export", str(checkpoint), "-o", str(tmp_path / "float"), "--exporter", "torch"]) == 0
+    )
+    assert (tmp_path / "float" / "genai_config.json").is_file()
+    assert (
+        main(
+            [
+                "optimize",
+                str(tmp_path / "float" / "model.onnx"),
+                "-o",
+                str(tmp_path / "q" / "model.onnx"),
+                "--calib-data",
+                str(corpus),
+                *FAST,
+            ]
+        )
+        == 0
+    )
+    assert len(generate(tmp_path / "q")) == 6
+    assert (
+        main(
+            [
+                "optimize",
+                str(checkpoint),
+                "-o",
+                str(tmp_path / "one"),
+                "--keep-float",
+                "--calib-data",
+                str(corpus),
+                *FAST,
+            ]
+        )
+        == 0
+    )
+    assert {"model.onnx", "model.onnx.data", "genai_config.json", "float"} <= {
+        p.name for p in (tmp_path / "one").iterdir()
+    }
+    assert len(generate(tmp_path / "one")) == 6
+    assert (
+        main(
+            [
+                "optimize",
+                str(checkpoint),
+                "-o",
+                str(tmp_path / "two"),
+                "--calib-data",
+                str(corpus),
+                *FAST,
+            ]
+        )
+        == 0
+    )
+    assert not (tmp_path / "two" / "float").exists()
+    assert not [p for p in (tmp_path / "two").iterdir() if p.name.startswith(".")]
+
+
+def test_an_already_quantized_model_is_refused_before_any_tokenizing(
+    tmp_path, tiny_models, monkeypatch, capsys
+):
+    out = tmp_path / "q.onnx"
+    assert (
+        main(
+            [
+                "optimize",
+                str(tiny_models("nokv")),
+                "-o",
+                str(out),
+                "--algo",
+                "rtn",
+                "--group-size",
+                "32",
+            ]
+        )
+        == 0
+    )
+    from qronos_onnx.calibration import data
+
+    def never(*args, **kwargs):
+        raise AssertionError("tokenized before refusing")
+
+    monkeypatch.setattr(data, "load_tokenizer", never)
+    assert main(["optimize", str(out), "-o", str(tmp_path / "again.onnx")]) == 2
+    assert "already quantized" in capsys.readouterr().err
+
+
+def test_the_olive_pass_takes_a_model_builder_output(builder_model, tmp_path, corpus):
+    """A GenAI model as Olive's ModelBuilder hands it over (a folder, the genai_config.json
+    and tokenizer among the model's additional files): the pass writes a GenAI-ready folder
+    and lists its own files for Olive to carry on."""
+    pytest.importorskip("olive")
+    from olive.model import ONNXModelHandler
+    from olive.resource_path import LocalFolder
+
+    from qronos_onnx.olive.qronos_pass import QronosQuantization
+
+    folder = builder_model.parent
+    given = ONNXModelHandler(
+        model_path=LocalFolder({"path": folder}),
+        onnx_file_name="model.onnx",
+        model_attributes={
+            "additional_files": [str(folder / n) for n in ("genai_config.json", "tokenizer.json")]
+        },
+    )
+    from olive.hardware.accelerator import AcceleratorSpec
+
+    cpu = AcceleratorSpec(accelerator_type="cpu", execution_provider="CPUExecutionProvider")
+    config = QronosQuantization.generate_config(
+        cpu, {"group_size": 32, "calib_data": str(corpus), "calib_windows": 4, "seqlen": 64}
+    )
+    out = QronosQuantization(cpu, config)._run_for_config(given, config, str(tmp_path / "out"))
+    files = {p.split("/")[-1] for p in out.model_attributes["additional_files"]}
+    assert {"genai_config.json", "tokenizer.json", "model.report.json"} <= files
+    assert len(generate(tmp_path / "out")) == 6
