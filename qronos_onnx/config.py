@@ -5,6 +5,7 @@ lm_head policy; and the check that a format can hold the grids."""
 from __future__ import annotations
 
 import dataclasses
+import math
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -29,6 +30,7 @@ class SolverOptions:
         damping: relative damping; ``None`` for the algorithm's default.
         solver_block: lazy batch width of the column loop.
         variant: Qronos's first step: ``step`` (the paper) or ``ls``.
+        magr: MagR's alpha before each solve (``quant.magr``); ``None``: off.
     """
 
     algorithm: str = "qronos"
@@ -36,6 +38,7 @@ class SolverOptions:
     damping: float | None = None
     solver_block: int = 128
     variant: Variant = "step"
+    magr: float | None = None
 
     def __post_init__(self) -> None:
         if self.algorithm not in ALGORITHMS:
@@ -48,6 +51,8 @@ class SolverOptions:
             raise ValueError(
                 f"damping must be a number in [0, {MAX_DAMPING:g}], got {self.damping}"
             )
+        if self.magr is not None and not 0 < self.magr < math.inf:
+            raise ValueError(f"magr must be a finite number > 0, got {self.magr}")
 
 
 #: The lm_head grid under ``lm_head="int8"``.
@@ -82,6 +87,16 @@ class Recipe:
     def __post_init__(self) -> None:
         if self.lm_head not in ("skip", "int8"):
             raise ValueError(f"lm_head must be 'skip' or 'int8', got {self.lm_head!r}")
+
+    @property
+    def needs_statistics(self) -> bool:
+        """Whether solving needs the calibration statistics (every solver but RTN, MagR, and
+        an activation quantizer, whose quantized stream feeds them)."""
+        return (
+            self.solver.algorithm != "rtn"
+            or self.solver.magr is not None
+            or self.act_quant is not None
+        )
 
     def grid_for(self, target: Target) -> Grid:
         """The grid of one target: int8 per channel for the lm_head (policy ``int8``), else
@@ -119,6 +134,7 @@ def recipe_for(config: OptimizeConfig) -> Recipe:
             bits=config.bits,
             symmetric=config.symmetric,
             group_size=None if config.group_size == "channel" else config.group_size,
+            scale_search=config.scale_search,
         )
         act = (
             None
@@ -132,7 +148,10 @@ def recipe_for(config: OptimizeConfig) -> Recipe:
         recipe = Recipe(
             grid=grid,
             solver=SolverOptions(
-                algorithm=config.algo, act_order=config.act_order, damping=config.damping
+                algorithm=config.algo,
+                act_order=config.act_order,
+                damping=config.damping,
+                magr=config.magr,
             ),
             lm_head=config.lm_head,
             include=config.include,
@@ -169,6 +188,7 @@ def parse_override(spec: str, default: Grid) -> tuple[str, Grid]:
         "bits": default.bits,
         "group_size": default.group_size,
         "symmetric": default.symmetric,
+        "scale_search": default.scale_search,
     }
     for item in items:
         key, _, value = item.partition(":")

@@ -16,3 +16,8 @@ class CalibrationWarning(UserWarning):
 
 class RecipeWarning(UserWarning):
     """A recipe option had no effect on this model (for example a pattern that matches no layer)."""
+
+
+class RotationWarning(UserWarning):
+    """A rotation the recipe asks for does not apply to this model (the message says which
+    and why); the others are applied."""

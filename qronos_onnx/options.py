@@ -115,6 +115,11 @@ class OptimizeConfig:
             ),
         ),
     )
+    scale_search: Literal["minmax", "mse"] = _option(
+        "minmax",
+        "weight scales: the range of each group (minmax), or the shrink of it with the "
+        "least squared rounding error (mse)",
+    )
     # -- activations ------------------------------------------------------------------------
     act_bits: int | None = _option(
         None,
@@ -137,6 +142,21 @@ class OptimizeConfig:
                 "uint8 activations with a zero point (static per-tensor, 8 bits)",
             ),
         ),
+    )
+    # -- incoherence processing (docs/rotations.md) -----------------------------------------
+    rotate: Literal["none", "hadamard"] = _option(
+        "none",
+        "rotate the float network before calibration: random Hadamards on the residual "
+        "stream (fused), per attention head (fused) and before down_proj (online nodes); "
+        "checked against the float model's logits",
+    )
+    rotate_seed: int = _option(0, "seed of the rotations' random signs")
+    magr: float | None = _option(
+        None,
+        "MagR before each solve: shrink each row's (or group's) largest weights keeping the "
+        "layer's output, with this strength alpha (1e-3 per channel, 1e-4 per group in the "
+        "paper); none: off",
+        metavar="ALPHA|none",
     )
     # -- the solver -------------------------------------------------------------------------
     algo: Algorithm = _option("qronos", "the solver")
@@ -309,9 +329,15 @@ class OptimizeConfig:
 
     @property
     def needs_data(self) -> bool:
-        """Whether calibration data is read: every solver but RTN, and any activation
-        quantizer (its scales, and the quantized stream, come from the data)."""
-        return self.algo != "rtn" or self.act_bits is not None
+        """Whether calibration data is read: every solver but RTN, any activation
+        quantizer (its scales, and the quantized stream, come from the data), MagR (it keeps
+        the output on the data) and rotations (checked on the data)."""
+        return (
+            self.algo != "rtn"
+            or self.act_bits is not None
+            or self.magr is not None
+            or self.rotate != "none"
+        )
 
 
 def fields() -> tuple[dataclasses.Field, ...]:
@@ -471,6 +497,8 @@ def _check_values(config: OptimizeConfig) -> None:
     if config.damping is not None and not 0 <= config.damping < math.inf:
         # (its upper bound is the solver's: quant.MAX_DAMPING, checked with the recipe)
         raise QronosError(f"damping must be a finite number >= 0, got {config.damping}")
+    if config.magr is not None and not 0 < config.magr < math.inf:
+        raise QronosError(f"magr must be a finite number > 0 (or None), got {config.magr}")
     if config.accuracy_level is not None and config.accuracy_level not in range(5):
         raise QronosError(f"accuracy_level must be 0..4, got {config.accuracy_level}")
     if config.calib_windows < 1 or config.seqlen < 2:

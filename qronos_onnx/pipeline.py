@@ -7,6 +7,8 @@ pass are thin adapters over it (they differ in how options arrive and where outp
       load the model (memory-mapped), untie the lm_head if it is quantized
       find the targets            (an already quantized model is refused here, before any data)
       calibration samples         (tokenize the text, or complete the given feeds)
+      rotations (rotate=hadamard) fold norms, R1, R2, R4; self-check against the original
+                                  (then find the targets again: the rotated graph's)
       passes: activation quantizers -> calibrate and solve -> MatMulNBits | QDQ
       writer.write(model, report) (files: staged and placed all or nothing)
 
@@ -29,7 +31,7 @@ import onnx_ir as ir
 from .calibration.data import calibration_samples
 from .calibration.runner import CalibrationOptions
 from .config import Recipe, check_format, recipe_for, warn_recipe_mismatches
-from .errors import CalibrationWarning, QronosError, RecipeWarning
+from .errors import CalibrationWarning, QronosError, RecipeWarning, RotationWarning
 from .ir.model_io import load_model
 from .ir.signature import detect_signature
 from .ir.targets import find_targets, require_targets
@@ -38,11 +40,13 @@ from .passes.act_quant import InsertActQuantPass
 from .passes.calibrate import CalibrateSolvePass, Observer
 from .passes.formats import ToMatMulNBitsPass, ToQDQPass
 from .passes.lm_head import UntieLmHeadPass
+from .passes.rotate import RotationLog, rotation_passes
+from .passes.rotation_check import RotationCheckPass
 from .quant import SolverWarning
-from .report import Report, build_report
+from .report import Report, RotationReport, build_report
 
 #: The warnings a run records in its report (they are printed as they happen, too).
-RECORDED_WARNINGS = (CalibrationWarning, RecipeWarning, SolverWarning)
+RECORDED_WARNINGS = (CalibrationWarning, RecipeWarning, RotationWarning, SolverWarning)
 
 #: ``make_report(files written) -> Report``, called by a writer once the model is saved.
 ReportMaker = Callable[[list[Path]], Report]
@@ -111,6 +115,15 @@ def run(
                 config.seqlen,
                 config.tokenizer,
             )
+        rotation = None
+        if config.rotate == "hadamard":
+            rotation = rotate_model(model, model_path, samples, config.rotate_seed, config.device)
+            groups, skipped = find_targets(
+                model,
+                include_lm_head=recipe.lm_head != "skip",
+                include=recipe.include,
+                exclude=recipe.exclude,
+            )
         # (after the data: an error there says all there is, in one line)
         warn_recipe_mismatches(recipe, [t for g in groups for t in g.targets], skipped)
         calibration = CalibrationOptions(
@@ -131,9 +144,26 @@ def run(
                 notes,
                 messages,
                 time.perf_counter() - t0,
+                rotation,
             )
 
         return writer.write(model, make_report)
+
+
+def rotate_model(
+    model: ir.Model,
+    original: Path,
+    samples: Sequence[dict],
+    seed: int = 0,
+    device: str = "auto",
+) -> RotationReport:
+    """Fold the norms and apply the rotations R1, R2 and R4 to ``model`` in memory
+    (``passes/rotate.py``), then check it against the ``original`` file on the first
+    calibration sample (``passes/rotation_check.py``: a ``QronosError`` when they disagree)."""
+    log = RotationLog()
+    check = RotationCheckPass(original, samples, log, device)
+    run_passes(model, ir.passes.Sequential(rotation_passes(log, seed), check))
+    return RotationReport.of(log, check.check, seed)
 
 
 def quantize_model(

@@ -16,6 +16,8 @@ from .ir.model_io import model_files
 from .ir.targets import Skipped
 from .options import DEFAULT_REPORT
 from .passes.calibrate import CalibrateSolvePass, TargetResult
+from .passes.rotate import RotationLog
+from .passes.rotation_check import InputRange, RotationCheck
 
 
 @dataclass(frozen=True)
@@ -98,6 +100,58 @@ class Totals:
 
 
 @dataclass(frozen=True)
+class InputRangeChange:
+    """A layer group's input before and after the rotations (``passes.rotation_check``)."""
+
+    layer: str
+    before: dict[str, float]
+    after: dict[str, float]
+
+
+@dataclass(frozen=True)
+class RotationReport:
+    """The rotations of a run (``rotate="hadamard"``).
+
+    Attributes:
+        seed: the seed of the random signs.
+        applied: ``{name, rotation, size, tensors, detail}`` per rotation applied (R1, R2, R4).
+        skipped: ``{name, reason}`` per rotation that did not apply.
+        folded_norms: RMSNorms whose scale went into the layers reading them.
+        added_bytes: how much the float model grew (an untied embedding and lm_head, the
+            online Hadamards' factors).
+        check: the self-check: ``tokens`` compared, relative logits ``error``, ``tolerance``.
+        inputs: each layer group's input range before and after (``max``, ``rms``,
+            ``outlier``: the mean per-token ``max |x| / rms``).
+    """
+
+    seed: int
+    applied: list[dict[str, Any]]
+    skipped: list[dict[str, str]]
+    folded_norms: int
+    added_bytes: int
+    check: dict[str, float]
+    inputs: list[InputRangeChange]
+
+    @classmethod
+    def of(cls, log: RotationLog, check: RotationCheck, seed: int) -> RotationReport:
+        def summary(r: InputRange) -> dict[str, float]:
+            return {"max": r.max, "rms": r.rms, "outlier": r.outlier}
+
+        return cls(
+            seed=seed,
+            applied=[dataclasses.asdict(a) for a in log.applied],
+            skipped=[{"name": n, "reason": r} for n, r in log.skipped],
+            folded_norms=log.folded_norms,
+            added_bytes=log.added_bytes,
+            check={"tokens": check.tokens, "error": check.error, "tolerance": check.tolerance},
+            inputs=[
+                InputRangeChange(b.layer, summary(b), summary(a))
+                for b, a in zip(check.before, check.after, strict=True)
+            ],
+        )
+
+
+@dataclass(frozen=True)
 class Report:
     """The report of one run (the README describes each field).
 
@@ -112,6 +166,7 @@ class Report:
         notes: facts about the format (containers, conversions).
         warnings: the messages of the run's warnings (also printed as they happened).
         totals: see ``Totals``.
+        rotation: see ``RotationReport``; ``None`` without rotations.
     """
 
     model: str
@@ -125,6 +180,7 @@ class Report:
     notes: list[str]
     warnings: list[str]
     totals: Totals
+    rotation: RotationReport | None = None
 
     def as_dict(self) -> dict[str, Any]:
         """The JSON structure of ``OUT.report.json``."""
@@ -151,6 +207,7 @@ def build_report(
     notes: list[str],
     warnings: list[str],
     wall_seconds: float,
+    rotation: RotationReport | None = None,
 ) -> Report:
     """The report of one run. ``output`` is the output model's final path, ``files`` the files
     written for it so far (possibly still in a staging directory): their sizes make
@@ -183,6 +240,7 @@ def build_report(
             wall_seconds=round(wall_seconds, 2),
             peak_rss_mb=round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
         ),
+        rotation=rotation,
     )
 
 

@@ -76,6 +76,10 @@ EVERYTHING = {
     "exporter": ("torch", ["--exporter", "torch"]),
     "export_dtype": ("fp16", ["--export-dtype", "fp16"]),
     "keep_float": (True, ["--keep-float"]),
+    "scale_search": ("mse", ["--scale-search", "mse"]),
+    "rotate": ("hadamard", ["--rotate", "hadamard"]),
+    "rotate_seed": (7, ["--rotate-seed", "7"]),
+    "magr": (0.01, ["--magr", "0.01"]),
 }
 
 

@@ -151,12 +151,14 @@ def test_report_errors_match_the_statistics(tiny_models, tmp_path, padded, refer
     report, _, _, results = quantize(
         path, tmp_path, samples, observe, bits=3, group_size=16, reference=reference
     )
-    from qronos_onnx.passes.calibrate import weight_matrix
+    from qronos_onnx.passes.weights import weight_matrix
 
     model = load_model(path)
     for r in results:
         H, G = seen[r.target.node]
-        W = weight_matrix(model.graph.initializers[r.target.weight].const_value, r.target).double()
+        W = weight_matrix(
+            model.graph.initializers[r.target.weight].const_value, r.target.transposed
+        ).double()
         Q = r.weight.dequantize().double()
         if reference == "stage":
             assert r.output_ref == pytest.approx(float(((W @ H) * W).sum()), rel=1e-4)

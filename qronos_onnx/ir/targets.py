@@ -20,6 +20,7 @@ import onnx_ir as ir
 from qronos_onnx.errors import QronosError
 
 from .attention import attention_nodes
+from .online_hadamard import is_online_hadamard
 from .patterns import check_patterns, matches
 from .values import constant, is_constant, name_of, static_shape
 
@@ -138,6 +139,8 @@ def find_targets(
     for node in model.graph:
         if node.op_type not in _LAYER_OPS or node.domain not in ("", "ai.onnx"):
             continue
+        if is_online_hadamard(node):
+            continue  # part of the rotated model's function, not a layer
         name = readable_name(node)
         target, reason = _as_target(node, name, node in logits)
         if target is not None and target.lm_head and not include_lm_head:
@@ -271,12 +274,13 @@ def untie_lm_head(
     untied = ir.Value(
         name=name, const_value=ir.LazyTensor(copy, dtype=table.dtype, shape=shape, name=name)
     )
+    untied.dtype, untied.shape = table.dtype, shape
     model.graph.register_initializer(untied)
     previous = node.inputs[1]
     node.replace_input_with(1, untied)
     producer = previous.producer() if previous is not None else None
     if producer is not None and not producer.outputs[0].uses():
-        model.graph.remove(producer)
+        model.graph.remove(producer, safe=True)
     return True
 
 

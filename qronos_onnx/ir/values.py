@@ -8,6 +8,7 @@ naming the value when it is not: an invariant broken, not a user error.
 
 from __future__ import annotations
 
+import numpy as np
 import onnx_ir as ir
 
 
@@ -67,3 +68,18 @@ def tensor_shape(tensor: ir.TensorProtocol) -> ir.Shape:
 def static_shape(tensor: ir.TensorProtocol) -> tuple[int, ...]:
     """The dimensions of a tensor, as ints (a tensor's shape is always static)."""
     return tuple(tensor.shape.numpy())
+
+
+def shared_initializer(
+    model: ir.Model, name: str, array: np.ndarray, dtype: ir.DataType
+) -> ir.Value:
+    """The initializer ``name`` holding ``array`` as ``dtype``, registered on first use
+    (constants that many nodes share, such as an online Hadamard's factors)."""
+    existing = model.graph.initializers.get(name)
+    if existing is not None:
+        return existing
+    array = np.asarray(array).astype(dtype.numpy(), copy=False)
+    value = ir.Value(name=name, const_value=ir.Tensor(array, dtype=dtype, name=name))
+    value.shape, value.dtype = ir.Shape(array.shape), dtype
+    model.graph.register_initializer(value)
+    return value

@@ -39,6 +39,8 @@ from qronos_onnx.ir.targets import Skipped, Target, TargetGroup, find_targets, r
 from qronos_onnx.ir.values import constant, tensor_shape
 from qronos_onnx.quant import Grid, QuantizedWeight, rtn_codes, solve
 
+from .weights import stored_layout, weight_matrix
+
 #: ``Node.meta`` keys of a solved target: its ``QuantizedWeight`` and its ``Target``.
 QUANTIZED = "qronos.quantized"
 TARGET = "qronos.target"
@@ -125,26 +127,6 @@ def _row_dots(a: torch.Tensor, b: torch.Tensor, rows: int = 1024) -> torch.Tenso
     ).cpu()
 
 
-def weight_matrix(tensor: ir.TensorProtocol, target: Target) -> torch.Tensor:
-    """``W`` ``[out, in]`` from the stored initializer (``W^T`` for MatMul), in its dtype.
-
-    Half-precision weights stay half precision: the grid then rounds its scales to that dtype
-    before solving (exported scales are stored in it); the solvers work in float32 anyway.
-    """
-    if tensor.dtype == ir.DataType.BFLOAT16:  # numpy has no bfloat16: go by the bits
-        bits = np.array(tensor.numpy()).view(np.uint16)
-        matrix = torch.from_numpy(bits).view(torch.bfloat16)
-    else:
-        matrix = torch.from_numpy(np.array(tensor.numpy()))  # a copy: the source is mapped
-    return matrix if target.transposed else matrix.T
-
-
-def stored_layout(w: torch.Tensor, target: Target, dtype: np.dtype) -> np.ndarray:
-    """``W`` ``[out, in]`` back to the initializer's layout and dtype."""
-    array = (w if target.transposed else w.T).contiguous().numpy()
-    return array.astype(dtype, copy=False)
-
-
 class CalibrateSolvePass(ir.passes.InPlacePass):
     """Calibrate and solve every target of an LLM graph (see the module docstring).
 
@@ -177,7 +159,7 @@ class CalibrateSolvePass(ir.passes.InPlacePass):
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         groups, self.skipped = self._find(model)
-        if self.recipe.solver.algorithm == "rtn" and self.recipe.act_quant is None:
+        if not self.recipe.needs_statistics:
             self.run_info = CalibrationRun()  # RTN needs no data: no calibration at all
             for group in groups:
                 self._solve(model, group, None, None)
@@ -236,7 +218,9 @@ class CalibrateSolvePass(ir.passes.InPlacePass):
     def _solve_stack(self, model, targets, grid, H, G):
         """One stacked solve: ``({weight: stored-layout dequantized weight}, results)``."""
         tensors = [model.graph.initializers[t.weight].const_value for t in targets]
-        W = torch.cat([weight_matrix(x, t) for x, t in zip(tensors, targets, strict=False)])
+        W = torch.cat(
+            [weight_matrix(x, t.transposed) for x, t in zip(tensors, targets, strict=False)]
+        )
         device = torch_device(self.calibration.device)
         W = W.to(device)
         opts = self.recipe.solver
@@ -256,6 +240,7 @@ class CalibrateSolvePass(ir.passes.InPlacePass):
                 damping=opts.damping,
                 solver_block=opts.solver_block,
                 variant=opts.variant,
+                magr=opts.magr,
                 name=targets[0].name,
             )
             # The RTN error of the report, per row: tr(W G Q^T) and tr(Q H Q^T). Products in
@@ -289,7 +274,9 @@ class CalibrateSolvePass(ir.passes.InPlacePass):
                     float(quad_rtn[rows].sum()),
                 )
             )
-            solved[target.weight] = stored_layout(part.dequantize(), target, tensor.dtype.numpy())
+            solved[target.weight] = stored_layout(
+                part.dequantize(), target.transposed, tensor.dtype.numpy()
+            )
         return solved, new
 
     @staticmethod
@@ -302,7 +289,8 @@ class CalibrateSolvePass(ir.passes.InPlacePass):
 
         def dequantized() -> ir.Tensor:
             return ir.Tensor(
-                stored_layout(weight.dequantize(), target, dtype.numpy()), name=value.name
+                stored_layout(weight.dequantize(), target.transposed, dtype.numpy()),
+                name=value.name,
             )
 
         value.const_value = ir.LazyTensor(

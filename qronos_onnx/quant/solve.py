@@ -12,6 +12,7 @@ from .gpfq import gpfq
 from .gptq import gptq
 from .grid import Grid, quantize
 from .linalg import FactorizationError, SolverWarning, largest_eigenvalue
+from .magr import magr as reduce_magnitudes
 from .problem import LayerProblem
 from .qronos import Variant, qronos
 from .weight import QuantizedWeight, SolveInfo
@@ -41,6 +42,7 @@ def solve(
     damping: float | None = None,
     solver_block: int = 128,
     variant: Variant = "step",
+    magr: float | None = None,
     name: str = "layer",
 ) -> QuantizedWeight:
     """Quantize one layer's weight onto ``grid``.
@@ -56,6 +58,9 @@ def solve(
         solver_block: lazy batch width of the column loop.
         variant: qronos only: ``"step"`` (the paper's first step) or ``"ls"`` (least-squares
             projection of all columns first).
+        magr: MagR's alpha (``quant.magr``): shrink the weight's largest magnitudes per row (or
+            per group of the grid) keeping its output on ``H``, before the grid is fitted and
+            the solver runs; needs ``H``. ``None``: off.
         name: used in warnings and logs.
     Returns:
         The codes, frozen grid parameters and a ``SolveInfo``. Runs on ``weight``'s device; the
@@ -65,6 +70,10 @@ def solve(
     if algorithm not in ALGORITHMS:
         raise ValueError(f"unknown algorithm {algorithm!r}; choose one of {', '.join(ALGORITHMS)}")
     _check_inputs(algorithm, weight, H, G)
+    if magr is not None:
+        if H is None:
+            raise ValueError("MagR needs H ([in, in])")
+        weight = reduce_magnitudes(weight, H, magr, grid.group_size)
     scales, zero_points = grid.fit(weight)
     if algorithm == "rtn":
         return QuantizedWeight(

@@ -1,0 +1,438 @@
+"""Incoherence processing as graph passes: fold the RMSNorm scales, then rotate (docs/rotations.md).
+
+Each pass leaves the float network's function unchanged (up to rounding); ``RotationCheckPass``
+(``passes/rotation_check.py``) measures that on calibration tokens. In the order they run:
+
+``FoldNormScalesPass``
+    Rewrites decomposed RMSNorms into ``SimplifiedLayerNormalization`` and folds every norm's
+    scale ``gamma`` into the layers that read it (``W -> W diag(gamma)``), leaving scale 1.
+``RotateResidualPass`` (R1)
+    A random Hadamard ``Q`` on the residual stream: the embedding table's rows (``E Q``), the
+    readers' inputs (``W -> W Q``) and the writers' outputs (``W -> Q^T W``, ``b -> b Q``).
+``RotateHeadsPass`` (R2)
+    A Hadamard ``H`` per attention head on the value projection's outputs (``Q^T``-side) and
+    the output projection's inputs: ``softmax(.) V H`` per head, undone in ``o_proj``.
+``OnlineHadamardPass`` (R4)
+    A Hadamard ``M`` on the input of every MLP down projection: nodes computing ``x M``
+    (``ir/online_hadamard.py``) and ``W -> W M`` in the layer, so that an activation quantizer
+    in front of it sees the rotated (outlier-free) activation.
+
+Weights are ``W`` ``[out, in]`` here (``passes/weights.py``), rotations act on rows
+(``quant/hadamard.py``). A rotation that does not apply is skipped with a ``RotationWarning``
+that says why; the others still run. ``RotationLog`` gathers what was done for the report and
+how each rotated value relates to the original one (for the self-check's diagnosis).
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import numpy as np
+import onnx_ir as ir
+import torch
+
+from qronos_onnx.errors import QronosError, RotationWarning
+from qronos_onnx.ir.norms import find_norms, fuse_decomposed_norms, layer_norms, scale_vector
+from qronos_onnx.ir.online_hadamard import insert_online_hadamard, is_online_hadamard
+from qronos_onnx.ir.residual import (
+    HeadPair,
+    NotRotatable,
+    ResidualStream,
+    down_projections,
+    head_pairs,
+    is_layer,
+    layer_features,
+    residual_stream,
+)
+from qronos_onnx.ir.signature import detect_signature
+from qronos_onnx.ir.targets import untie_lm_head
+from qronos_onnx.ir.values import constant, dtype_of, name_of, shared_initializer, static_shape
+from qronos_onnx.quant.hadamard import Rotation, hadamard_orders, random_hadamard
+
+from .weights import from_torch, read_layer, to_torch, write_constant, write_layer
+
+#: The largest Kronecker factor of an online Hadamard (a dense ``[k, k]`` MatMul per factor).
+MAX_ONLINE_FACTOR = 256
+
+#: ``expected(original value) -> rotated value``, for values the rotations change.
+Relation = Callable[[torch.Tensor], torch.Tensor]
+
+
+@dataclass
+class AppliedRotation:
+    """One rotation as the report lists it.
+
+    Attributes:
+        name: ``R1``, ``R2`` or ``R4``.
+        rotation: ``Rotation.describe()`` of the matrix (all layers of R2/R4 share it per size).
+        size: its order.
+        tensors: how many weight tensors it changed (and online Hadamards it inserted, R4).
+        detail: one line on where it went.
+    """
+
+    name: str
+    rotation: str
+    size: int
+    tensors: int
+    detail: str
+
+
+@dataclass
+class RotationLog:
+    """What the rotation passes did.
+
+    Attributes:
+        applied: the rotations applied.
+        skipped: ``(name, reason)`` of the rotations that did not apply.
+        folded_norms: norms whose scale was folded into their readers.
+        added_bytes: the size the model grew by (an untied embedding, online Hadamard factors).
+        relations: rotated value name -> how it follows from the original value.
+    """
+
+    applied: list[AppliedRotation] = field(default_factory=list)
+    skipped: list[tuple[str, str]] = field(default_factory=list)
+    folded_norms: int = 0
+    added_bytes: int = 0
+    relations: dict[str, Relation] = field(default_factory=dict)
+
+    def skip(self, name: str, reason: str) -> None:
+        self.skipped.append((name, reason))
+        warnings.warn(f"rotation {name} skipped: {reason}", RotationWarning, stacklevel=3)
+
+
+def _model_bytes(model: ir.Model) -> int:
+    return sum(constant(v).nbytes for v in model.graph.initializers.values() if v.const_value)
+
+
+class FoldNormScalesPass(ir.passes.InPlacePass):
+    """Bring every RMSNorm to ``SimplifiedLayerNormalization`` form and fold its scale into the
+    layers that read it; give a tied lm_head its own weight (the embedding will be rotated
+    apart from it).
+
+    Requires: a decoder LLM graph without LayerNorms (mean subtraction does not commute with
+    a rotation: refused with a ``QronosError``).
+    Ensures: every norm whose readers are all layers with constant weights has scale 1.
+    """
+
+    def __init__(self, log: RotationLog):
+        super().__init__()
+        self.log = log
+
+    def requires(self, model: ir.Model) -> None:
+        detect_signature(model)
+        found = layer_norms(model)
+        if found:
+            raise QronosError(
+                f"{found[0].name} is a LayerNorm (mean subtraction): rotations need RMSNorm "
+                "models; give --rotate none"
+            )
+
+    def call(self, model: ir.Model) -> ir.passes.PassResult:
+        before = _model_bytes(model)
+        fuse_decomposed_norms(model)
+        untie_lm_head(model)
+        for norm in find_norms(model):
+            readers = list(norm.output.consumers())
+            gamma = scale_vector(norm.scale)
+            if gamma is None or not readers or not all(is_layer(n, norm.output) for n in readers):
+                continue
+            g = torch.from_numpy(np.broadcast_to(gamma, (layer_features(readers[0])[0],)).copy())
+            for node in readers:
+                write_layer(model, node, read_layer(node) * g)
+            ones = shared_initializer(
+                model, f"qronos.ones.{g.numel()}", np.ones(g.numel()), _scale_dtype(norm.scale)
+            )
+            norm.node.replace_input_with(2 if norm.skip else 1, ones)
+            self.log.folded_norms += 1
+        self.log.added_bytes += _model_bytes(model) - before
+        return ir.passes.PassResult(model, modified=True)
+
+    def ensures(self, model: ir.Model) -> None:
+        for norm in find_norms(model):
+            if all(is_layer(n, norm.output) for n in norm.output.consumers()):
+                gamma = scale_vector(norm.scale)
+                if gamma is None or not np.all(gamma == 1):
+                    raise ir.passes.PostconditionError(f"{norm.node.name} keeps its scale")
+
+
+def _scale_dtype(scale: ir.Value) -> ir.DataType:
+    """The element type of a norm's scale (of its computation, for Gemma's ``1 + w``)."""
+    return dtype_of(scale) if scale.dtype is not None else constant(scale).dtype
+
+
+class RotateResidualPass(ir.passes.InPlacePass):
+    """R1: a random Hadamard on the residual stream (see the module docstring).
+
+    Requires: norm scales folded (``FoldNormScalesPass``).
+    Ensures: the residual stream is still one (same readers and writers), the embedding rows
+    keep their norms.
+    """
+
+    def __init__(self, log: RotationLog, seed: int = 0):
+        super().__init__()
+        self.log, self.seed = log, seed
+        self.stream: ResidualStream | None = None
+
+    def requires(self, model: ir.Model) -> None:
+        for norm in find_norms(model):
+            gamma = scale_vector(norm.scale)
+            readers = norm.output.consumers()
+            folded = gamma is not None and bool(np.all(gamma == 1))
+            if readers and all(is_layer(n, norm.output) for n in readers) and not folded:
+                raise ir.passes.PreconditionError(
+                    f"{norm.node.name} has a scale: run FoldNormScalesPass first"
+                )
+
+    def call(self, model: ir.Model) -> ir.passes.PassResult:
+        try:
+            stream = residual_stream(model, detect_signature(model))
+            _check_folded(stream)
+        except NotRotatable as err:
+            self.log.skip("R1", str(err))
+            return ir.passes.PassResult(model, modified=False)
+        self.stream = stream
+        before = _model_bytes(model)
+        q = random_hadamard(stream.d_model, self.seed)
+        table = _own_table(model, stream)
+        table.const_value = _tensor(q.apply(to_torch(constant(table)).double()), table)
+        for node in stream.readers:
+            write_layer(model, node, q.apply(read_layer(node)))
+        for writer in stream.writers:
+            write_layer(model, writer.node, q.apply(read_layer(writer.node).T).T)
+            if writer.bias is not None and writer.bias_node is not None:
+                index = list(writer.bias_node.inputs).index(writer.bias)
+                bias = to_torch(constant(writer.bias)).double()
+                write_constant(model, writer.bias_node, index, _apply_last(q, bias))
+        for norm in stream.norms:
+            if norm.bias is not None:
+                bias = to_torch(constant(norm.bias)).double()
+                write_constant(model, norm.node, 3, q.apply(bias))
+        rotate = _relation(q)
+        for value in [*stream.values, *(w.node.outputs[0] for w in stream.writers)]:
+            self.log.relations[name_of(value)] = rotate
+        self.log.added_bytes += _model_bytes(model) - before
+        tensors = 1 + len(stream.readers) + len(stream.writers)
+        self.log.applied.append(
+            AppliedRotation(
+                "R1",
+                q.describe(),
+                q.n,
+                tensors,
+                f"residual stream: embedding, {len(stream.readers)} readers (q/k/v, gate/up, "
+                f"lm_head), {len(stream.writers)} writers (o_proj, down_proj)",
+            )
+        )
+        return ir.passes.PassResult(model, modified=True)
+
+    def ensures(self, model: ir.Model) -> None:
+        if self.stream is None:
+            return
+        try:
+            after = residual_stream(model, detect_signature(model))
+        except NotRotatable as err:
+            raise ir.passes.PostconditionError(f"the residual stream is broken: {err}") from err
+        if len(after.readers) != len(self.stream.readers):
+            raise ir.passes.PostconditionError("the residual stream lost readers")
+
+
+def _check_folded(stream: ResidualStream) -> None:
+    for norm in stream.norms:
+        gamma = scale_vector(norm.scale)
+        if gamma is None or not np.all(gamma == 1):
+            raise NotRotatable(f"the scale of {norm.node.name} could not be folded")
+
+
+def _own_table(model: ir.Model, stream: ResidualStream) -> ir.Value:
+    """The embedding table as an initializer that only the embedding reads (a copy when it
+    is shared, or read through a Transpose: ONNX Runtime GenAI's tied lm_head)."""
+    gather = stream.embedding
+    data = gather.inputs[0]
+    assert data is not None
+    producer = data.producer()
+    if producer is not None:  # a Transpose of the lm_head's weight
+        source = constant(producer.inputs[0])
+        write_constant(model, gather, 0, to_torch(source).T.contiguous(), source.dtype)
+    elif len(data.uses()) > 1:
+        write_constant(model, gather, 0, to_torch(constant(data)), constant(data).dtype)
+    if producer is not None and not producer.outputs[0].uses():
+        source_value = producer.inputs[0]
+        model.graph.remove(producer, safe=True)
+        if source_value is not None and not source_value.uses() and source_value.name:
+            model.graph.initializers.pop(source_value.name, None)
+    table = gather.inputs[0]
+    assert table is not None
+    return table
+
+
+def _tensor(t: torch.Tensor, like: ir.Value) -> ir.Tensor:
+    dtype = constant(like).dtype
+    return ir.Tensor(from_torch(t, dtype), dtype=dtype, name=like.name)
+
+
+def _apply_last(q: Rotation, t: torch.Tensor) -> torch.Tensor:
+    """``t Q`` for a bias of any rank whose last axis has ``Q``'s order."""
+    return q.apply(t.reshape(-1, q.n)).reshape(t.shape)
+
+
+def _relation(q: Rotation) -> Relation:
+    return lambda x: q.apply(x.double())
+
+
+class RotateHeadsPass(ir.passes.InPlacePass):
+    """R2: a Hadamard per attention head between the value and output projections.
+
+    Requires: a decoder LLM graph.
+    Ensures: every pair's head size divides both projections' value features.
+    """
+
+    def __init__(self, log: RotationLog, seed: int = 0):
+        super().__init__()
+        self.log, self.seed = log, seed
+        self.pairs: list[HeadPair] = []
+
+    def requires(self, model: ir.Model) -> None:
+        detect_signature(model)
+
+    def call(self, model: ir.Model) -> ir.passes.PassResult:
+        pairs, reasons = head_pairs(model, detect_signature(model))
+        for reason in reasons:
+            self.log.skip("R2", reason)
+        rotations: dict[int, Rotation] = {}
+        for pair in pairs:
+            first, end = pair.v_features
+            hd = pair.head_dim
+            if (end - first) % hd or layer_features(pair.o_proj)[0] % hd:
+                self.log.skip("R2", f"{pair.v_proj.name}: features not a multiple of {hd}")
+                continue
+            h = rotations.setdefault(hd, random_hadamard(hd, self.seed + 1))
+            w = read_layer(pair.v_proj)
+            block = w[first:end].reshape(-1, hd, w.shape[1]).transpose(1, 2)
+            w[first:end] = h.apply(block).transpose(1, 2).reshape(end - first, -1)
+            write_layer(model, pair.v_proj, w)
+            if pair.v_bias is not None:
+                self._rotate_bias(model, pair, h)
+            o = read_layer(pair.o_proj)
+            write_layer(model, pair.o_proj, h.apply(o.reshape(o.shape[0], -1, hd)).reshape(o.shape))
+            self.log.relations[name_of(pair.v_proj.outputs[0])] = _head_relation(h, first, end)
+            self.pairs.append(pair)
+        if self.pairs:
+            sizes = sorted(rotations)
+            self.log.applied.append(
+                AppliedRotation(
+                    "R2",
+                    "; ".join(rotations[k].describe() for k in sizes),
+                    sizes[0],
+                    2 * len(self.pairs),
+                    f"per head (head size {', '.join(map(str, sizes))}): {len(self.pairs)} "
+                    "value/output projection pairs",
+                )
+            )
+        return ir.passes.PassResult(model, modified=bool(self.pairs))
+
+    @staticmethod
+    def _rotate_bias(model: ir.Model, pair: HeadPair, h: Rotation) -> None:
+        bias_value = pair.v_bias
+        assert bias_value is not None
+        node = next(n for n in bias_value.consumers() if n.op_type == "Add")
+        first, end = pair.v_features
+        b = to_torch(constant(bias_value)).double().reshape(-1)
+        b[first:end] = h.apply(b[first:end].reshape(-1, h.n)).reshape(-1)
+        index = list(node.inputs).index(bias_value)
+        write_constant(model, node, index, b.reshape(static_shape(constant(bias_value))))
+
+    def ensures(self, model: ir.Model) -> None:
+        for pair in self.pairs:
+            if layer_features(pair.o_proj)[0] % pair.head_dim:
+                raise ir.passes.PostconditionError(f"{pair.o_proj.name}: heads do not tile")
+
+
+def _head_relation(h: Rotation, first: int, end: int) -> Relation:
+    def rotate(x: torch.Tensor) -> torch.Tensor:
+        y = x.double().clone()
+        part = y[..., first:end]
+        y[..., first:end] = h.apply(part.reshape(*part.shape[:-1], -1, h.n)).reshape(part.shape)
+        return y
+
+    return rotate
+
+
+class OnlineHadamardPass(ir.passes.InPlacePass):
+    """R4: a Hadamard on the input of every MLP down projection, as online nodes in front of it
+    and its inverse fused into its weight.
+
+    Requires: a decoder LLM graph.
+    Ensures: every rotated layer reads an online Hadamard's output.
+    """
+
+    def __init__(self, log: RotationLog):
+        super().__init__()
+        self.log = log
+        self.rotated: list[ir.Node] = []
+
+    def requires(self, model: ir.Model) -> None:
+        detect_signature(model)
+
+    def call(self, model: ir.Model) -> ir.passes.PassResult:
+        before = _model_bytes(model)
+        attention_outputs = {p.o_proj for p in head_pairs(model, detect_signature(model))[0]}
+        layers = [
+            n for n in down_projections(model, attention_outputs) if not _reads_online_hadamard(n)
+        ]
+        if not layers:
+            self.log.skip("R4", "no MLP down projection (a layer reading an activation) found")
+        rotations: dict[int, Rotation] = {}
+        for node in layers:
+            n = layer_features(node)[0]
+            orders = hadamard_orders(n, 2)
+            if orders is None or max(orders) > MAX_ONLINE_FACTOR:
+                self.log.skip(
+                    "R4",
+                    f"{node.name}: {n} inputs have no Hadamard factorisation into at most two "
+                    f"factors of order <= {MAX_ONLINE_FACTOR}",
+                )
+                continue
+            m = rotations.setdefault(n, random_hadamard(n, signs=False))
+            write_layer(model, node, m.apply(read_layer(node)))
+            x = node.inputs[0]
+            assert x is not None
+            factors = [f.numpy() for f in m.factors]
+            insert_online_hadamard(model, node, factors, dtype_of(x))
+            self.rotated.append(node)
+        if self.rotated:
+            sizes = sorted(rotations)
+            self.log.applied.append(
+                AppliedRotation(
+                    "R4",
+                    "; ".join(rotations[k].describe() for k in sizes),
+                    sizes[0],
+                    len(self.rotated),
+                    f"online before {len(self.rotated)} down projections (inputs "
+                    f"{', '.join(map(str, sizes))})",
+                )
+            )
+        self.log.added_bytes += _model_bytes(model) - before
+        return ir.passes.PassResult(model, modified=bool(self.rotated))
+
+    def ensures(self, model: ir.Model) -> None:
+        for node in self.rotated:
+            if not _reads_online_hadamard(node):
+                raise ir.passes.PostconditionError(f"{node.name} lost its online Hadamard")
+
+
+def _reads_online_hadamard(node: ir.Node) -> bool:
+    x = node.inputs[0]
+    producer = None if x is None else x.producer()
+    return producer is not None and is_online_hadamard(producer)
+
+
+def rotation_passes(log: RotationLog, seed: int = 0) -> ir.passes.Sequential:
+    """Fold the norms, then R1, R2 and R4 (each skipped, with a warning, where it does not
+    apply)."""
+    return ir.passes.Sequential(
+        FoldNormScalesPass(log),
+        RotateResidualPass(log, seed),
+        RotateHeadsPass(log, seed),
+        OnlineHadamardPass(log),
+    )
