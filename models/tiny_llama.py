@@ -61,6 +61,44 @@ def build(
     return path
 
 
+def build_relative(out_dir: str | Path, family: str, kv_cache: bool = True, seed: int = 0) -> Path:
+    """A relative of the tiny Llama for the rotation tests, same sizes, exported like ``build``.
+
+    ``family``: ``"gemma"`` (RMSNorm scale ``1 + w``, norm weights drawn in ``[0, 0.5)``),
+    ``"gemma2"`` (also norms on the residual branches after attention and MLP) or ``"fp16"``
+    (the Llama in float16). Returns the model path."""
+    from transformers import Gemma2Config, Gemma2ForCausalLM, GemmaConfig, GemmaForCausalLM
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(seed)
+    sizes = config().to_dict()
+    common = {k: sizes[k] for k in ("vocab_size", "hidden_size", "intermediate_size")}
+    common.update(
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=16,
+        max_position_embeddings=512,
+    )
+    model: torch.nn.Module
+    if family == "gemma":
+        model = GemmaForCausalLM(GemmaConfig(**common))
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                if name.endswith("norm.weight"):
+                    p.copy_(0.5 * torch.rand_like(p))
+    elif family == "gemma2":
+        model = Gemma2ForCausalLM(Gemma2Config(**common, sliding_window=64))
+    elif family == "fp16":
+        model = LlamaForCausalLM(config()).half()
+    else:
+        raise ValueError(f"unknown family {family!r}")
+    path = export_causal_lm(model.eval(), out_dir / "model.onnx", kv_cache)
+    write_tokenizer(out_dir / "tokenizer.json")
+    return path
+
+
 def build_checkpoint(out_dir: str | Path, layers: int = 2, seed: int = 0) -> Path:
     """A random tiny Llama as a Hugging Face checkpoint (the input of ``qronos-onnx export``
     and of ONNX Runtime GenAI's model builder): vocabulary 256 bytes + 4 specials (``<s>``,

@@ -40,7 +40,7 @@ from .passes.act_quant import InsertActQuantPass
 from .passes.calibrate import CalibrateSolvePass, Observer
 from .passes.formats import ToMatMulNBitsPass, ToQDQPass
 from .passes.lm_head import UntieLmHeadPass
-from .passes.rotate import RotationLog, rotation_passes
+from .passes.rotate import RotationLog, refuse_layer_norms, rotation_passes
 from .passes.rotation_check import RotationCheckPass
 from .quant import SolverWarning
 from .report import Report, RotationReport, build_report
@@ -104,6 +104,8 @@ def run(
             exclude=recipe.exclude,
         )
         require_targets(model, groups, skipped)
+        if config.rotate == "hadamard":
+            refuse_layer_norms(model)
         samples = []
         if config.needs_data:
             source = config.calib_data if data is None else data

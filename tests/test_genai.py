@@ -11,7 +11,6 @@ import pytest
 from onnx import numpy_helper
 
 import qronos_onnx
-from models import tiny_llama
 from qronos_onnx.cli import main
 from qronos_onnx.ir.model_io import load_model
 from qronos_onnx.ir.packing import NBitsTensors, from_matmulnbits
@@ -28,20 +27,6 @@ def corpus(tmp_path_factory):
     path = tmp_path_factory.mktemp("genai_corpus") / "text.txt"
     path.write_text(" ".join(["the quantized layers of a model run on onnx runtime"] * 600))
     return path
-
-
-@pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory):
-    """A tiny random Llama saved as a Hugging Face checkpoint."""
-    return tiny_llama.build_checkpoint(tmp_path_factory.mktemp("hf") / "tiny")
-
-
-@pytest.fixture(scope="module")
-def builder_model(checkpoint, tmp_path_factory):
-    """The checkpoint through ONNX Runtime GenAI's model builder (float32)."""
-    out = tmp_path_factory.mktemp("builder") / "float"
-    assert main(["export", str(checkpoint), "-o", str(out), "--exporter", "genai"]) == 0
-    return out / "model.onnx"
 
 
 def generate(model_dir, tokens=6):

@@ -19,7 +19,13 @@ DOCUMENTED = {
     "w4": {},
     "w3": {"bits": 3},
     "w2": {"bits": 2, "group_size": 32},
-    "w4a4": {"group_size": "channel", "symmetric": True, "act_bits": 4},
+    "w4a4": {
+        "group_size": "channel",
+        "symmetric": True,
+        "scale_search": "mse",
+        "act_bits": 4,
+        "rotate": "hadamard",
+    },
     "w8a8": {
         "bits": 7,
         "group_size": "channel",
@@ -102,6 +108,8 @@ def test_a_recipe_maps_one_to_one_to_flags(tmp_path):
     assert parse("--w4a4", "--group-size", "32", "--act-bits", "none").recipe() == {
         "group_size": 32,
         "symmetric": True,
+        "scale_search": "mse",
+        "rotate": "hadamard",
         "progress": False,
     }
 

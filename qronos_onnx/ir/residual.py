@@ -32,6 +32,8 @@ from .values import constant, is_constant, name_of, static_shape
 #: Ops a value keeps its meaning through (on the residual stream, and between a projection
 #: and what reads it).
 _PASS = ("Cast", "Identity")
+#: Ops between an attention's Softmax and the MatMul with its values, at most.
+_SOFTMAX_TO_MATMUL = 3
 #: Ops that compute an MLP's inner activation (the input of its down projection).
 ACTIVATION_OPS = (
     "Mul",
@@ -298,13 +300,14 @@ def _table(gather: ir.Node) -> ir.TensorProtocol:
     raise NotRotatable(f"{gather.name} does not read a constant table")
 
 
-def head_pairs(model: ir.Model, signature: LLMSignature) -> tuple[list[HeadPair], list[str]]:
+def head_pairs(model: ir.Model) -> tuple[list[HeadPair], list[str]]:
     """The ``(v_proj, o_proj)`` pairs of every attention, and why any attention has none.
 
     Fused attention ops (``GroupQueryAttention``, ``MultiHeadAttention``) name their value
-    input; a decomposed attention is found from its KV cache output ``present.N.value``,
-    traced back to the projection that computes it and forward to the one projection that
-    reads the attention's result.
+    input; a decomposed attention is found from the MatMul of its Softmax's output with the
+    values, traced back to the projection that computes them (through the KV cache's Concat
+    and grouped-query attention's Expand) and forward to the one projection that reads the
+    attention's result.
     """
     pairs, reasons = [], []
     fused = attention_nodes(model)
@@ -322,14 +325,11 @@ def head_pairs(model: ir.Model, signature: LLMSignature) -> tuple[list[HeadPair]
         pairs.append(HeadPair(v_proj, (first, end), bias, o_proj, attention.head_size))
     if fused:
         return pairs, reasons
-    outputs = {v.name: v for v in model.graph.outputs}
-    for past in signature.past:
-        if not past.name.endswith(".value"):
-            continue
-        present = outputs.get(past.name.replace("past_key_values.", "present.", 1))
-        v_proj, bias = _projection_behind(present, through_concat=True)
-        if v_proj is None:
-            reasons.append(f"{past.name}: no value projection found")
+    for attention_values in _decomposed_value_inputs(model):
+        v_proj, bias = _projection_behind(attention_values, through_concat=True)
+        head_dim = attention_values.shape[-1] if attention_values.shape is not None else None
+        if v_proj is None or not isinstance(head_dim, int):
+            reasons.append(f"{name_of(attention_values)}: no value projection found")
             continue
         readers = _projections_reached(v_proj.outputs[0])
         if len(readers) != 1:
@@ -338,10 +338,41 @@ def head_pairs(model: ir.Model, signature: LLMSignature) -> tuple[list[HeadPair]
             )
             continue
         features = layer_features(v_proj)[1]
-        pairs.append(HeadPair(v_proj, (0, features), bias, readers[0], past.head_dim))
-    if not signature.past:
-        reasons.append("no fused attention op and no KV cache to find the value projections by")
+        pairs.append(HeadPair(v_proj, (0, features), bias, readers[0], head_dim))
+    if not pairs and not reasons:
+        reasons.append("no attention (a fused attention op or Softmax then MatMul) found")
     return pairs, reasons
+
+
+def _decomposed_value_inputs(model: ir.Model) -> list[ir.Value]:
+    """The value input ``V`` (``[..., seq, head_dim]``) of every decomposed attention: the
+    MatMul that reads a Softmax's output (through casts and the ``Where`` of NaN guards) as its
+    first input."""
+    found = []
+    for node in model.graph:
+        if node.op_type != "Softmax":
+            continue
+        frontier = [node.outputs[0]]
+        for _ in range(_SOFTMAX_TO_MATMUL):
+            matmul = next(
+                (c for v in frontier for c in v.consumers() if _reads_probabilities(c, v)), None
+            )
+            if matmul is not None:
+                assert matmul.inputs[1] is not None
+                found.append(matmul.inputs[1])
+                break
+            frontier = [
+                out
+                for v in frontier
+                for c in v.consumers()
+                if c.op_type in (*_PASS, "Where")
+                for out in c.outputs
+            ]
+    return found
+
+
+def _reads_probabilities(node: ir.Node, value: ir.Value) -> bool:
+    return node.op_type == "MatMul" and node.inputs[0] is value and node.inputs[1] is not None
 
 
 def _projection_behind(
@@ -357,7 +388,7 @@ def _projection_behind(
             return None, None
         if is_layer(node):
             return node, bias
-        if node.op_type in (*_PASS, "Reshape", "Transpose"):
+        if node.op_type in (*_PASS, "Reshape", "Transpose", "Unsqueeze", "Expand"):
             value = node.inputs[0]
         elif node.op_type == "Add" and bias is None and any(is_constant(v) for v in node.inputs):
             bias = next(v for v in node.inputs if is_constant(v))

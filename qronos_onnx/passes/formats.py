@@ -116,6 +116,7 @@ class ToMatMulNBitsPass(ir.passes.InPlacePass):
                 name=node.name,
             )
             new.meta.update(node.meta)
+            new.metadata_props.update(node.metadata_props)  # the layer's readable name
             ir.convenience.replace_nodes_and_values(
                 graph, node, [node], [new], node.outputs, new.outputs
             )

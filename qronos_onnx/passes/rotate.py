@@ -102,6 +102,16 @@ class RotationLog:
         warnings.warn(f"rotation {name} skipped: {reason}", RotationWarning, stacklevel=3)
 
 
+def refuse_layer_norms(model: ir.Model) -> None:
+    """A ``QronosError`` for a model with LayerNorms (checked before calibration data is read)."""
+    found = layer_norms(model)
+    if found:
+        raise QronosError(
+            f"{found[0].name} is a LayerNorm (mean subtraction): rotations need RMSNorm "
+            "models; give --rotate none"
+        )
+
+
 def _model_bytes(model: ir.Model) -> int:
     return sum(constant(v).nbytes for v in model.graph.initializers.values() if v.const_value)
 
@@ -122,12 +132,7 @@ class FoldNormScalesPass(ir.passes.InPlacePass):
 
     def requires(self, model: ir.Model) -> None:
         detect_signature(model)
-        found = layer_norms(model)
-        if found:
-            raise QronosError(
-                f"{found[0].name} is a LayerNorm (mean subtraction): rotations need RMSNorm "
-                "models; give --rotate none"
-            )
+        refuse_layer_norms(model)
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         before = _model_bytes(model)
@@ -296,7 +301,7 @@ class RotateHeadsPass(ir.passes.InPlacePass):
         detect_signature(model)
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
-        pairs, reasons = head_pairs(model, detect_signature(model))
+        pairs, reasons = head_pairs(model)
         for reason in reasons:
             self.log.skip("R2", reason)
         rotations: dict[int, Rotation] = {}
@@ -376,7 +381,7 @@ class OnlineHadamardPass(ir.passes.InPlacePass):
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         before = _model_bytes(model)
-        attention_outputs = {p.o_proj for p in head_pairs(model, detect_signature(model))[0]}
+        attention_outputs = {p.o_proj for p in head_pairs(model)[0]}
         layers = [
             n for n in down_projections(model, attention_outputs) if not _reads_online_hadamard(n)
         ]

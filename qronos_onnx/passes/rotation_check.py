@@ -238,7 +238,7 @@ def _first_divergence(
         if error > tolerance:
             producer = next(n for n in rotated.graph if name in {v.name for v in n.outputs})
             return (
-                f"; first diverging tensor: {name} (node {producer.name}, relative error "
+                f"; first diverging tensor: {name} (node {readable_name(producer)}, relative error "
                 f"{error:.2e})"
             )
     return ""

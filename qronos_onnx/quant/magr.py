@@ -21,8 +21,6 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .linalg import largest_eigenvalue
-
 #: Proximal steps; the reference uses 150 to 200.
 DEFAULT_ITERATIONS = 150
 
@@ -53,7 +51,7 @@ def magr(
     if d % g:
         raise ValueError(f"MagR per group needs in_features ({d}) to be a multiple of {g}")
     work = torch.float64 if weight.dtype == torch.float64 else torch.float32
-    lam = largest_eigenvalue(H.to(torch.float64))
+    lam = float(torch.linalg.eigvalsh(H.to(torch.float64))[-1])  # exact: it defines alpha's scale
     if lam <= 0:
         return weight.clone()  # no signal: any weight computes the same (zero) output
     Hn = (H.to(device=weight.device, dtype=torch.float64) / lam).to(work)
