@@ -31,24 +31,46 @@ MODEL = ROOT / "models" / "smollm2-135m" / "model.onnx"
 CACHE = Path(__file__).with_name("quality.json")
 WORK = ROOT / "models" / "smollm2-135m-bench"
 
-# name -> (bits, group_size or None, symmetric)
-SETTINGS = {
-    "W4 g64 asym": (4, 64, False),
-    "W4 g128 sym": (4, 128, True),
-    "W4 per-channel asym": (4, None, False),
-    "W3 g64 asym": (3, 64, False),
-    "W2 g32 asym": (2, 32, False),
+#: name -> optimize() options. The weight-only settings of round 1, then the settings of the
+#: rotations (``rotate="hadamard"``: R1, R2 and the online R4) and the activation presets.
+SETTINGS: dict[str, dict] = {
+    "W4 g64 asym": {"bits": 4, "group_size": 64},
+    "W4 g128 sym": {"bits": 4, "group_size": 128, "symmetric": True},
+    "W4 per-channel asym": {"bits": 4, "group_size": "channel"},
+    "W3 g64 asym": {"bits": 3, "group_size": 64},
+    "W2 g32 asym": {"bits": 2, "group_size": 32},
+    "W4A4": {"config": "w4a4", "rotate": "none"},
+    "W4A4 + rotations (--w4a4)": {"config": "w4a4"},
+    "W4 g64 asym + rotations": {"bits": 4, "group_size": 64, "rotate": "hadamard"},
+    "W3 g64 asym + rotations": {"bits": 3, "group_size": 64, "rotate": "hadamard"},
+    "W2 g32 asym + rotations": {"bits": 2, "group_size": 32, "rotate": "hadamard"},
+    "W2 g32 asym + rotations + MagR 1e-3": {
+        "bits": 2,
+        "group_size": 32,
+        "rotate": "hadamard",
+        "magr": 1e-3,
+    },
+    "W8A8 (--w8a8)": {"config": "w8a8"},
+    "W8A8 + rotations": {"config": "w8a8", "rotate": "hadamard"},
 }
+#: Settings measured with GPFQ and ONNX Runtime's quantizer too (weight-only, no rotation).
+ROUND_1 = ("W4 g64 asym", "W4 g128 sym", "W4 per-channel asym", "W3 g64 asym", "W2 g32 asym")
+#: Settings measured with Qronos only (the others' rows would repeat the weight-only story).
+QRONOS_ONLY = ("W2 g32 asym + rotations + MagR 1e-3", "W8A8 (--w8a8)", "W8A8 + rotations")
 OURS = ("rtn", "gptq", "gpfq", "qronos")
 ORT_WINDOWS = 8
 
 
 def rows_for(setting: str) -> list[str]:
-    bits, _group, _ = SETTINGS[setting]
+    if setting in QRONOS_ONLY:
+        return ["qronos"]
+    if setting not in ROUND_1:
+        return ["rtn", "gptq", "qronos"]
+    options = SETTINGS[setting]
     rows = list(OURS)
-    if bits in (2, 4, 8):
+    if options["bits"] in (2, 4, 8):
         rows.append("ort-rtn")
-    if bits == 4:
+    if options["bits"] == 4:
         rows.append("ort-gptq")
     return rows
 
@@ -60,6 +82,7 @@ def run_one(setting: str, method: str) -> dict:
 
     out = WORK / f"{setting.replace(' ', '_')}_{method}" / "model.onnx"
     t0 = time.perf_counter()
+    extra: dict[str, float] = {}
     if method == "float":
         path, seconds = MODEL, 0.0
     else:
@@ -68,17 +91,11 @@ def run_one(setting: str, method: str) -> dict:
         else:
             import qronos_onnx
 
-            bits, group, sym = SETTINGS[setting]
-            qronos_onnx.optimize(
-                MODEL,
-                out,
-                bits=bits,
-                group_size=group or "channel",
-                symmetric=sym,
-                algo=method,
-                force=True,
-                progress=False,
+            report = qronos_onnx.optimize(
+                MODEL, out, **SETTINGS[setting], algo=method, force=True, progress=False
             )
+            if report.rotation is not None:
+                extra["rotation_check_error"] = report.rotation.check["error"]
         path, seconds = out, time.perf_counter() - t0
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     windows = token_windows("wiki-vital", MODEL.parent, 512, 40, "test", random=False)
@@ -89,6 +106,7 @@ def run_one(setting: str, method: str) -> dict:
         "seconds": seconds,
         "peak_rss_mb": rss,
         "size_mb": size / 1e6,
+        **extra,
     }
 
 
@@ -106,7 +124,9 @@ def ort_quantize(setting: str, method: str, out: Path) -> None:
     from qronos_onnx.ir.model_io import load_model
     from qronos_onnx.ir.signature import detect_signature
 
-    bits, group, sym = SETTINGS[setting]
+    options = SETTINGS[setting]
+    bits, sym = options["bits"], options.get("symmetric", False)
+    group = None if options["group_size"] == "channel" else options["group_size"]
     fmt = QuantFormat.QOperator  # MatMulNBits
     if method == "ort-gptq":
         signature = detect_signature(load_model(MODEL))
@@ -144,6 +164,7 @@ def ort_quantize(setting: str, method: str, out: Path) -> None:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--only", nargs="+", choices=list(SETTINGS), help="settings to run")
+    ap.add_argument("--methods", nargs="+", help="only these methods (rtn, gptq, qronos, ...)")
     ap.add_argument("--fresh", action="store_true", help="ignore cached rows")
     ap.add_argument("--row", nargs=3, help=argparse.SUPPRESS)  # setting method result.json
     args = ap.parse_args()
@@ -153,7 +174,12 @@ def main() -> None:
     if not MODEL.is_file():
         sys.exit(f"{MODEL} is missing: run python models/smollm2.py first")
     cache = {} if args.fresh or not CACHE.exists() else json.loads(CACHE.read_text())
-    jobs = [("float", "float")] + [(s, m) for s in (args.only or SETTINGS) for m in rows_for(s)]
+    jobs = [("float", "float")] + [
+        (s, m)
+        for s in (args.only or SETTINGS)
+        for m in rows_for(s)
+        if not args.methods or m in args.methods
+    ]
     for setting, method in jobs:
         key = f"{setting}|{method}"
         if key in cache:

@@ -163,6 +163,14 @@ def summary_table(report: Report) -> str:
         f"skipped; {tot.input_bytes / 1e6:.1f} MB -> {tot.output_bytes / 1e6:.1f} MB "
         f"in {tot.wall_seconds:.0f} s, peak RSS {tot.peak_rss_mb:.0f} MB"
     )
+    if report.rotation is not None:
+        r = report.rotation
+        applied = ", ".join(a["name"] for a in r.applied) or "none"
+        skipped = "".join(f"; {s['name']} skipped" for s in r.skipped)
+        lines.append(
+            f"rotations {applied}{skipped} (seed {r.seed}); float self-check: logits differ by "
+            f"{r.check['error']:.1e} (tolerance {r.check['tolerance']:.0e})"
+        )
     lines.extend(f"note: {n}" for n in report.notes)
     lines.append(f"wrote {report.output}")
     return "\n".join(lines)
@@ -206,6 +214,7 @@ def _inspect(args: argparse.Namespace) -> int:
     from .ir.signature import detect_signature
     from .ir.stages import plan_stages
     from .ir.targets import find_targets, untie_lm_head
+    from .passes.rotate import rotation_plan
 
     model = load_model(args.model)
     sig = detect_signature(model)
@@ -231,6 +240,9 @@ def _inspect(args: argparse.Namespace) -> int:
     for s in skipped:
         _print(f"  {s.name} ({s.node}): {s.reason}")
     ops = Counter(n.op_type for n in model.graph)
+    _print("rotations (--rotate hadamard):")
+    for name, verdict in rotation_plan(model):
+        _print(f"  {name}: {verdict}")
     formats = {
         k: ops[k]
         for k in (

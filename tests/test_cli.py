@@ -211,7 +211,7 @@ def test_python_api_and_presets(tiny_models, tmp_path, corpus):
         "group_size": None,
         "symmetric": True,
         "narrow_range": False,
-        "scale_search": "minmax",
+        "scale_search": "mse",
     }
     assert report.targets[0].damping > 0
     report = qronos_onnx.optimize(

@@ -3,6 +3,7 @@ compute the original's logits, checked here by plain ONNX Runtime), the self-che
 the outlier ratio the rotations are for, MagR against a float64 reference, and --w4a4 end to
 end."""
 
+import json
 import math
 import shutil
 
@@ -380,3 +381,31 @@ def test_w4a4_end_to_end_quantizes_the_rotated_activations(tiny_models, tmp_path
     result = logits(out, feed)
     assert np.isfinite(result).all()
     assert rel(result, logits(path, feed)) < 0.5
+
+
+def test_inspect_says_which_rotations_a_model_admits(tiny_models, capsys):
+    assert main(["inspect", str(tiny_models("kv"))]) == 0
+    out = capsys.readouterr().out
+    assert "R1: yes: hadamard 8 x 8" in out and "(11 readers, 4 writers)" in out
+    assert "R2: yes: 2 value/output pairs, head size 16" in out
+    assert "R4: yes: online before 2 down projections (128 = 16 x 8)" in out
+    assert main(["inspect", str(tiny_models("gemma2"))]) == 0
+    out = capsys.readouterr().out
+    assert "R1: no: " in out and "Gemma 2" in out and "R2: yes" in out
+
+
+def test_the_command_line_reports_the_rotations(tiny_models, tmp_path, capsys):
+    corpus = tmp_path / "text.txt"
+    corpus.write_text("the rotated activations are quantized to four bits " * 300)
+    out = tmp_path / "q.onnx"
+    args = ["optimize", str(tiny_models("gemma2")), "-o", str(out), "--rotate", "hadamard"]
+    assert main([*args, "--calib-data", str(corpus), "--seqlen", "64", "--calib-windows", "4"]) == 0
+    captured = capsys.readouterr()
+    assert "RotationWarning: rotation R1 skipped: " in captured.err
+    line = next(x for x in captured.out.splitlines() if x.startswith("rotations "))
+    assert line.startswith("rotations R2, R4; R1 skipped (seed 0); float self-check: logits")
+    report = json.loads(out.with_suffix(".report.json").read_text())
+    assert [a["name"] for a in report["rotation"]["applied"]] == ["R2", "R4"]
+    assert report["rotation"]["skipped"][0]["name"] == "R1"
+    # one input range per layer group: q/k/v, o_proj, gate/up, down_proj per layer, lm_head
+    assert len(report["rotation"]["inputs"]) == 2 * 4 + 1

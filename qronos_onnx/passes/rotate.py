@@ -390,8 +390,7 @@ class OnlineHadamardPass(ir.passes.InPlacePass):
         rotations: dict[int, Rotation] = {}
         for node in layers:
             n = layer_features(node)[0]
-            orders = hadamard_orders(n, 2)
-            if orders is None or max(orders) > MAX_ONLINE_FACTOR:
+            if online_orders(n) is None:
                 self.log.skip(
                     "R4",
                     f"{node.name}: {n} inputs have no Hadamard factorisation into at most two "
@@ -426,10 +425,55 @@ class OnlineHadamardPass(ir.passes.InPlacePass):
                 raise ir.passes.PostconditionError(f"{node.name} lost its online Hadamard")
 
 
+def online_orders(n: int) -> tuple[int, ...] | None:
+    """The Kronecker factors of an online Hadamard of order ``n`` (at most two, each of order
+    at most ``MAX_ONLINE_FACTOR``), or ``None``."""
+    orders = hadamard_orders(n, 2)
+    return orders if orders is not None and max(orders) <= MAX_ONLINE_FACTOR else None
+
+
 def _reads_online_hadamard(node: ir.Node) -> bool:
     x = node.inputs[0]
     producer = None if x is None else x.producer()
     return producer is not None and is_online_hadamard(producer)
+
+
+def rotation_plan(model: ir.Model) -> list[tuple[str, str]]:
+    """``(rotation, what it would do or why it does not apply)`` for R1, R2 and R4, as
+    ``qronos-onnx inspect`` shows them. Folds the norm scales of ``model`` (in memory) to see
+    the residual stream as R1 would."""
+    try:
+        refuse_layer_norms(model)
+    except QronosError as err:
+        return [(name, f"no: {err}") for name in ("R1", "R2", "R4")]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RotationWarning)
+        FoldNormScalesPass(RotationLog())(model)
+    plan = []
+    try:
+        stream = residual_stream(model, detect_signature(model))
+        _check_folded(stream)
+        q = random_hadamard(stream.d_model).describe()
+        counts = f"{len(stream.readers)} readers, {len(stream.writers)} writers"
+        plan.append(("R1", f"yes: {q} on the residual stream ({counts})"))
+    except NotRotatable as err:
+        plan.append(("R1", f"no: {err}"))
+    pairs, reasons = head_pairs(model)
+    sizes = sorted({p.head_dim for p in pairs})
+    r2 = f"yes: {len(pairs)} value/output pairs, head size {', '.join(map(str, sizes))}"
+    plan.append(("R2", r2 if pairs else f"no: {'; '.join(reasons)}"))
+    downs = down_projections(model, {p.o_proj for p in pairs})
+    widths = sorted({layer_features(n)[0] for n in downs})
+    factors = {n: online_orders(n) for n in widths}
+    online = [f"{n} = {' x '.join(map(str, f))}" for n, f in factors.items() if f]
+    if online:
+        plan.append(
+            ("R4", f"yes: online before {len(downs)} down projections ({', '.join(online)})")
+        )
+    else:
+        why = "no MLP down projection found" if not downs else f"inputs {widths} do not factor"
+        plan.append(("R4", f"no: {why}"))
+    return plan
 
 
 def rotation_passes(log: RotationLog, seed: int = 0) -> ir.passes.Sequential:
