@@ -123,6 +123,7 @@ def test_the_rotated_float_model_computes_the_original_logits(
         assert rel(after.astype(np.float64), before.astype(np.float64)) < tolerance
     rotated = load_model(out)
     assert all(np.all(n.scale.const_value.numpy() == 1) for n in find_norms(rotated))
+    assert all(v.uses() for v in rotated.graph.initializers.values())  # none left behind
     # the weights did change: a rotation that forgot a tensor would break the logits above
     original = {v.name: v for v in load_model(path).graph.initializers.values()}
     changed = [

@@ -31,6 +31,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import onnx_ir as ir
+import onnx_ir.passes.common
 import torch
 
 from qronos_onnx.errors import QronosError, RotationWarning
@@ -478,10 +479,11 @@ def rotation_plan(model: ir.Model) -> list[tuple[str, str]]:
 
 def rotation_passes(log: RotationLog, seed: int = 0) -> ir.passes.Sequential:
     """Fold the norms, then R1, R2 and R4 (each skipped, with a warning, where it does not
-    apply)."""
+    apply); drop the initializers they left unused (the folded norm scales, copied weights)."""
     return ir.passes.Sequential(
         FoldNormScalesPass(log),
         RotateResidualPass(log, seed),
         RotateHeadsPass(log, seed),
         OnlineHadamardPass(log),
+        ir.passes.common.RemoveUnusedNodesPass(),
     )
