@@ -143,6 +143,7 @@ def recipe_for(config: OptimizeConfig) -> Recipe:
                 bits=config.act_bits,
                 granularity=config.act_granularity,
                 symmetric=config.act_symmetric,
+                clip=config.act_clip,
             )
         )
         recipe = Recipe(

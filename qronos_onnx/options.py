@@ -143,6 +143,12 @@ class OptimizeConfig:
             ),
         ),
     )
+    act_clip: float = _option(
+        1.0,
+        "activation scales cover this fraction of the range (each token's max |x|, or the "
+        "calibrated range; 0 < R <= 1, values beyond saturate)",
+        metavar="R",
+    )
     # -- incoherence processing (docs/rotations.md) -----------------------------------------
     rotate: Literal["none", "hadamard"] = _option(
         "none",
@@ -494,6 +500,8 @@ def _check_values(config: OptimizeConfig) -> None:
             raise QronosError(f"act_bits must be 2..8 (or None), got {config.act_bits}")
         if not config.act_symmetric and (config.act_granularity == "token" or config.act_bits != 8):
             raise QronosError("asymmetric activations need act_granularity='tensor' and act_bits=8")
+    if not 0 < config.act_clip <= 1:
+        raise QronosError(f"act_clip must be in (0, 1], got {config.act_clip}")
     if config.damping is not None and not 0 <= config.damping < math.inf:
         # (its upper bound is the solver's: quant.MAX_DAMPING, checked with the recipe)
         raise QronosError(f"damping must be a finite number >= 0, got {config.damping}")

@@ -10,7 +10,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from qronos_onnx.calibration.runner import CalibrationOptions
 from qronos_onnx.config import Recipe
-from qronos_onnx.ir.act_quant import ActQuant, insert_act_quant
+from qronos_onnx.ir.act_quant import ActQuant, fit_static_scale, insert_act_quant
 from qronos_onnx.ir.model_io import load_model
 from qronos_onnx.ir.signature import detect_signature
 from qronos_onnx.ir.targets import find_targets
@@ -19,16 +19,17 @@ from qronos_onnx.quant import Grid
 from tests.helpers import full_model_capture, gram, padded_samples, random_samples, rel, solve_file
 
 
-def per_token_numpy(x, bits):
-    """Symmetric per-token fake quantization, straight from the definition."""
+def per_token_numpy(x, bits, clip=1.0):
+    """Symmetric per-token fake quantization, straight from the definition: the scale covers
+    ``clip`` times each token's ``max |x|``."""
     qmax = 2 ** (bits - 1) - 1
-    s = np.abs(x).max(axis=-1, keepdims=True) / np.float32(qmax)
+    s = np.abs(x).max(axis=-1, keepdims=True) / np.float32(qmax / clip)
     s = np.maximum(s, np.finfo(np.float32).tiny)
     return np.clip(np.round(x / s), -qmax - 1, qmax) * s
 
 
-@pytest.mark.parametrize("bits", [4, 8])
-def test_per_token_quantizer_equals_numpy(bits):
+@pytest.mark.parametrize(("bits", "clip"), [(4, 1.0), (8, 1.0), (4, 0.9)])
+def test_per_token_quantizer_equals_numpy(bits, clip):
     w = np.random.default_rng(0).standard_normal((16, 8)).astype(np.float32)
     graph = helper.make_graph(
         [
@@ -44,7 +45,7 @@ def test_per_token_quantizer_equals_numpy(bits):
         helper.make_model(graph, opset_imports=[helper.make_opsetid("", 20)])
     )
     group = find_targets(model)[0][0]
-    out = insert_act_quant(model, group, ActQuant(bits), ir.DataType.FLOAT)
+    out = insert_act_quant(model, group, ActQuant(bits, clip=clip), ir.DataType.FLOAT)
     model.graph.outputs.append(out)
     x = np.random.default_rng(1).standard_normal((2, 5, 16)).astype(np.float32) * 3
     x[0, 0] = 0  # an all-zero token stays zero
@@ -52,8 +53,10 @@ def test_per_token_quantizer_equals_numpy(bits):
         ir.serde.serialize_model(model).SerializeToString(), providers=["CPUExecutionProvider"]
     )
     y, xq = session.run(None, {"X": x})
-    expected = per_token_numpy(np.maximum(x, 0), bits)
+    expected = per_token_numpy(np.maximum(x, 0), bits, clip)
     np.testing.assert_array_equal(xq, expected)
+    if clip < 1:  # each token's largest entries saturate below their value
+        assert np.all(xq.max(-1)[x.max(-1) > 0] < 0.95 * np.maximum(x, 0).max(-1)[x.max(-1) > 0])
     np.testing.assert_allclose(y, expected @ w, rtol=1e-5, atol=1e-5)
 
 
@@ -381,3 +384,11 @@ def test_the_w8a8_preset_writes_7_bit_int8_weights(tiny_models, tmp_path):
     for _, _quantizer, codes in matmuls:
         weights = numpy_helper.to_array(codes)
         assert weights.dtype == np.int8 and np.abs(weights.astype(np.int16)).max() <= 64
+
+
+def test_a_static_scale_covers_clip_times_the_calibrated_range():
+    arrays = [np.array([-2.0, 1.0]), np.array([4.0, 0.5])]
+    scale, zero = fit_static_scale(arrays, ActQuant(8, "tensor", symmetric=True, clip=0.5))
+    assert (scale, zero) == (np.float32(0.5 * 4 / 127), 0)
+    scale, zero = fit_static_scale(arrays, ActQuant(8, "tensor", symmetric=False, clip=0.5))
+    assert scale == np.float32(0.5 * 6 / 255) and zero == round(1 / scale)

@@ -86,6 +86,7 @@ EVERYTHING = {
     "rotate": ("hadamard", ["--rotate", "hadamard"]),
     "rotate_seed": (7, ["--rotate-seed", "7"]),
     "magr": (0.01, ["--magr", "0.01"]),
+    "act_clip": (0.9, ["--act-clip", "0.9"]),
 }
 
 

@@ -4,14 +4,16 @@ The same nodes serve calibration and deployment: the quantized stream runs them,
 sees exactly the activations the deployed model computes.
 
 - ``granularity="token"`` (dynamic, symmetric): each token's scale is computed in the graph,
-  ``s = max|x| / qmax`` over the features, ``x -> clip(round(x / s), qmin, qmax) * s``. Plain
-  ONNX arithmetic (Abs, ReduceMax, Div, Round, Clip, Mul) that every ONNX Runtime provider runs.
-  No runtime has int4 x int4 kernels today, so for 4 bits this is a simulation of the numerics.
+  ``s = clip * max|x| / qmax`` over the features (``clip`` 1 by default),
+  ``x -> clip(round(x / s), qmin, qmax) * s``. Plain ONNX arithmetic (Abs, ReduceMax, Div,
+  Round, Clip, Mul) that every ONNX Runtime provider runs. No runtime has int4 x int4 kernels
+  today, so for 4 bits this is a simulation of the numerics.
 - ``granularity="tensor"`` (static): one scale (and zero point) per tensor, fitted on the
-  quantized stream's calibration activations. 8 bits use ``QuantizeLinear``/``DequantizeLinear``
-  (uint8 asymmetric or int8 symmetric), the QDQ form ONNX Runtime runs with integer kernels;
-  other widths the same arithmetic as above with a constant scale. Below opset 19, where
-  ``QuantizeLinear`` takes only float32, half-precision activations are cast around it.
+  quantized stream's calibration activations (``clip`` times their range). 8 bits use
+  ``QuantizeLinear``/``DequantizeLinear`` (uint8 asymmetric or int8 symmetric), the QDQ form
+  ONNX Runtime runs with integer kernels; other widths the same arithmetic as above with a
+  constant scale. Below opset 19, where ``QuantizeLinear`` takes only float32, half-precision
+  activations are cast around it.
 """
 
 from __future__ import annotations
@@ -37,11 +39,14 @@ class ActQuant:
         bits: 2..8.
         granularity: ``token`` (dynamic per-token scale) or ``tensor`` (static, calibrated).
         symmetric: signed codes and no zero point (``token`` is always symmetric).
+        clip: the scale covers ``clip`` times the range (each token's ``max|x|``, or the
+            calibrated range of a static scale); ``0 < clip <= 1``, values beyond saturate.
     """
 
     bits: int = 4
     granularity: Literal["token", "tensor"] = "token"
     symmetric: bool = True
+    clip: float = 1.0
 
     def __post_init__(self) -> None:
         if not 2 <= self.bits <= 8:
@@ -50,6 +55,8 @@ class ActQuant:
             raise ValueError(f"granularity must be 'token' or 'tensor', got {self.granularity!r}")
         if not self.symmetric and (self.granularity == "token" or self.bits != 8):
             raise ValueError("asymmetric activations need granularity='tensor' and 8 bits")
+        if not 0 < self.clip <= 1:
+            raise ValueError(f"clip must be in (0, 1], got {self.clip}")
 
     @property
     def qmin(self) -> int:
@@ -72,8 +79,8 @@ class StaticScale:
 
 def fit_static_scale(arrays, spec: ActQuant) -> tuple[np.float32, int]:
     """Per-tensor scale and zero point covering every calibration activation in ``arrays``."""
-    lo = min(0.0, *(float(a.min()) for a in arrays))
-    hi = max(0.0, *(float(a.max()) for a in arrays))
+    lo = spec.clip * min(0.0, *(float(a.min()) for a in arrays))
+    hi = spec.clip * max(0.0, *(float(a.max()) for a in arrays))
     if spec.symmetric:
         scale, zero = max(-lo, hi) / spec.qmax, 0
     else:
@@ -132,7 +139,8 @@ def insert_act_quant(
                 )
             else:
                 peak = add("ReduceMax", [magnitude], axes=[-1], keepdims=1)
-            raw = add("Div", [peak, const("qmax", np.array(spec.qmax, np_type))])
+            # s = clip * max|x| / qmax, as one constant divisor
+            raw = add("Div", [peak, const("qmax", np.array(spec.qmax / spec.clip, np_type))])
             tiny = ml_dtypes.finfo(np_type).tiny  # numpy's finfo knows no bfloat16
             scale = add("Max", [raw, const("tiny", np.array(tiny, np_type))])
         rounded = add("Round", [add("Div", [source, scale])])
