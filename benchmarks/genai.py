@@ -11,7 +11,8 @@ The float model is ``qronos-onnx export models/smollm2-135m-hf`` (the builder, f
   ``algo_config=k_quant``;
 - ``--w4`` (Qronos, group 128 asymmetric), ``--w4 --group-size 32`` with RTN, GPTQ and Qronos,
   and the builder's grid (``--group-size 32 --sym``) with the same three, and Qronos there
-  with ``--lm-head int8`` (the builder quantizes its lm_head as well).
+  with ``--lm-head int8`` (the builder quantizes its lm_head as well) and with
+  ``--accuracy-level 4`` (int8 activations in the CPU kernel, as the builder writes).
 
 Perplexity: the README's protocol (40 x 512 test tokens of wiki-vital, 32 x 512 calibration
 tokens), ONNX Runtime. Speed: ONNX Runtime GenAI (CPU, its default threads) generating 128
@@ -25,10 +26,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -53,6 +51,17 @@ ROWS = {
     "GPTQ, g32 sym": {"group_size": 32, "symmetric": True, "algo": "gptq"},
     "Qronos, g32 sym": {"group_size": 32, "symmetric": True},
     "Qronos, g32 sym, --lm-head int8": {"group_size": 32, "symmetric": True, "lm_head": "int8"},
+    "Qronos, g32 sym, --accuracy-level 4": {
+        "group_size": 32,
+        "symmetric": True,
+        "accuracy_level": 4,
+    },
+    "Qronos, g32 sym, --lm-head int8 --accuracy-level 4": {
+        "group_size": 32,
+        "symmetric": True,
+        "lm_head": "int8",
+        "accuracy_level": 4,
+    },
 }
 
 
@@ -65,26 +74,9 @@ def build_float() -> None:
 
 def builder_int4(out: Path, extra: str) -> None:
     """The model builder's own int4 model, written to ``out`` (a folder)."""
-    with tempfile.TemporaryDirectory() as cache:
-        cmd = [
-            sys.executable,
-            "-m",
-            "onnxruntime_genai.models.builder",
-            "-i",
-            str(CHECKPOINT),
-            "-o",
-            str(out),
-            "-p",
-            "int4",
-            "-e",
-            "cpu",
-            "-c",
-            cache,
-        ]
-        if extra:
-            cmd += ["--extra_options", extra]
-        env = {**os.environ, "HF_HUB_OFFLINE": "1"}
-        subprocess.run(cmd, check=True, capture_output=True, env=env)
+    from qronos_onnx.export import run_builder
+
+    run_builder(CHECKPOINT, out, "int4", extra)
 
 
 def generation_speed(folder: Path, prompt: int = 64, new: int = 128, runs: int = 3) -> float:

@@ -96,7 +96,7 @@ def export_checkpoint(
         used = "genai"
         if use_builder:
             try:
-                _run_builder(checkpoint, tmp, dtype)
+                run_builder(checkpoint, tmp, dtype)
             except _Unsupported as err:
                 if backend == "genai":
                     raise QronosError(
@@ -113,8 +113,9 @@ class _Unsupported(Exception):
     """The builder refused the checkpoint's architecture."""
 
 
-def _run_builder(checkpoint: Path, out: Path, dtype: str) -> None:
-    """ONNX Runtime GenAI's builder, in a child process, offline."""
+def run_builder(checkpoint: Path, out: Path, precision: str, extra_options: str = "") -> None:
+    """ONNX Runtime GenAI's builder, in a child process, offline: ``-p precision`` (``fp32``,
+    ``fp16``, ``int4``) for the CPU, with ``--extra_options`` when given."""
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
     with tempfile.TemporaryDirectory() as cache:
         cmd = [
@@ -126,12 +127,14 @@ def _run_builder(checkpoint: Path, out: Path, dtype: str) -> None:
             "-o",
             str(out),
             "-p",
-            dtype,
+            precision,
             "-e",
             "cpu",
             "-c",
             cache,
         ]
+        if extra_options:
+            cmd += ["--extra_options", extra_options]
         done = subprocess.run(cmd, capture_output=True, text=True, env=env, check=False)
     if done.returncode != 0:
         lines = [line for line in done.stderr.strip().splitlines() if line.strip()]

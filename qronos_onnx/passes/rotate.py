@@ -79,6 +79,15 @@ class AppliedRotation:
     tensors: int
     detail: str
 
+    @classmethod
+    def of(
+        cls, name: str, rotations: dict[int, Rotation], tensors: int, detail: str
+    ) -> AppliedRotation:
+        """A rotation applied with one matrix per size (``rotations``: order -> rotation)."""
+        sizes = sorted(rotations)
+        description = "; ".join(rotations[k].describe() for k in sizes)
+        return cls(name, description, sizes[0], tensors, detail)
+
 
 @dataclass
 class RotationLog:
@@ -324,15 +333,14 @@ class RotateHeadsPass(ir.passes.InPlacePass):
             self.log.relations[name_of(pair.v_proj.outputs[0])] = _head_relation(h, first, end)
             self.pairs.append(pair)
         if self.pairs:
-            sizes = sorted(rotations)
+            sizes = ", ".join(map(str, sorted(rotations)))
             self.log.applied.append(
-                AppliedRotation(
+                AppliedRotation.of(
                     "R2",
-                    "; ".join(rotations[k].describe() for k in sizes),
-                    sizes[0],
+                    rotations,
                     2 * len(self.pairs),
-                    f"per head (head size {', '.join(map(str, sizes))}): {len(self.pairs)} "
-                    "value/output projection pairs",
+                    f"per head (head size {sizes}): {len(self.pairs)} value/output projection "
+                    "pairs",
                 )
             )
         return ir.passes.PassResult(model, modified=bool(self.pairs))
@@ -406,15 +414,13 @@ class OnlineHadamardPass(ir.passes.InPlacePass):
             insert_online_hadamard(model, node, factors, dtype_of(x))
             self.rotated.append(node)
         if self.rotated:
-            sizes = sorted(rotations)
+            sizes = ", ".join(map(str, sorted(rotations)))
             self.log.applied.append(
-                AppliedRotation(
+                AppliedRotation.of(
                     "R4",
-                    "; ".join(rotations[k].describe() for k in sizes),
-                    sizes[0],
+                    rotations,
                     len(self.rotated),
-                    f"online before {len(self.rotated)} down projections (inputs "
-                    f"{', '.join(map(str, sizes))})",
+                    f"online before {len(self.rotated)} down projections (inputs {sizes})",
                 )
             )
         self.log.added_bytes += _model_bytes(model) - before
