@@ -76,3 +76,11 @@ def solved_weights(results):
 
 def rel(a, b):
     return np.linalg.norm(a - b) / np.linalg.norm(b)
+
+
+def logits(path, feed):
+    """The ``logits`` output of the model file at ``path`` (plain ONNX Runtime, CPU) for the
+    feed's entries the model takes."""
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    names = {i.name for i in session.get_inputs()}
+    return session.run(["logits"], {k: v for k, v in feed.items() if k in names})[0]

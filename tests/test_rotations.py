@@ -27,7 +27,7 @@ from qronos_onnx.pipeline import run_passes
 from qronos_onnx.quant.hadamard import hadamard_matrix, hadamard_orders, random_hadamard
 from qronos_onnx.quant.magr import magr
 
-from .helpers import random_samples, rel
+from .helpers import logits, random_samples, rel
 
 # Orders the tiny models and SmolLM2-135M use (head 16/64, d_model 64/576, MLP 128/1536), a few
 # more of each construction (Sylvester, Paley I and II), and 92, which has no known product.
@@ -91,12 +91,6 @@ def rotate_file(path, out, seed=0):
     run_passes(model, rotation_passes(log, seed))
     write_model(model, out)
     return log
-
-
-def logits(path, feed):
-    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    names = {i.name for i in session.get_inputs()}
-    return session.run(["logits"], {k: v for k, v in feed.items() if k in names})[0]
 
 
 def feeds(path, count=2, seqlen=40):
