@@ -39,7 +39,8 @@ SETTINGS: dict[str, dict] = {
     "W4 per-channel asym": {"bits": 4, "group_size": "channel"},
     "W3 g64 asym": {"bits": 3, "group_size": 64},
     "W2 g32 asym": {"bits": 2, "group_size": 32},
-    "W4A4": {"config": "w4a4", "rotate": "none"},
+    "W4A4, no rotation, no clip": {"config": "w4a4", "rotate": "none", "act_clip": 1.0},
+    "W4A4 + rotations, no clip": {"config": "w4a4", "act_clip": 1.0},
     "W4A4 + rotations (--w4a4)": {"config": "w4a4"},
     "W4 g64 asym + rotations": {"bits": 4, "group_size": 64, "rotate": "hadamard"},
     "W3 g64 asym + rotations": {"bits": 3, "group_size": 64, "rotate": "hadamard"},
@@ -56,7 +57,13 @@ SETTINGS: dict[str, dict] = {
 #: Settings measured with GPFQ and ONNX Runtime's quantizer too (weight-only, no rotation).
 ROUND_1 = ("W4 g64 asym", "W4 g128 sym", "W4 per-channel asym", "W3 g64 asym", "W2 g32 asym")
 #: Settings measured with Qronos only (the others' rows would repeat the weight-only story).
-QRONOS_ONLY = ("W2 g32 asym + rotations + MagR 1e-3", "W8A8 (--w8a8)", "W8A8 + rotations")
+QRONOS_ONLY = (
+    "W4A4, no rotation, no clip",
+    "W4A4 + rotations, no clip",
+    "W2 g32 asym + rotations + MagR 1e-3",
+    "W8A8 (--w8a8)",
+    "W8A8 + rotations",
+)
 OURS = ("rtn", "gptq", "gpfq", "qronos")
 ORT_WINDOWS = 8
 
@@ -199,6 +206,9 @@ def main() -> None:
         else:
             cache[key] = json.loads(result.read_text())
         print(f"  {cache[key]}", flush=True)
+        # merged into the file as it is now: another run may have added rows meanwhile
+        on_disk = json.loads(CACHE.read_text()) if CACHE.exists() else {}
+        cache = {**on_disk, key: cache[key]} if not args.fresh else cache
         CACHE.write_text(json.dumps(cache, indent=1))
     print(table(cache))
 

@@ -24,6 +24,7 @@ DOCUMENTED = {
         "symmetric": True,
         "scale_search": "mse",
         "act_bits": 4,
+        "act_clip": 0.8,
         "rotate": "hadamard",
     },
     "w8a8": {
@@ -110,6 +111,7 @@ def test_a_recipe_maps_one_to_one_to_flags(tmp_path):
         "group_size": 32,
         "symmetric": True,
         "scale_search": "mse",
+        "act_clip": 0.8,
         "rotate": "hadamard",
         "progress": False,
     }
