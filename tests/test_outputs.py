@@ -62,6 +62,13 @@ CHILD = textwrap.dedent("""
 """)
 
 
+def _default_signal_handling():
+    """In the child: default dispositions, whatever the test run inherited (under ``nohup``
+    SIGHUP is ignored, and the tool rightly leaves an ignored signal ignored)."""
+    for signum in (signal.SIGHUP, signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, signal.SIG_DFL)
+
+
 def run_child(point, signame, *args):
     return subprocess.run(
         [sys.executable, "-c", CHILD, point, signame, *map(str, args)],
@@ -69,6 +76,7 @@ def run_child(point, signame, *args):
         text=True,
         timeout=300,
         check=False,
+        preexec_fn=_default_signal_handling,
     )
 
 
