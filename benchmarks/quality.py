@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import resource
 import shutil
 import subprocess
@@ -192,7 +193,7 @@ def main() -> None:
         if key in cache:
             continue
         print(f"running {setting} / {method} ...", flush=True)
-        result = WORK / "row.json"  # results by file: quantizers print to stdout
+        result = WORK / f"row-{os.getpid()}.json"  # by file: quantizers print to stdout
         result.parent.mkdir(parents=True, exist_ok=True)
         result.unlink(missing_ok=True)
         done = subprocess.run(
