@@ -42,6 +42,7 @@ SETTINGS: dict[str, dict] = {
     "W2 g32 asym": {"bits": 2, "group_size": 32},
     "W4A4, no rotation, no clip": {"config": "w4a4", "rotate": "none", "act_clip": 1.0},
     "W4A4 + rotations, no clip": {"config": "w4a4", "act_clip": 1.0},
+    "W4A4 (--w4a4 without rotations)": {"config": "w4a4", "rotate": "none"},
     "W4A4 + rotations (--w4a4)": {"config": "w4a4"},
     "W4 g64 asym + rotations": {"bits": 4, "group_size": 64, "rotate": "hadamard"},
     "W3 g64 asym + rotations": {"bits": 3, "group_size": 64, "rotate": "hadamard"},
