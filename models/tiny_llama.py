@@ -24,18 +24,20 @@ from qronos_onnx.export.torch_export import export_causal_lm
 VOCAB = 256
 
 
-def config(layers: int = 2, untied: bool = False) -> LlamaConfig:
-    return LlamaConfig(
-        vocab_size=VOCAB,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=layers,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=512,
-        tie_word_embeddings=not untied,
-        rms_norm_eps=1e-5,
-    )
+def config(layers: int = 2, untied: bool = False, **overrides) -> LlamaConfig:
+    """The tiny Llama's configuration (``overrides``: other ``LlamaConfig`` fields)."""
+    fields = {
+        "vocab_size": VOCAB,
+        "hidden_size": 64,
+        "intermediate_size": 128,
+        "num_hidden_layers": layers,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "max_position_embeddings": 512,
+        "tie_word_embeddings": not untied,
+        "rms_norm_eps": 1e-5,
+    }
+    return LlamaConfig(**{**fields, **overrides})
 
 
 def build(
@@ -120,16 +122,9 @@ def build_checkpoint(out_dir: str | Path, layers: int = 2, seed: int = 0) -> Pat
         unk_token="<unk>",
     ).save_pretrained(out_dir)
     torch.manual_seed(seed)
-    cfg = LlamaConfig(
+    cfg = config(
+        layers,
         vocab_size=VOCAB + len(specials),
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=layers,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=512,
-        tie_word_embeddings=True,
-        rms_norm_eps=1e-5,
         initializer_range=0.3,
         bos_token_id=VOCAB,
         eos_token_id=VOCAB + 1,
