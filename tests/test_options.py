@@ -35,6 +35,7 @@ DOCUMENTED = {
         "act_granularity": "tensor",
         "act_symmetric": False,
         "format": "qdq",
+        "rotate": "hadamard",
     },
 }
 
