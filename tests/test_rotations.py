@@ -21,6 +21,7 @@ from qronos_onnx.ir.norms import find_norms, fuse_decomposed_norms
 from qronos_onnx.ir.online_hadamard import insert_online_hadamard, is_online_hadamard
 from qronos_onnx.ir.signature import detect_signature
 from qronos_onnx.ir.targets import readable_name
+from qronos_onnx.passes import rotation_check
 from qronos_onnx.passes.rotate import RotationLog, rotation_passes
 from qronos_onnx.passes.rotation_check import RotationCheckPass
 from qronos_onnx.pipeline import run_passes
@@ -209,6 +210,29 @@ def test_the_self_check_names_the_first_tensor_that_diverges(tiny_models, tmp_pa
     down.inputs[1].const_value = ir.tensor(weight, name=down.inputs[1].name)
     with pytest.raises(QronosError, match=r"first diverging tensor: .*layers\.1\.mlp\.down_proj"):
         run_passes(model, RotationCheckPass(path, samples, log))
+
+
+def test_the_self_check_writes_nothing_unless_the_model_is_too_large(tiny_models, monkeypatch):
+    """ONNX Runtime gets the original and the rotated model from memory, the original's weights
+    read from its own files (no copy of either model is written); past ``IN_MEMORY_BYTES`` of
+    in-memory weights, from a temporary copy. Both measure the same error."""
+    path = tiny_models("kv")
+    assert path.with_name(path.name + ".data").is_file()  # the original has external data
+    saved = []
+    save = ir.save
+    monkeypatch.setattr(ir, "save", lambda model, p, **kw: (saved.append(p), save(model, p, **kw)))
+    errors = []
+    for in_memory_bytes, saves in ((1 << 30, 0), (0, 2)):
+        monkeypatch.setattr(rotation_check, "IN_MEMORY_BYTES", in_memory_bytes)
+        saved.clear()
+        model = load_model(path)
+        log = RotationLog()
+        run_passes(model, rotation_passes(log))
+        check = RotationCheckPass(path, feeds(path, 1, 64), log)
+        run_passes(model, check)
+        assert len(saved) == saves
+        errors.append(check.check.error)
+    assert 0 < errors[0] < 1e-5 and errors[0] == pytest.approx(errors[1], rel=1e-6)
 
 
 def test_a_residual_reader_that_is_not_a_norm_skips_r1_and_stays_exact(tiny_models, tmp_path):

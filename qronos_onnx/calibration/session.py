@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import onnx
 import onnxruntime as ort
@@ -46,11 +48,13 @@ def make_session(
     optimize: bool = True,
     profile_prefix: str | None = None,
     what: str = "the model",
+    external_data_dir: str | os.PathLike | None = None,
 ) -> ort.InferenceSession:
     """A session for an in-memory model (or a model path).
 
     ``optimize=False`` keeps every node as it is (no fusions), so that node-level profiling
-    names the graph's own nodes. ``what`` names the model in errors.
+    names the graph's own nodes. ``what`` names the model in errors. ``external_data_dir``: the
+    folder an in-memory model's external data locations are relative to.
 
     Raises:
         QronosError: ONNX Runtime cannot load the graph (an operator it does not know, a type
@@ -66,6 +70,10 @@ def make_session(
         if optimize
         else ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     )
+    if external_data_dir is not None:
+        options.add_session_config_entry(
+            "session.model_external_initializers_file_folder_path", str(external_data_dir)
+        )
     if profile_prefix is not None:
         options.enable_profiling = True
         options.profile_file_prefix = profile_prefix

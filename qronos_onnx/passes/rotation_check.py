@@ -44,6 +44,9 @@ TOLERANCE = {ir.DataType.FLOAT: 1e-4, ir.DataType.FLOAT16: 2e-2, ir.DataType.BFL
 #: keeps every layer output).
 CHECK_TOKENS = 256
 DIAGNOSIS_TOKENS = 16
+#: In-memory weights up to this size are given to ONNX Runtime in the serialized model (the
+#: protobuf limit is 2 GB); a larger model is saved to a temporary folder first.
+IN_MEMORY_BYTES = 1 << 30
 
 
 @dataclass(frozen=True)
@@ -170,21 +173,37 @@ def _output(model: ir.Model, name: str) -> ir.Value:
 
 
 def _run(model: ir.Model, names: list[str], feed: dict, device: str, what: str) -> list[np.ndarray]:
-    """Run ``model`` with ``names`` as extra outputs (saved with its weights to a temporary
-    folder: ONNX Runtime reads a model of any size from a file)."""
+    """Run ``model`` with ``names`` as extra outputs."""
     values = {v.name: v for n in model.graph for v in n.outputs}
     extra = [values[n] for n in names if n in values and not values[n].is_graph_output()]
     model.graph.outputs.extend(extra)
     try:
         with tempfile.TemporaryDirectory(prefix="qronos_check_") as tmp:
-            path = Path(tmp) / "model.onnx"
-            ir.save(model, path, external_data="model.onnx.data")
-            session = make_session(str(path), device, what=what)
+            session = _session(model, Path(tmp), device, what)
             inputs = {i.name for i in session.get_inputs()}
             return run_session(session, names, {k: v for k, v in feed.items() if k in inputs}, what)
     finally:
         for _ in extra:
             model.graph.outputs.pop()
+
+
+def _session(model: ir.Model, tmp: Path, device: str, what: str):
+    """A session for ``model``: from memory when its in-memory weights fit in one protobuf
+    (``IN_MEMORY_BYTES``) and its other weights are in one folder's files, which are read where
+    they are (the original model is never copied); else saved with its weights to ``tmp``."""
+    folders, in_memory = set(), 0
+    for value in model.graph.initializers.values():
+        tensor = value.const_value
+        if isinstance(tensor, ir.ExternalTensor):
+            folders.add(Path(tensor.base_dir))
+        elif tensor is not None:
+            in_memory += tensor.nbytes
+    if in_memory <= IN_MEMORY_BYTES and len(folders) <= 1:
+        proto = ir.serde.serialize_model(model)
+        return make_session(proto, device, what=what, external_data_dir=next(iter(folders), None))
+    path = tmp / "model.onnx"
+    ir.save(model, path, external_data="model.onnx.data")
+    return make_session(str(path), device, what=what)
 
 
 def _relative_error(x: np.ndarray, ref: np.ndarray) -> float:
