@@ -53,8 +53,15 @@ SETTINGS: dict[str, dict] = {
         "rotate": "hadamard",
         "magr": 1e-3,
     },
-    "W8A8 (--w8a8)": {"config": "w8a8"},
-    "W8A8 + rotations": {"config": "w8a8", "rotate": "hadamard"},
+    "W2 g32 asym + rotations + MagR 1e-4": {
+        "bits": 2,
+        "group_size": 32,
+        "rotate": "hadamard",
+        "magr": 1e-4,
+    },
+    "W2 g32 asym + MagR 1e-4 (no rotation)": {"bits": 2, "group_size": 32, "magr": 1e-4},
+    "W8A8 without rotations": {"config": "w8a8", "rotate": "none"},
+    "W8A8 + rotations (--w8a8)": {"config": "w8a8"},
 }
 #: Settings measured with GPFQ and ONNX Runtime's quantizer too (weight-only, no rotation).
 ROUND_1 = ("W4 g64 asym", "W4 g128 sym", "W4 per-channel asym", "W3 g64 asym", "W2 g32 asym")
@@ -63,8 +70,9 @@ QRONOS_ONLY = (
     "W4A4, no rotation, no clip",
     "W4A4 + rotations, no clip",
     "W2 g32 asym + rotations + MagR 1e-3",
-    "W8A8 (--w8a8)",
-    "W8A8 + rotations",
+    "W2 g32 asym + MagR 1e-4 (no rotation)",
+    "W8A8 without rotations",
+    "W8A8 + rotations (--w8a8)",
 )
 OURS = ("rtn", "gptq", "gpfq", "qronos")
 ORT_WINDOWS = 8
