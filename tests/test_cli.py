@@ -934,6 +934,10 @@ def test_a_hard_linked_model_is_read_and_its_files_are_never_outputs(tiny_models
         )
         == 0
     )
+    # rotated too: the self-check runs the linked original, whose tensors are mapped by path
+    linked = ["optimize", str(tmp_path / "linked" / "model.onnx"), "--calib-windows", "2"]
+    rotated = ["-o", str(tmp_path / "r.onnx"), "--seqlen", "64", "--rotate", "hadamard"]
+    assert main([*linked, *rotated, "--algo", "rtn"]) == 0
     capsys.readouterr()
     assert (
         main(

@@ -189,16 +189,17 @@ def _run(model: ir.Model, names: list[str], feed: dict, device: str, what: str) 
 
 def _session(model: ir.Model, tmp: Path, device: str, what: str):
     """A session for ``model``: from memory when its in-memory weights fit in one protobuf
-    (``IN_MEMORY_BYTES``) and its other weights are in one folder's files, which are read where
-    they are (the original model is never copied); else saved with its weights to ``tmp``."""
-    folders, in_memory = set(), 0
-    for value in model.graph.initializers.values():
-        tensor = value.const_value
-        if isinstance(tensor, ir.ExternalTensor):
-            folders.add(Path(tensor.base_dir))
-        elif tensor is not None:
-            in_memory += tensor.nbytes
-    if in_memory <= IN_MEMORY_BYTES and len(folders) <= 1:
+    (``IN_MEMORY_BYTES``) and its other weights are in one folder's files at relative locations,
+    which are read where they are (the original model is never copied); else saved with its
+    weights to ``tmp`` (ONNX Runtime refuses absolute locations, which hard-linked data files
+    get: ``model_io``)."""
+    values = model.graph.initializers.values()
+    tensors = [v.const_value for v in values if v.const_value is not None]
+    external = [t for t in tensors if isinstance(t, ir.ExternalTensor)]
+    in_memory = sum(t.nbytes for t in tensors if not isinstance(t, ir.ExternalTensor))
+    folders = {Path(t.base_dir) for t in external}
+    in_place = len(folders) <= 1 and not any(os.path.isabs(t.location) for t in external)
+    if in_memory <= IN_MEMORY_BYTES and in_place:
         proto = ir.serde.serialize_model(model)
         return make_session(proto, device, what=what, external_data_dir=next(iter(folders), None))
     path = tmp / "model.onnx"
