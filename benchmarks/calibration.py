@@ -30,11 +30,11 @@ def part(name: str, windows: int, seqlen: int) -> dict:
 
     from qronos_onnx.calibration.data import calibration_windows, load_tokenizer, wiki_vital_text
     from qronos_onnx.calibration.runner import CalibrationOptions
-    from qronos_onnx.config import Recipe
     from qronos_onnx.ir.model_io import load_model
     from qronos_onnx.ir.signature import detect_signature
     from qronos_onnx.pipeline import quantize_model
     from qronos_onnx.quant import Grid
+    from qronos_onnx.scheme import Scheme
 
     encode = load_tokenizer(MODEL.parent)
     chosen = calibration_windows(encode(wiki_vital_text("train")), seqlen, windows)
@@ -50,7 +50,7 @@ def part(name: str, windows: int, seqlen: int) -> dict:
     else:
         qpass = quantize_model(
             model,
-            Recipe(grid=Grid(bits=4, group_size=64)),
+            Scheme(grid=Grid(bits=4, group_size=64)),
             samples,
             CalibrationOptions(progress=False),
             fmt=None,

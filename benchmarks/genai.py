@@ -68,8 +68,9 @@ ROWS = {
 def build_float() -> None:
     if not FLOAT.is_file():
         from qronos_onnx.export import export_checkpoint
+        from qronos_onnx.options import ExportOptions
 
-        export_checkpoint(CHECKPOINT, FLOAT.parent, "fp32", "genai")
+        export_checkpoint(CHECKPOINT, FLOAT.parent, ExportOptions(exporter="genai"))
 
 
 def builder_int4(out: Path, extra: str) -> None:

@@ -12,18 +12,25 @@ import importlib
 _EXPORTS = {
     "ActQuant": ".ir.act_quant",
     "CalibrationWarning": ".errors",
+    "EvalOptions": ".options",
     "EvalResult": ".eval",
+    "ExportOptions": ".options",
+    "Format": ".formats.base",
     "Grid": ".quant",
-    "OptimizeConfig": ".options",
+    "Options": ".options",
     "PRESETS": ".options",
     "QronosError": ".errors",
-    "Recipe": ".config",
     "RecipeWarning": ".errors",
     "Report": ".report",
-    "SolverOptions": ".config",
+    "Scheme": ".scheme",
+    "Solver": ".registry",
+    "SolverOptions": ".scheme",
     "SolverWarning": ".quant",
     "evaluate": ".api",
     "optimize": ".api",
+    "register_format": ".registry",
+    "register_rotation": ".registry",
+    "register_solver": ".registry",
 }
 
 __version__ = "0.1.0"

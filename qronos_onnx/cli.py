@@ -14,20 +14,10 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from .errors import QronosError
-from .options import (
-    DEFAULT_EVAL_WINDOWS,
-    DEFAULT_PRESET,
-    DEFAULT_SEQLEN,
-    PRESETS,
-    OptimizeConfig,
-    alternatives,
-    choices,
-    field_type,
-    fields,
-    option,
-    recipe_path,
-)
-from .staging import TERMINATING, Terminated, termination_as_interrupt, write_text_file
+from .files.placement import write_text_file
+from .files.signals import TERMINATING, Terminated, termination_as_interrupt
+from .options import DEFAULT_PRESET, PRESETS, EvalOptions, ExportOptions, Options
+from .schema import alternatives, choices, fields, hints, is_list, meta
 
 if TYPE_CHECKING:
     from .report import Report
@@ -38,30 +28,37 @@ EPILOG = "Errors a user can fix print one line and exit with status 2."
 def _optimize(args: argparse.Namespace) -> int:
     from . import api  # here, not at import: --help stays instant
 
-    report = api.optimize(args.model, args.output, optimize_config(args))
+    report = api.optimize(args.model, args.output, optimize_options(args))
     try:
         _print(summary_table(report))
-    except KeyboardInterrupt as err:  # the output is complete: say so
-        err.completed_output = report.output  # type: ignore[attr-defined]
+        _flush()
+    except (KeyboardInterrupt, _StdoutError) as err:  # the output is complete: say so
+        setattr(err, "completed_output", report.output)  # noqa: B010 (the exceptions' own types)
         raise
     return 0
 
 
-def optimize_config(args: argparse.Namespace) -> OptimizeConfig:
+def given(args: argparse.Namespace, schema: type) -> dict:
+    """The options of ``schema`` given on a command line (``add_options`` leaves the others
+    out of the namespace); no progress bars when stderr is not a terminal."""
+    values = {f.name: getattr(args, f.name) for f in fields(schema) if hasattr(args, f.name)}
+    if "progress" in {f.name for f in fields(schema)} and not sys.stderr.isatty():
+        values["progress"] = False  # progress bars are for terminals, not log files
+    return values
+
+
+def optimize_options(args: argparse.Namespace) -> Options:
     """The options of an ``optimize`` command line: the preset or ``--config`` recipe (default
-    ``w4``), then every option given explicitly."""
-    given = {f.name: getattr(args, f.name) for f in fields() if hasattr(args, f.name)}
-    if not sys.stderr.isatty():  # progress bars are for terminals, not log files
-        given["progress"] = False
-    return OptimizeConfig.from_recipe(args.recipe or DEFAULT_PRESET).replace(**given)
+    ``w4``), then every option given explicitly, checked together."""
+    from .recipes import options_from
+
+    return options_from(args.recipe or DEFAULT_PRESET, **given(args, Options))
 
 
-def add_optimize_options(parser: argparse.ArgumentParser) -> None:
-    """The flags of every ``OptimizeConfig`` field, and the presets and ``--config``.
+def add_presets(parser: argparse.ArgumentParser) -> None:
+    """``--w4`` ... ``--w8a8`` and ``--config RECIPE.yaml`` (one of them)."""
+    from .recipes import recipe_path
 
-    Only the flags given on the command line reach the namespace (their default is
-    ``argparse.SUPPRESS``): the recipe's values stay unless a flag overrides them.
-    """
     recipes = parser.add_mutually_exclusive_group()
     for preset in PRESETS:
         recipes.add_argument(
@@ -79,8 +76,16 @@ def add_optimize_options(parser: argparse.ArgumentParser) -> None:
         "dashes), listing what differs from the defaults",
     )
     parser.set_defaults(recipe=None)
-    for f in fields():
-        opt = option(f)
+
+
+def add_options(parser: argparse.ArgumentParser, schema: type) -> None:
+    """The flags of every option of ``schema`` (``options.py``).
+
+    Only the flags given on the command line reach the namespace (their default is
+    ``argparse.SUPPRESS``): a recipe's values stay unless a flag overrides them.
+    """
+    for f in fields(schema):
+        opt = meta(f)
         flags = list(opt.switches)
         target = (
             parser.add_mutually_exclusive_group() if len(flags) + opt.takes_value > 1 else parser
@@ -89,10 +94,10 @@ def add_optimize_options(parser: argparse.ArgumentParser) -> None:
             target.add_argument(
                 opt.flag or "--" + f.name.replace("_", "-"),
                 dest=f.name,
-                type=_parse_as(f.name),
+                type=_parse_as(schema, f.name),
                 metavar=opt.metavar,
-                choices=choices(f.name, only=True),
-                nargs="+" if _is_list(f.name) else None,
+                choices=None if is_list(schema, f.name) else choices(schema, f.name, only=True),
+                nargs="+" if is_list(schema, f.name) else None,
                 default=argparse.SUPPRESS,
                 help=f"{opt.help} (default: {_shown(f.default)})",
             )
@@ -113,20 +118,22 @@ def _first_comment(path: Path) -> str:
     return first.lstrip("# ").split(": ", 1)[-1]
 
 
-def _is_list(name: str) -> bool:
-    return isinstance(next(f for f in fields() if f.name == name).default, tuple)
-
-
-def _parse_as(name: str):
+def _parse_as(schema: type, name: str):
     """The converter of a field's command-line value: by its type annotation, with ``none``
-    for an optional value and ``channel`` for a per-channel group size."""
-    kinds = alternatives(field_type(name))
-    if name == "group_size":
-        return lambda text: text if text == "channel" else int(text)
+    for an optional value and a named value (``channel``) beside a number."""
+    kinds = alternatives(hints(schema)[name])
+    named = choices(schema, name) or ()
     convert = int if int in kinds else float if float in kinds else str
-    if type(None) in kinds:
-        return lambda text: None if text == "none" else convert(text)
-    return convert
+    optional = type(None) in kinds
+
+    def parse(text: str):
+        if optional and text == "none":
+            return None
+        if convert is not str and text in named:
+            return text
+        return convert(text)
+
+    return parse
 
 
 def _shown(default) -> str:
@@ -183,21 +190,16 @@ def _pct(x) -> str:
 def _eval(args: argparse.Namespace) -> int:
     from . import api
 
-    result = api.evaluate(
-        args.model,
-        reference=args.reference,
-        data=args.data,
-        windows=args.windows,
-        seqlen=args.seqlen,
-        tokenizer=args.tokenizer,
-        device=args.device,
-        progress=not args.quiet and not args.json,
-    )
+    options = given(args, EvalOptions)
+    if args.json:
+        options["progress"] = False
+    result = api.evaluate(args.model, **options)
     if args.json:
         _print(json.dumps(result.as_dict()))
         return 0
+    seqlen = options.get("seqlen", EvalOptions().seqlen)
     _print(
-        f"perplexity {result.perplexity:.4f} ({result.windows} windows of {args.seqlen} "
+        f"perplexity {result.perplexity:.4f} ({result.windows} windows of {seqlen} "
         f"tokens, {result.tokens} scored, {result.seconds:.0f} s)"
     )
     if result.kl is not None:
@@ -262,7 +264,9 @@ def _inspect(args: argparse.Namespace) -> int:
 def _export(args: argparse.Namespace) -> int:
     from .export import export_checkpoint
 
-    path, used = export_checkpoint(args.checkpoint, args.output, args.dtype, args.exporter)
+    path, used = export_checkpoint(
+        args.checkpoint, args.output, ExportOptions().replace(**given(args, ExportOptions))
+    )
     exporter = "ONNX Runtime GenAI's model builder" if used == "genai" else "torch.onnx"
     _print(f"wrote {path} ({exporter})")
     return 0
@@ -325,43 +329,16 @@ def parser() -> argparse.ArgumentParser:
         required=True,
         help="output .onnx (+ .onnx.data); for a checkpoint input, a directory may be given",
     )
-    add_optimize_options(o)
+    add_presets(o)
+    add_options(o, Options)
     o.set_defaults(func=_optimize)
 
     e = sub.add_parser(
         "eval", help="perplexity (and agreement with a reference model)", epilog=EPILOG
     )
     e.add_argument("model")
-    e.add_argument("--reference", help="float model: also report KL divergence and top-1 agreement")
-    e.add_argument("--data", default="wiki-vital", help="text file or 'wiki-vital' (test side)")
-    e.add_argument(
-        "--windows",
-        type=int,
-        default=DEFAULT_EVAL_WINDOWS,
-        help=f"windows scored, from the start of the text (default {DEFAULT_EVAL_WINDOWS})",
-    )
-    e.add_argument(
-        "--seqlen",
-        type=int,
-        default=DEFAULT_SEQLEN,
-        help=f"tokens per window (default {DEFAULT_SEQLEN})",
-    )
-    e.add_argument(
-        "--tokenizer", help="tokenizer.json or a tokenizer directory (default: beside the model)"
-    )
-    e.add_argument(
-        "--device",
-        choices=["auto", "cpu", "cuda"],
-        default="auto",
-        help="ONNX Runtime provider (auto: CUDA when present)",
-    )
+    add_options(e, EvalOptions)
     e.add_argument("--json", action="store_true", help="print one JSON object")
-    e.add_argument(
-        "-q",
-        "--quiet",
-        action="store_true",
-        help="no progress bar (shown only when stderr is a terminal)",
-    )
     e.set_defaults(func=_eval)
 
     i = sub.add_parser(
@@ -380,15 +357,8 @@ def parser() -> argparse.ArgumentParser:
         "GenAI's model builder when it is installed and able, else torch.onnx. No network.",
     )
     x.add_argument("checkpoint", help="a local Hugging Face checkpoint directory")
-    x.add_argument("-o", "--output", required=True, help="the output directory (new)")
-    x.add_argument("--dtype", choices=["fp32", "fp16"], default="fp32", help="(default: fp32)")
-    x.add_argument(
-        "--exporter",
-        choices=["auto", "genai", "torch"],
-        default="auto",
-        help="GenAI's model builder, torch.onnx, or auto (the builder when installed and "
-        "able; default)",
-    )
+    x.add_argument("-o", "--output", required=True, help="the output directory (new or empty)")
+    add_options(x, ExportOptions)
     x.set_defaults(func=_export)
 
     c = sub.add_parser(
@@ -420,6 +390,14 @@ class _StdoutError(Exception):
         self.error = error
 
 
+def _flush() -> None:
+    """Flush standard output; a failure (a full disk) becomes a ``_StdoutError``."""
+    try:
+        sys.stdout.flush()
+    except OSError as err:
+        raise _StdoutError(err) from err
+
+
 def _print(*args, **kwargs) -> None:
     """``print`` to standard output; a failure to write it becomes a ``_StdoutError``."""
     try:
@@ -434,17 +412,12 @@ def main(argv: list[str] | None = None) -> int:
             setattr(sys, name, open(os.devnull, "w"))  # noqa: SIM115 (lives as long as sys)
     args = parser().parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(message)s")
-    if not sys.stderr.isatty() and hasattr(args, "quiet"):  # bars are for terminals
-        args.quiet = True
     with warnings.catch_warnings(), termination_as_interrupt():  # both undone on return
         warnings.simplefilter("default")
         warnings.showwarning = _show_warning
         try:
             code = args.func(args)
-            try:  # a full stdout fails here, not at exit
-                sys.stdout.flush()
-            except OSError as err:
-                raise _StdoutError(err) from err
+            _flush()  # a full stdout fails here, not at exit
             return code
         except QronosError as err:
             # one line, whatever a library's message that ours quotes looks like
@@ -460,7 +433,10 @@ def main(argv: list[str] | None = None) -> int:
             _drop_stdout()
             if isinstance(err.error, BrokenPipeError):  # piped into e.g. `head`: not an error
                 return 0
-            print(f"qronos-onnx: error: cannot write to standard output: {err}", file=sys.stderr)
+            print(
+                f"qronos-onnx: error: cannot write to standard output: {err}{_written(err)}",
+                file=sys.stderr,
+            )
             return 1
         except OSError as err:  # an operating-system failure not foreseen
             print(f"qronos-onnx: error: {' '.join(str(err).split())}", file=sys.stderr)

@@ -54,6 +54,8 @@ def read_genai_config(model_dir: Path) -> dict[str, Any] | None:
         raise QronosError(f"cannot read {path}: {' '.join(str(err).split())}") from err
     if not isinstance(config, dict) or not isinstance(config.get("model"), dict):
         raise QronosError(f"{path} is not a GenAI configuration (no 'model' object)")
+    if not isinstance(config["model"].get("decoder", {}), dict):
+        raise QronosError(f"{path} is not a GenAI configuration ('model.decoder' is no object)")
     return config
 
 

@@ -1,19 +1,22 @@
-"""The one orchestrator: ``run`` takes a model file, an ``OptimizeConfig``, calibration data
-and a writer, and does everything in one order. The command line, the Python API and the Olive
-pass are thin adapters over it (they differ in how options arrive and where output goes).
+"""The one orchestrator: ``run`` takes a model (an ONNX file, a folder holding
+``model.onnx``, or a Hugging Face checkpoint), ``Options``, calibration data and a writer, and
+does everything in one order. The command line, the Python API and the Olive pass are thin
+adapters over it (they differ in how options arrive and where output goes).
 
-    checks that need no work (recipe, format, output place)     -> QronosError, nothing done
-    writer.reserve()              (files: lock the output, SIGTERM/SIGHUP like Ctrl-C)
+    checks that need no work (scheme, format, output place)     -> QronosError, nothing done
+    [a checkpoint: exported to a temporary folder first]
+    writer.reserve()              (files: lock the output, repair a killed run's leftovers,
+                                   refuse existing outputs without force)
       load the model (memory-mapped), untie the lm_head if it is quantized
-      find the targets            (an already quantized model is refused here, before any data)
+      select the targets          (an already quantized model is refused here, before any data)
       calibration samples         (tokenize the text, or complete the given feeds)
-      rotations (rotate=hadamard) fold norms, R1, R2, R4; self-check against the original
-                                  (then find the targets again: the rotated graph's)
-      passes: activation quantizers -> calibrate and solve -> MatMulNBits | QDQ
+      rotations (rotate != none)  fold norms, R1, R2, R4; self-check against the original
+                                  (then select the targets again: the rotated graph's)
+      passes: activation quantizers -> calibrate and solve -> the format's rewrite
       writer.write(model, report) (files: staged and placed all or nothing)
 
-The passes (``passes/``) are ``onnx_ir`` passes with ``requires``/``ensures`` contracts, run
-as one ``onnx_ir.passes.Sequential``; the input model is never modified.
+The passes (``passes/``, ``formats/``) are ``onnx_ir`` passes with ``requires``/``ensures``
+contracts that keep no state: each returns its results. The input model is never modified.
 """
 
 from __future__ import annotations
@@ -23,27 +26,31 @@ import os
 import time
 import warnings
 from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
 import onnx_ir as ir
 
 from .calibration.data import calibration_samples
-from .calibration.runner import CalibrationOptions
-from .config import Recipe, check_format, recipe_for, warn_recipe_mismatches
-from .errors import CalibrationWarning, QronosError, RecipeWarning, RotationWarning
+from .calibration.runner import CalibrationOptions, CalibrationRun
+from .errors import CalibrationWarning, RecipeWarning, RotationWarning
+from .export import exported_checkpoint, resolve_model
+from .formats.base import Format
 from .ir.model_io import load_model
 from .ir.signature import detect_signature
-from .ir.targets import find_targets, require_targets
-from .options import WIKI_VITAL, OptimizeConfig
+from .ir.targets import Skipped, require_targets
+from .options import WIKI_VITAL, Options
 from .passes.act_quant import InsertActQuantPass
-from .passes.calibrate import CalibrateSolvePass, Observer
-from .passes.formats import ToMatMulNBitsPass, ToQDQPass
+from .passes.calibrate import CalibrateSolvePass, Observer, SolveResult, TargetResult
+from .passes.chain import run_passes
 from .passes.lm_head import UntieLmHeadPass
-from .passes.rotate import RotationLog, refuse_layer_norms, rotation_passes
+from .passes.rotate import apply_rotations, refuse_layer_norms
 from .passes.rotation_check import RotationCheckPass
 from .quant import SolverWarning
+from .registry import FORMATS, get_format
 from .report import Report, RotationReport, build_report
+from .scheme import Scheme
 
 #: The warnings a run records in its report (they are printed as they happen, too).
 RECORDED_WARNINGS = (CalibrationWarning, RecipeWarning, RotationWarning, SolverWarning)
@@ -57,83 +64,111 @@ class Writer(Protocol):
 
     output: Path  # the output model's path
 
-    def check(self, model_path: Path) -> None:
-        """Refuse an output place before any work (``QronosError``)."""
+    def check(self, model_path: Path | None) -> None:
+        """Refuse an output place before any work (``QronosError``); ``None``: the model
+        is not exported yet (a checkpoint)."""
 
     def reserve(self) -> contextlib.AbstractContextManager:
-        """Held for the whole run (a lock on the output)."""
+        """Held for the whole run (a lock on the output, the repair of a killed run's
+        leftovers, the refusal of outputs that exist without force)."""
 
     def write(self, model: ir.Model, make_report: ReportMaker) -> Report:
         """Save the model and its report; return the report."""
 
 
+@dataclass
+class Quantized:
+    """What the pass chain did (``quantize``).
+
+    Attributes:
+        scheme: the scheme it followed.
+        samples: the calibration feeds.
+        calibration: the engine options.
+        results: every solved layer (``TargetResult``).
+        skipped: the layers left in float, with the reason.
+        run_info: what the calibration run did.
+    """
+
+    scheme: Scheme
+    samples: Sequence[dict]
+    calibration: CalibrationOptions
+    results: list[TargetResult] = field(default_factory=list)
+    skipped: list[Skipped] = field(default_factory=list)
+    run_info: CalibrationRun = field(default_factory=CalibrationRun)
+
+
+def preflight(options: Options, data: Any = None) -> tuple[Scheme, list[str]]:
+    """What needs no work: the scheme, whether the format holds its grids (the format's
+    notes for the report), and warnings about options and data without effect."""
+    scheme = Scheme.of(options)
+    fmt = get_format(options.format)
+    notes = fmt.check(scheme.grids)
+    _warn_unused_data(options, data)
+    _warn_unused_options(options, fmt)
+    return scheme, notes
+
+
 def run(
     model_path: str | os.PathLike,
-    config: OptimizeConfig,
+    options: Options,
     writer: Writer,
     data: Any = None,
     observer: Observer | None = None,
 ) -> Report:
-    """Quantize ``model_path`` as ``config`` says and hand the result to ``writer``.
+    """Quantize ``model_path`` as ``options`` say and hand the result to ``writer``.
 
     Args:
+        model_path: an ONNX model file, a folder holding ``model.onnx``, or a Hugging Face
+            checkpoint folder (exported first: ``qronos_onnx.export``).
         data: calibration feeds (an iterable of dicts or a ``CalibrationDataReader``) used
-            instead of ``config.calib_data``'s text.
+            instead of ``options.calib_data``'s text.
         observer: called after each group is solved (tests check statistics with it).
     Returns:
         The report (also written by the writer).
     """
     t0 = time.perf_counter()
-    model_path = Path(model_path)
-    recipe = recipe_for(config)
-    notes = check_format(recipe, config.format)
-    if not model_path.is_file():
-        raise QronosError(f"model file not found: {model_path}")
-    _warn_unused_options(config, data)
+    scheme, notes = preflight(options, data)
+    model_path, checkpoint = resolve_model(model_path)
+    if checkpoint:
+        writer.check(None)
+        with exported_checkpoint(model_path, writer.output, options) as float_model:
+            return _run(float_model, options, scheme, notes, writer, data, observer, t0)
+    return _run(model_path, options, scheme, notes, writer, data, observer, t0)
+
+
+def _run(model_path, options, scheme, notes, writer, data, observer, t0) -> Report:
     writer.check(model_path)
     messages: list[str] = []
     with writer.reserve(), recording(messages):
         model = load_model(model_path)
         detect_signature(model)
-        if recipe.lm_head == "int8":
-            run_passes(model, UntieLmHeadPass(recipe.include, recipe.exclude))
-        groups, skipped = find_targets(
-            model,
-            include_lm_head=recipe.lm_head != "skip",
-            include=recipe.include,
-            exclude=recipe.exclude,
-        )
-        require_targets(model, groups, skipped)
-        if config.rotate == "hadamard":
+        if scheme.lm_head != "skip":
+            run_passes(model, [UntieLmHeadPass(scheme.include, scheme.exclude)])
+        require_targets(model, *scheme.select(model))
+        if options.rotate != "none":
             refuse_layer_norms(model)
-        samples = []
-        if config.needs_data:
-            source = config.calib_data if data is None else data
+        samples: list[dict] = []
+        if options.needs_data:
+            source = options.calib_data if data is None else data
             samples = calibration_samples(
                 model_path,
                 detect_signature(model),
                 source,
-                config.calib_windows,
-                config.seqlen,
-                config.tokenizer,
+                options.calib_windows,
+                options.seqlen,
+                options.tokenizer,
             )
         rotation = None
-        if config.rotate == "hadamard":
-            rotation = rotate_model(model, model_path, samples, config.rotate_seed, config.device)
-            groups, skipped = find_targets(
-                model,
-                include_lm_head=recipe.lm_head != "skip",
-                include=recipe.include,
-                exclude=recipe.exclude,
-            )
+        if options.rotate != "none":
+            rotation = rotate_model(model, model_path, samples, options)
+        groups, skipped = scheme.select(model)
         # (after the data: an error there says all there is, in one line)
-        warn_recipe_mismatches(recipe, [t for g in groups for t in g.targets], skipped)
+        scheme.warn_mismatches([t for g in groups for t in g.targets], skipped)
         calibration = CalibrationOptions(
-            reference=config.reference, device=config.device, progress=config.progress
+            reference=options.reference, device=options.device, progress=options.progress
         )
-        solved = quantize_model(
-            model, recipe, samples, calibration, config.format, config.accuracy_level, observer
-        )
+        rewrite = get_format(options.format).rewrite_pass(options)
+        solved = quantize(model, scheme, samples, calibration, rewrite, observer)
 
         def make_report(files: list[Path]) -> Report:
             return build_report(
@@ -141,8 +176,8 @@ def run(
                 writer.output,
                 files,
                 solved,
-                config.format,
-                config.recipe(),
+                options.format,
+                options.non_defaults(),
                 notes,
                 messages,
                 time.perf_counter() - t0,
@@ -153,57 +188,54 @@ def run(
 
 
 def rotate_model(
-    model: ir.Model,
-    original: Path,
-    samples: Sequence[dict],
-    seed: int = 0,
-    device: str = "auto",
+    model: ir.Model, original: Path, samples: Sequence[dict], options: Options
 ) -> RotationReport:
-    """Fold the norms and apply the rotations R1, R2 and R4 to ``model`` in memory
+    """Fold the norms and apply the rotations ``options`` name to ``model`` in memory
     (``passes/rotate.py``), then check it against the ``original`` file on the first
     calibration sample (``passes/rotation_check.py``: a ``QronosError`` when they disagree)."""
-    log = RotationLog()
-    check = RotationCheckPass(original, samples, log, device)
-    run_passes(model, ir.passes.Sequential(rotation_passes(log, seed), check))
-    return RotationReport.of(log, check.check, seed)
+    log = apply_rotations(model, options.rotate, options.rotate_sites, options.rotate_seed)
+    (check,) = run_passes(model, [RotationCheckPass(original, samples, log, options.device)])
+    return RotationReport.of(log, check.check, options.rotate_seed)  # type: ignore[attr-defined]
 
 
 def quantize_model(
     model: ir.Model,
-    recipe: Recipe,
+    scheme: Scheme,
     samples: Sequence[dict],
     calibration: CalibrationOptions | None = None,
     fmt: str | None = "matmulnbits",
-    accuracy_level: int | None = None,
     observer: Observer | None = None,
-) -> CalibrateSolvePass:
-    """The pass chain on an in-memory model: untie a quantized lm_head, activation
-    quantizers, calibrate and solve, and the format (``None``: leave the fake-quantized float
-    weights). Returns the solve pass (results, skipped layers, calibration run)."""
-    solve = CalibrateSolvePass(recipe, samples, calibration, observer)
-    passes: list[ir.passes.PassBase] = [InsertActQuantPass(recipe), solve]
-    if recipe.lm_head == "int8":
-        passes.insert(0, UntieLmHeadPass(recipe.include, recipe.exclude))
-    if fmt == "matmulnbits":
-        passes.append(ToMatMulNBitsPass(accuracy_level))
-    elif fmt == "qdq":
-        passes.append(ToQDQPass())
-    run_passes(model, ir.passes.Sequential(*passes))
-    return solve
+    options: Options | None = None,
+) -> Quantized:
+    """The whole pass chain on an in-memory model: untie a quantized lm_head, then
+    ``quantize`` with the rewrite of format ``fmt`` (``None``: leave the fake-quantized float
+    weights), whose options (``accuracy_level``) come from ``options``."""
+    if scheme.lm_head != "skip":
+        run_passes(model, [UntieLmHeadPass(scheme.include, scheme.exclude)])
+    rewrite = None if fmt is None else get_format(fmt).rewrite_pass(options or Options())
+    return quantize(model, scheme, samples, calibration, rewrite, observer)
 
 
-def run_passes(model: ir.Model, passes: ir.passes.PassBase) -> ir.passes.PassResult:
-    """Run ``passes`` on ``model``; a ``QronosError`` raised inside (which ``onnx_ir`` wraps in
-    its pass errors) comes out as itself, so that the user sees one clear line."""
-    try:
-        return passes(model)
-    except (ir.passes.PassError, ir.passes.InvariantError) as err:
-        cause: BaseException | None = err
-        while cause is not None and not isinstance(cause, QronosError):
-            cause = cause.__cause__
-        if cause is not None:
-            raise cause from None
-        raise
+def quantize(
+    model: ir.Model,
+    scheme: Scheme,
+    samples: Sequence[dict],
+    calibration: CalibrationOptions | None = None,
+    rewrite: ir.passes.PassBase | None = None,
+    observer: Observer | None = None,
+) -> Quantized:
+    """Activation quantizers, calibrate and solve, and the format's ``rewrite`` (``None``:
+    leave the fake-quantized float weights), on a model whose lm_head is untied when it is
+    quantized."""
+    calibration = calibration or CalibrationOptions()
+    passes: list[ir.passes.PassBase] = [
+        InsertActQuantPass(scheme),
+        CalibrateSolvePass(scheme, samples, calibration, observer),
+    ]
+    if rewrite is not None:
+        passes.append(rewrite)
+    solved = next(r for r in run_passes(model, passes) if isinstance(r, SolveResult))
+    return Quantized(scheme, samples, calibration, solved.results, solved.skipped, solved.run_info)
 
 
 @contextlib.contextmanager
@@ -225,35 +257,44 @@ def recording(messages: list[str]) -> Iterator[None]:
         yield
 
 
-def _warn_unused_options(config: OptimizeConfig, data: Any) -> None:
-    """Warn about options that have no effect on this run (``RecipeWarning``)."""
+def _warn_unused_options(options: Options, fmt: Format) -> None:
+    """Warn about options that have no effect on this run (``RecipeWarning``): a damping for
+    a solver that takes none, an option only other formats read."""
+    solver = options.solver
+    if options.damping is not None and solver.damping is None:
+        warnings.warn(
+            f"{solver.name} takes no damping; damping {options.damping} is not used",
+            RecipeWarning,
+            stacklevel=3,
+        )
+    defaults = Options()
+    for name in {o for entry in FORMATS for o in get_format(entry).options} - set(fmt.options):
+        if getattr(options, name) != getattr(defaults, name):
+            users = [f for f in FORMATS if name in get_format(f).options]
+            warnings.warn(
+                f"{name} is an option of the {', '.join(users)} format; the {fmt.name} format "
+                "does not use it",
+                RecipeWarning,
+                stacklevel=3,
+            )
+
+
+def _warn_unused_data(options: Options, data: Any) -> None:
+    """Warn about calibration data given to a run that reads none."""
     given = (
         data
         if data is not None
-        else (config.calib_data if config.calib_data != WIKI_VITAL else None)
+        else (options.calib_data if options.calib_data != WIKI_VITAL else None)
     )
-    if not config.needs_data and given is not None:
+    if not options.needs_data and given is not None:
         what = (
             repr(str(given))
             if isinstance(given, (str, os.PathLike))
             else f"(a {type(given).__name__})"
         )
         warnings.warn(
-            "round-to-nearest without activation quantization reads no calibration "
+            f"{options.solver.summary} without activation quantization reads no calibration "
             f"data; calib_data {what} is not used",
-            RecipeWarning,
-            stacklevel=3,
-        )
-    if config.damping is not None and config.algo in ("rtn", "gpfq"):
-        warnings.warn(
-            f"{config.algo} takes no damping; damping {config.damping} is not used",
-            RecipeWarning,
-            stacklevel=3,
-        )
-    if config.accuracy_level is not None and config.format != "matmulnbits":
-        warnings.warn(
-            f"accuracy_level is a MatMulNBits attribute; the {config.format} format "
-            "does not use it",
             RecipeWarning,
             stacklevel=3,
         )

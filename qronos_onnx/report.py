@@ -9,15 +9,18 @@ import resource
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .errors import QronosError
 from .ir.model_io import model_files
 from .ir.targets import Skipped
 from .options import DEFAULT_REPORT
-from .passes.calibrate import CalibrateSolvePass, TargetResult
+from .passes.calibrate import TargetResult
 from .passes.rotate import RotationLog
 from .passes.rotation_check import InputRange, RotationCheck
+
+if TYPE_CHECKING:
+    from .pipeline import Quantized
 
 
 @dataclass(frozen=True)
@@ -158,8 +161,9 @@ class Report:
     Attributes:
         model, output: input and output model paths.
         format: ``matmulnbits``, ``qdq`` or ``float (fake-quantized)``.
-        options: the non-default options of the run (an ``OptimizeConfig`` recipe).
-        recipe: the recipe the passes read (grid, solver, patterns, activation quantizer).
+        options: the non-default options of the run (as a recipe file lists them).
+        scheme: the scheme the passes followed (grid, solver, patterns, activation
+            quantizer).
         calibration: see ``CalibrationSummary``.
         targets: one ``LayerReport`` per quantized layer.
         skipped: the layers left in float, with the reason.
@@ -173,7 +177,7 @@ class Report:
     output: str
     format: str
     options: dict[str, Any]
-    recipe: dict[str, Any]
+    scheme: dict[str, Any]
     calibration: CalibrationSummary
     targets: list[LayerReport]
     skipped: list[Skipped]
@@ -201,7 +205,7 @@ def build_report(
     model_path: str | Path,
     output: str | Path,
     files: Sequence[Path],
-    solved: CalibrateSolvePass,
+    solved: Quantized,
     fmt: str | None,
     options: dict[str, Any],
     notes: list[str],
@@ -219,7 +223,7 @@ def build_report(
         output=str(output),
         format=fmt or "float (fake-quantized)",
         options=options,
-        recipe=json.loads(json.dumps(dataclasses.asdict(solved.recipe), default=str)),
+        scheme=json.loads(json.dumps(dataclasses.asdict(solved.scheme), default=str)),
         calibration=CalibrationSummary(
             samples=len(solved.samples),
             reference=solved.calibration.reference,

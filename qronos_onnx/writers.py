@@ -1,6 +1,7 @@
-"""Where ``pipeline.run`` puts its result: ``FileWriter`` writes the output model, its data
-file, the report, the tokenizer files and (for ONNX Runtime GenAI) ``genai_config.json``
-beside ``OUT.onnx``, all or nothing (``staging``), holding the output's lock for the run."""
+"""Where ``pipeline.run`` puts its result: ``FileWriter`` writes the output model and the
+files its format declares, the report, the tokenizer files and (for ONNX Runtime GenAI)
+``genai_config.json`` beside ``OUT.onnx``, all or nothing (``files.placement``), holding the
+output's lock for the run (``files.lock``)."""
 
 from __future__ import annotations
 
@@ -16,6 +17,11 @@ from pathlib import Path
 import onnx_ir as ir
 
 from .errors import QronosError
+from .files.lock import lock_path, output_lock
+from .files.paths import check_output_place, refuse_existing
+from .files.placement import recover, staged_output
+from .files.signals import termination_as_interrupt
+from .formats.base import Format
 from .genai import (
     GENAI_CONFIG,
     for_output,
@@ -24,22 +30,23 @@ from .genai import (
     tokenizer_sources,
     write_config_for,
 )
-from .ir.model_io import check_output_path, data_file_name, write_model
+from .ir.model_io import TOKENIZER_FILE, model_files
 from .ir.signature import detect_signature
-from .options import OptimizeConfig
+from .options import Options
 from .pipeline import ReportMaker
+from .registry import get_format
 from .report import Report, report_name
-from .staging import output_lock, staged_output, termination_as_interrupt
 
 
 class FileWriter:
     """Writes ``OUT.onnx`` and its companions beside it, all or nothing.
 
-    Companions: ``OUT.onnx.data``; the report (when named); the tokenizer files (those of
-    ``tokenizer``, or found beside the input model or in the folder above it) when the output's
-    folder has none, an existing one that differs being kept with a warning; and
-    ``genai_config.json``, naming ``OUT.onnx``, when the input model's folder has one (a model
-    from GenAI's model builder) or ``genai_config`` asks for it.
+    Companions: the files the format declares (``OUT.onnx.data``); the report (when named);
+    the tokenizer files (those of ``tokenizer``, or found beside the input model or in the
+    folder above it) when the output's folder has none, an existing one that differs being
+    kept with a warning; and ``genai_config.json``, naming ``OUT.onnx``, when the input
+    model's folder has one (a model from GenAI's model builder) or ``genai_config`` asks for
+    it.
 
     Args:
         output: the output model's path.
@@ -48,6 +55,8 @@ class FileWriter:
             ``None`` for none.
         tokenizer: a ``tokenizer.json`` or a tokenizer directory; ``None``: find it.
         genai_config: write a ``genai_config.json`` even when the input has none.
+        fmt: the output format (its files and how they are saved); default: the default
+            format option's.
     """
 
     def __init__(
@@ -57,8 +66,10 @@ class FileWriter:
         report: str | None = None,
         tokenizer: str | os.PathLike | None = None,
         genai_config: bool = False,
+        fmt: Format | None = None,
     ):
         self.output = Path(output)
+        self.format = fmt or get_format(Options().format)
         self.force = force
         self.report = None if report is None else report_name(self.output, report)
         self.tokenizer = None if tokenizer is None else Path(tokenizer)
@@ -71,14 +82,29 @@ class FileWriter:
     def writes_genai_config(self) -> bool:
         return self.genai_config or self.input_genai is not None
 
-    def check(self, model_path: Path) -> None:
-        self.model_path = model_path
-        self.input_genai = read_genai_config(model_path.parent)
+    def _names(self) -> list[str]:
+        """The files a run may write beside the output (the model's last)."""
+        model = self.format.files(self.output)
         companions = [] if self.report is None else [self.report]
         if self.writes_genai_config:
             companions.append(GENAI_CONFIG)
+        return [*model[:-1], *companions, model[-1]]
+
+    def check(self, model_path: Path | None) -> None:
+        if self.output.suffix != self.format.suffix:
+            raise QronosError(
+                f"output must end in {self.format.suffix} ({self.format.name} format), got "
+                f"{self.output}"
+            )
+        if self.report is not None:
+            _check_report_name(self.report, self.output, self.format.files(self.output))
+        read: dict[Path, str] = {}
+        if model_path is not None:
+            self.model_path = model_path
+            self.input_genai = read_genai_config(model_path.parent)
             if (
-                self.output.parent.resolve() == model_path.parent.resolve()
+                self.writes_genai_config
+                and self.output.parent.resolve() == model_path.parent.resolve()
                 and self.input_genai is not None
             ):
                 raise QronosError(
@@ -86,11 +112,16 @@ class FileWriter:
                     f"model in {model_path.parent}; write it into another folder "
                     "(it gets a genai_config.json of its own)"
                 )
-        check_output_path(self.output, [model_path], self.force, companions)
+            read = {path: str(model_path) for path in model_files(model_path)}
+        names = [*self._names(), lock_path(self.output).name]
+        check_output_place(self.output, names, read)
 
     @contextlib.contextmanager
     def reserve(self) -> Iterator[None]:
-        with termination_as_interrupt(), output_lock(self.output):
+        """The output's lock, held for the run: first a killed run's leftovers are repaired
+        (whatever ``force`` says), then outputs that exist are refused without ``force``."""
+        with termination_as_interrupt(), output_lock(self.output, repair=recover):
+            refuse_existing(self.output, self._names(), self.force)
             yield
 
     def write(self, model: ir.Model, make_report: ReportMaker) -> Report:
@@ -104,15 +135,16 @@ class FileWriter:
             and copies
         ):
             texts["tokenizer_config.json"] = minimal_tokenizer_config()
+        own = self.format.files(output)
         names = [
-            data_file_name(output),
+            *own[:-1],
             *([] if self.report is None else [self.report]),
             *copies,
             *texts,
-            output.name,
+            own[-1],
         ]
         with staged_output(output, names, self.force) as staged:
-            written = write_model(model, staged / output.name)
+            written = self.format.save(model, staged / output.name)
             for name, source in copies.items():
                 written.append(Path(shutil.copyfile(source, staged / name)))
             for name, text in texts.items():
@@ -158,6 +190,27 @@ class FileWriter:
         return copies
 
 
-def default_file_writer(output: str | os.PathLike, config: OptimizeConfig) -> FileWriter:
+def default_file_writer(output: str | os.PathLike, options: Options) -> FileWriter:
     """The writer of the command line and the Python API."""
-    return FileWriter(output, config.force, config.report, config.tokenizer, config.genai_config)
+    return FileWriter(
+        output,
+        options.force,
+        options.report,
+        options.tokenizer,
+        options.genai_config,
+        get_format(options.format),
+    )
+
+
+def _check_report_name(name: str, output: Path, own: list[str]) -> None:
+    """The report's name is a plain file name beside the output, none of the run's others."""
+    if Path(name).name != name or name in ("", ".", ".."):
+        raise QronosError(f"{name!r} is not a plain file name for beside the output")
+    if name.endswith(".onnx") or name == TOKENIZER_FILE or name == lock_path(output).name:
+        raise QronosError(
+            f"{name!r} cannot name a file beside the output: *.onnx names models, "
+            f"{TOKENIZER_FILE} the tokenizer copied there and {lock_path(output).name} the "
+            "run's lock"
+        )
+    if name in own:
+        raise QronosError(f"{name!r} is the output model's own file name")

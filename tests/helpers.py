@@ -11,10 +11,10 @@ import onnxruntime as ort
 from onnx import numpy_helper
 
 from qronos_onnx.calibration.runner import CalibrationOptions
-from qronos_onnx.config import Recipe
 from qronos_onnx.ir.model_io import load_model, write_model
 from qronos_onnx.passes.calibrate import CalibrateSolvePass
 from qronos_onnx.pipeline import quantize_model
+from qronos_onnx.scheme import Scheme
 
 QUIET = CalibrationOptions(progress=False)
 
@@ -35,7 +35,7 @@ def random_samples(signature, count=3, seqlen=48, seed=0):
 
 
 def solve_file(
-    model_path, output, recipe: Recipe, samples, calibration=None, fmt=None, observer=None
+    model_path, output, recipe: Scheme, samples, calibration=None, fmt=None, observer=None
 ) -> tuple[Path, CalibrateSolvePass]:
     """Load ``model_path``, run the pass chain (``fmt=None``: fake-quantized float weights, for
     brute-force captures) and save it to ``output``; returns ``(output, solve pass)``."""

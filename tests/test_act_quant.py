@@ -9,13 +9,13 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from qronos_onnx.calibration.runner import CalibrationOptions
-from qronos_onnx.config import Recipe
 from qronos_onnx.ir.act_quant import ActQuant, fit_static_scale, insert_act_quant
 from qronos_onnx.ir.model_io import load_model
 from qronos_onnx.ir.signature import detect_signature
 from qronos_onnx.ir.targets import find_targets
 from qronos_onnx.pipeline import quantize_model
 from qronos_onnx.quant import Grid
+from qronos_onnx.scheme import Scheme
 from tests.helpers import full_model_capture, gram, padded_samples, random_samples, rel, solve_file
 
 
@@ -132,7 +132,7 @@ def test_quantized_stream_agrees_with_the_final_graph(tiny_models, tmp_path, act
     path = tiny_models("nokv")
     samples = random_samples(detect_signature(load_model(path)))
     seen = []
-    recipe = Recipe(grid=Grid(bits=4, group_size=32), act_quant=act)
+    recipe = Scheme(grid=Grid(bits=4, group_size=32), act_quant=act)
     saved, _solved = solve_file(
         path,
         tmp_path / "q.onnx",
@@ -166,7 +166,7 @@ def test_w8a8_runs_on_integer_kernels_and_stays_close_to_float(tiny_models, tmp_
     path = tiny_models("nokv")
     model = load_model(path)
     samples = random_samples(detect_signature(model))
-    recipe = Recipe(
+    recipe = Scheme(
         grid=Grid(bits=8, group_size=None, symmetric=True),
         act_quant=ActQuant(8, "tensor", symmetric=False),
     )
@@ -199,7 +199,7 @@ def test_stage_reference_with_static_quantizers_equals_brute_force(tiny_models, 
     path = tiny_models("nokv")
     samples = random_samples(detect_signature(load_model(path)))
     seen = []
-    recipe = Recipe(
+    recipe = Scheme(
         grid=Grid(bits=4, group_size=32), act_quant=ActQuant(8, "tensor", symmetric=False)
     )
     saved, _solved = solve_file(
@@ -239,7 +239,7 @@ def test_static_scales_are_fitted_on_real_tokens_only(tiny_models, tmp_path):
     saved, _solved = solve_file(
         path,
         tmp_path / "q.onnx",
-        Recipe(grid=Grid(bits=4, group_size=32), act_quant=spec),
+        Scheme(grid=Grid(bits=4, group_size=32), act_quant=spec),
         samples,
         CalibrationOptions(progress=False),
         observer=lambda g, H, G, r: seen.append(g),
@@ -265,7 +265,7 @@ def test_an_int8_lm_head_reads_int8_activations_under_w4a4(tiny_models, tmp_path
     8 bits (more than 16 and at most 256 levels per token), every other input to 4 bits."""
     path = tiny_models("nokv")
     samples = random_samples(detect_signature(load_model(path)))
-    recipe = Recipe(
+    recipe = Scheme(
         grid=Grid(bits=4, group_size=None, symmetric=True),
         lm_head="int8",
         act_quant=ActQuant(bits=4, granularity="token"),
@@ -296,7 +296,7 @@ def _w8a8_file(tiny_models, tmp_path, bits):
     """The tiny Llama under the W8A8 recipe with ``bits``-bit symmetric weights, saved as QDQ."""
     path = tiny_models("nokv")
     samples = random_samples(detect_signature(load_model(path)))
-    recipe = Recipe(
+    recipe = Scheme(
         grid=Grid(bits=bits, group_size=None, symmetric=True),
         act_quant=ActQuant(8, "tensor", symmetric=False),
     )

@@ -7,16 +7,16 @@ import pytest
 from onnx import numpy_helper
 
 from qronos_onnx.calibration.runner import CalibrationOptions
-from qronos_onnx.config import Recipe, SolverOptions
 from qronos_onnx.errors import QronosError
 from qronos_onnx.ir.model_io import load_model
 from qronos_onnx.ir.signature import detect_signature
 from qronos_onnx.ir.stages import plan_stages
 from qronos_onnx.ir.targets import find_targets
 from qronos_onnx.quant import Grid
+from qronos_onnx.scheme import Scheme, SolverOptions
 from tests.helpers import full_model_capture, gram, random_samples, rel, solve_file, solved_weights
 
-RECIPE = Recipe(grid=Grid(bits=3, group_size=16), solver=SolverOptions("qronos"))
+RECIPE = Scheme(grid=Grid(bits=3, group_size=16), solver=SolverOptions("qronos"))
 
 
 def quantize_observed(model_path, tmp_path, reference="network", **cal):

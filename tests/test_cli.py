@@ -9,6 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import onnx
+import onnxruntime as ort
 import pytest
 from onnx import numpy_helper
 
@@ -131,7 +132,7 @@ def test_optimize_eval_inspect(tiny_models, tmp_path, corpus):
         (["optimize", "{model}", "-o", "x.onnx", "--report", ""], "not a plain file name"),
         (["eval", "{model}", "--reference", "{corpus}"], "not a readable ONNX model"),
         (["optimize", "{model}", "-o", "x.onnx", "--calib-data", "{binary}"], "not UTF-8"),
-        (["eval", "{model}", "--windows", "0"], "at least one window"),
+        (["eval", "{model}", "--windows", "0"], "windows must be a positive integer"),
         (["eval", "missing.onnx"], "model file not found"),
         (["inspect", "{corpus}"], "not a readable ONNX model"),
         (
@@ -205,7 +206,7 @@ def test_python_api_and_presets(tiny_models, tmp_path, corpus):
         seqlen=64,
         progress=False,
     )
-    assert report.recipe["act_quant"]["bits"] == 4
+    assert report.scheme["act_quant"]["bits"] == 4
     assert report.targets[0].grid == {
         "bits": 4,
         "group_size": None,
@@ -475,8 +476,8 @@ def test_options_without_effect_and_a_different_tokenizer_beside_the_output_are_
             "no calibration data; calib_data 'missing.txt' is not used"
         ),
         (
-            "qronos-onnx: RecipeWarning: accuracy_level is a MatMulNBits attribute; the qdq "
-            "format does not use it"
+            "qronos-onnx: RecipeWarning: accuracy_level is an option of the matmulnbits format; "
+            "the qdq format does not use it"
         ),
         (
             f"qronos-onnx: UserWarning: {tmp_path / 'tokenizer.json'} differs from "
@@ -705,7 +706,7 @@ def test_external_data_outside_the_model_folder_is_refused(tiny_models, tmp_path
         assert len(err.strip().splitlines()) == 1
 
 
-@pytest.mark.parametrize("damage", ["truncated", "deleted"])
+@pytest.mark.parametrize("damage", ["truncated", "deleted", "not articles"])
 def test_a_damaged_wiki_vital_install_says_how_to_reinstall(
     tiny_models, tmp_path, monkeypatch, damage, capsys
 ):
@@ -714,6 +715,8 @@ def test_a_damaged_wiki_vital_install_says_how_to_reinstall(
     (tmp_path / "data").mkdir()
     if damage == "truncated":
         (tmp_path / "data" / "summaries_en-us.json").write_text('{"Earth": {"extract": "The th')
+    if damage == "not articles":
+        (tmp_path / "data" / "summaries_en-us.json").write_text('{"a": 5}')
     monkeypatch.setattr(data, "ensure_package", lambda *args: tmp_path)
     assert main(["eval", str(tiny_models("nokv")), "--windows", "1", "--seqlen", "16"]) == 2
     err = capsys.readouterr().err
@@ -747,7 +750,8 @@ def test_an_unwritable_stdout_is_one_line_and_keeps_the_outputs(tiny_models, tmp
         )
     assert r.returncode == 1
     assert r.stderr.strip() == (
-        "qronos-onnx: error: cannot write to standard output: No space left on device"
+        "qronos-onnx: error: cannot write to standard output: No space left on device after "
+        f"{tmp_path / 'q.onnx'} was written completely"
     ), r.stderr
     assert {"q.onnx", "q.onnx.data", "q.report.json"} <= {p.name for p in tmp_path.iterdir()}
 
@@ -1014,3 +1018,134 @@ def test_negative_token_ids_in_feeds_are_refused(tiny_models, tmp_path):
             progress=False,
             calib_data=[{"input_ids": np.full((1, 8), -3, np.int64)}],
         )
+
+
+def _with_nan_weight(source: Path, out: Path) -> Path:
+    """A copy of a model whose last MatMul weight before the lm_head (a layer, not a norm)
+    holds one NaN."""
+    proto = onnx.load(str(source))
+    names = {t.name for t in proto.graph.initializer}
+    layer = [n.input[1] for n in proto.graph.node if n.op_type == "MatMul" and n.input[1] in names]
+    weight = next(t for t in proto.graph.initializer if t.name == layer[-1])
+    array = numpy_helper.to_array(weight).copy()
+    array.flat[0] = np.nan
+    weight.CopyFrom(numpy_helper.from_array(array, weight.name))
+    onnx.save(proto, out, save_as_external_data=True, location=out.name + ".data")
+    shutil.copy(source.with_name("tokenizer.json"), out.with_name("tokenizer.json"))
+    return out
+
+
+@pytest.mark.parametrize(
+    "options",
+    [
+        ["--algo", "rtn"],
+        ["--algo", "gptq"],
+        ["--algo", "gpfq"],
+        [],
+        ["--rotate", "hadamard"],
+        ["--algo", "rtn", "--rotate", "hadamard"],
+    ],
+)
+def test_a_weight_with_nan_is_one_line(tiny_models, tmp_path, corpus, options, capsys):
+    """NaN in a weight is a broken model: one line naming the weight, every algorithm, with
+    or without rotations."""
+    model = _with_nan_weight(tiny_models("nokv"), tmp_path / "nan.onnx")
+    args = ["--calib-data", str(corpus), "--calib-windows", "4", "--seqlen", "64"]
+    if options[:2] == ["--algo", "rtn"] and "--rotate" not in options:
+        args = []  # round-to-nearest reads no data
+    out = tmp_path / "q.onnx"
+    assert (
+        main(["optimize", str(model), "-o", str(out), "--group-size", "32", *args, *options]) == 2
+    )
+    err = capsys.readouterr().err
+    assert err.strip() == (
+        "qronos-onnx: error: the weight of model.layers.1.mlp.down_proj (val_426) has NaN or "
+        "Inf entries: the model is broken; check its export"
+    )
+    assert not out.exists()
+
+
+def test_a_zero_size_weight_is_not_a_layer(tmp_path, capsys):
+    """A MatMul whose weight has no entries is skipped (no layer to quantize), in every format:
+    the written model runs in ONNX Runtime."""
+    graph = onnx.parser.parse_model(
+        """
+        <ir_version: 8, opset_import: ["" : 17]>
+        g (int64[1, 4] input_ids) => (float[1, 4, 8] logits)
+            <float[16, 8] table, float[8, 8] w, float[8, 0] empty, float[8, 8] head> {
+            x = Gather (table, input_ids)
+            h = MatMul (x, w)
+            e = MatMul (h, empty)
+            c = Concat <axis = -1> (h, e)
+            logits = MatMul (c, head)
+        }
+        """
+    )
+    rng = np.random.default_rng(0)
+    graph.graph.ClearField("initializer")
+    for name, shape in (("table", (16, 8)), ("w", (8, 8)), ("empty", (8, 0)), ("head", (8, 8))):
+        array = rng.standard_normal(shape).astype(np.float32)
+        graph.graph.initializer.append(numpy_helper.from_array(array, name))
+    path = tmp_path / "m.onnx"
+    onnx.save(graph, path)
+    for fmt in ("qdq", "matmulnbits"):
+        out = tmp_path / f"{fmt}.onnx"
+        assert (
+            main(
+                [
+                    "optimize",
+                    str(path),
+                    "-o",
+                    str(out),
+                    "--algo",
+                    "rtn",
+                    "--group-size",
+                    "16",
+                    "--format",
+                    fmt,
+                    "-q",
+                    "--report",
+                    "none",
+                ]
+            )
+            == 0
+        ), capsys.readouterr().err
+        session = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"])
+        assert session.run(None, {"input_ids": np.zeros((1, 4), np.int64)})[0].shape == (1, 4, 8)
+    assert main(["inspect", str(path)]) == 0
+    assert "weight has no entries" in capsys.readouterr().out
+
+
+def test_a_folder_holding_model_onnx_names_that_model(tiny_models, tmp_path):
+    """``optimize DIR`` where DIR holds model.onnx (and a copied config.json) quantizes it."""
+    folder = tmp_path / "float"
+    shutil.copytree(tiny_models("nokv").parent, folder)
+    (folder / "config.json").write_text('{"model_type": "llama"}')
+    report = qronos_onnx.optimize(
+        folder, tmp_path / "q.onnx", algo="rtn", group_size=32, progress=False
+    )
+    assert report.model == str(folder / "model.onnx")
+
+
+def test_a_genai_config_that_is_not_one_is_refused_before_any_work(tiny_models, tmp_path, capsys):
+    folder = tmp_path / "m"
+    shutil.copytree(tiny_models("kv").parent, folder)
+    (folder / "genai_config.json").write_text('{"model": {"decoder": 5}}')
+    assert (
+        main(
+            [
+                "optimize",
+                str(folder / "model.onnx"),
+                "-o",
+                str(tmp_path / "q" / "q.onnx"),
+                "--algo",
+                "rtn",
+                "--group-size",
+                "32",
+            ]
+        )
+        == 2
+    )
+    err = capsys.readouterr().err
+    assert "not a GenAI configuration ('model.decoder' is no object)" in err
+    assert len(err.strip().splitlines()) == 1 and not (tmp_path / "q").exists()

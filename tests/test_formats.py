@@ -8,16 +8,21 @@ import pytest
 import torch
 from onnx import TensorProto, helper, numpy_helper
 
+import qronos_onnx
+from qronos_onnx import registry
 from qronos_onnx.calibration.runner import CalibrationOptions
-from qronos_onnx.config import Recipe
+from qronos_onnx.errors import QronosError
+from qronos_onnx.formats.base import Format
+from qronos_onnx.formats.matmulnbits import ToMatMulNBitsPass
+from qronos_onnx.formats.qdq import ToQDQPass
 from qronos_onnx.ir.model_io import load_model
 from qronos_onnx.ir.packing import NBitsTensors, from_matmulnbits
 from qronos_onnx.ir.signature import detect_signature
 from qronos_onnx.ir.targets import find_targets
 from qronos_onnx.passes.calibrate import QUANTIZED, TARGET
-from qronos_onnx.passes.formats import ToMatMulNBitsPass, ToQDQPass
 from qronos_onnx.pipeline import quantize_model
 from qronos_onnx.quant import Grid, QuantizedWeight, SolveInfo
+from qronos_onnx.scheme import Scheme, SolverOptions
 from tests.helpers import random_samples
 
 
@@ -231,7 +236,7 @@ def logits(model, feed):
 )
 def test_qdq_and_matmulnbits_give_the_same_logits(tiny_models, grid):
     path = tiny_models("kv")
-    recipe = Recipe(grid=grid)
+    recipe = Scheme(grid=grid)
     fake, samples = quantized_tiny(path, recipe)
     reference = logits(fake, samples[0])  # float model with dequantized weights
     nbits, _ = quantized_tiny(path, recipe)
@@ -261,7 +266,7 @@ def test_saved_size_is_bits_over_8_of_the_weights_plus_scales(tiny_models, tmp_p
     from qronos_onnx.ir.model_io import write_model
 
     path = tiny_models("untied")
-    model, _ = quantized_tiny(path, Recipe(grid=Grid(bits=bits, group_size=32)))
+    model, _ = quantized_tiny(path, Scheme(grid=Grid(bits=bits, group_size=32)))
     targets = [t for g in find_targets(load_model(path))[0] for t in g.targets]
     ToMatMulNBitsPass()(model)
     files = write_model(model, tmp_path / "q.onnx")
@@ -285,3 +290,80 @@ def test_saved_size_is_bits_over_8_of_the_weights_plus_scales(tiny_models, tmp_p
         <= sum(f.stat().st_size for f in files)
         <= tensor_bytes(files[0]) + overhead + 4096
     )
+
+
+# -- a format registered from outside the package -----------------------------------------
+
+
+class _KeepFloat(ir.passes.InPlacePass):
+    """Leave the fake-quantized float weights in the graph (the codes go to a side file)."""
+
+    def call(self, model):
+        return ir.passes.PassResult(model, modified=False)
+
+    def ensures(self, model):
+        from qronos_onnx.passes.calibrate import quantized_nodes
+
+        if not quantized_nodes(model):
+            raise ir.passes.PostconditionError("no solved layer")
+
+
+class CodesBeside(Format):
+    """A format declared in this test file alone: the model with its dequantized float weights
+    in one ``.onnx`` file (no data file), and every layer's codes in ``OUT.onnx.codes.npz``
+    beside it. It holds grids of at most 4 bits."""
+
+    name = "codes-beside"
+    summary = "float weights in the model, codes in an .npz beside it"
+
+    def check(self, grids):
+        if any(g.bits > 4 for g in grids):
+            raise QronosError("codes-beside holds grids of at most 4 bits")
+        return ["codes are in an .npz file beside the model"]
+
+    def rewrite_pass(self, options):
+        return _KeepFloat()
+
+    def files(self, output):
+        return [f"{output.name}.codes.npz", output.name]
+
+    def save(self, model, path):
+        from qronos_onnx.passes.calibrate import quantized_nodes
+
+        codes = {t.name: q.codes.numpy() for _, t, q in quantized_nodes(model)}
+        np.savez(path.with_name(f"{path.name}.codes.npz"), **codes)
+        ir.save(ir.external_data.load_to_model(model), path)  # every weight in the protobuf
+        return [path.with_name(f"{path.name}.codes.npz"), path]
+
+
+def test_a_format_registered_from_a_test_runs_end_to_end(tiny_models, tmp_path, monkeypatch):
+    """Registering a format is one call: the options accept its name, its grid check refuses
+    before any work, its pass rewrites the graph and its files are placed all or nothing."""
+    monkeypatch.setitem(registry.FORMATS, "codes-beside", CodesBeside())
+    model = tiny_models("nokv")
+    out = tmp_path / "q.onnx"
+    with pytest.raises(QronosError, match="at most 4 bits"):
+        qronos_onnx.optimize(model, out, format="codes-beside", algo="rtn", bits=8)
+    assert list(tmp_path.iterdir()) == []
+    report = qronos_onnx.optimize(
+        model, out, format="codes-beside", algo="rtn", group_size=32, progress=False
+    )
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "q.onnx",
+        "q.onnx.codes.npz",
+        "q.report.json",
+        "tokenizer.json",
+    ]
+    assert report.notes == ["codes are in an .npz file beside the model"]
+    codes = np.load(tmp_path / "q.onnx.codes.npz")
+    assert sorted(codes.files) == sorted(t.name for t in report.targets)
+    # the model is the fake-quantized one: RTN codes of the same grid, dequantized
+    feed = random_samples(detect_signature(load_model(model)), 1, 16)[0]
+    rtn = Scheme(grid=Grid(bits=4, group_size=32), solver=SolverOptions("rtn"))
+    reference, _ = quantized_tiny(model, rtn)
+    written = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"])
+    np.testing.assert_allclose(
+        written.run(["logits"], feed)[0], logits(reference, feed), rtol=1e-5, atol=1e-5
+    )
+    with pytest.raises(QronosError, match="exists; give force"):
+        qronos_onnx.optimize(model, out, format="codes-beside", algo="rtn", group_size=32)

@@ -309,3 +309,54 @@ def test_the_olive_pass_takes_a_model_builder_output(builder_model, tmp_path, co
     files = {p.split("/")[-1] for p in out.model_attributes["additional_files"]}
     assert {"genai_config.json", "tokenizer.json", "model.report.json"} <= files
     assert len(generate(tmp_path / "out")) == 6
+
+
+def test_a_torch_export_folder_is_a_model_not_a_checkpoint(checkpoint, tmp_path, corpus):
+    """``export --exporter torch`` copies the checkpoint's config.json beside model.onnx: the
+    folder is then the model's, and ``optimize FOLDER`` quantizes that model."""
+    float_dir = tmp_path / "float"
+    assert main(["export", str(checkpoint), "-o", str(float_dir), "--exporter", "torch"]) == 0
+    assert (float_dir / "config.json").is_file()
+    out = tmp_path / "q" / "model.onnx"
+    assert (
+        main(["optimize", str(float_dir), "-o", str(out), "--calib-data", str(corpus), *FAST]) == 0
+    )
+    report = json.loads(out.with_name("model.report.json").read_text())
+    assert report["model"] == str(float_dir / "model.onnx")
+
+
+def test_a_checkpoint_without_a_tokenizer_falls_back_to_torch(checkpoint, tmp_path, capsys):
+    """The builder needs a tokenizer; without one, ``auto`` says why and exports with
+    torch.onnx, which does not."""
+    bare = tmp_path / "bare"
+    shutil.copytree(checkpoint, bare)
+    for path in bare.iterdir():
+        if "token" in path.name:
+            path.unlink()
+    assert main(["export", str(bare), "-o", str(tmp_path / "float")]) == 0
+    captured = capsys.readouterr()
+    assert "exporting with torch.onnx instead" in captured.err
+    assert "(torch.onnx)" in captured.out
+    assert (tmp_path / "float" / "model.onnx").is_file()
+
+
+def test_exporting_into_the_checkpoint_folder_is_refused_before_any_work(
+    checkpoint, tmp_path, capsys
+):
+    folder = tmp_path / "ck"
+    shutil.copytree(checkpoint, folder)
+    before = sorted(p.name for p in folder.iterdir())
+    assert main(["export", str(folder), "-o", str(folder)]) == 2
+    err = capsys.readouterr().err
+    assert "is not a new or empty folder" in err and len(err.strip().splitlines()) == 1
+    assert sorted(p.name for p in folder.iterdir()) == before
+
+
+def test_a_failed_run_on_a_checkpoint_leaves_no_output_folder(checkpoint, tmp_path, capsys):
+    """The checkpoint is exported, then the run fails (no such calibration text): the output
+    folder it made for the export is gone again."""
+    out = tmp_path / "q"
+    args = ["optimize", str(checkpoint), "-o", str(out), "--calib-data", str(tmp_path / "no.txt")]
+    assert main([*args, "--exporter", "torch", "-q"]) == 2
+    assert "no.txt not found" in capsys.readouterr().err
+    assert not out.exists()

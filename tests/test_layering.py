@@ -32,7 +32,7 @@ def test_ir_loads_no_torch(module):
 @pytest.mark.parametrize(
     "statement",
     [
-        "import qronos_onnx.options, qronos_onnx.errors, qronos_onnx.staging",
+        "import qronos_onnx.options, qronos_onnx.errors, qronos_onnx.files.placement",
         "import qronos_onnx.cli as cli; cli.parser().parse_args(['optimize', 'm', '-o', 'q.onnx'])",
     ],
 )

@@ -15,7 +15,7 @@ from onnx import numpy_helper
 from qronos_onnx.errors import QronosError
 from qronos_onnx.ir.model_io import load_model
 from qronos_onnx.ir.signature import detect_signature
-from qronos_onnx.options import DEFAULT_REPORT, OptimizeConfig
+from qronos_onnx.options import DEFAULT_REPORT, Options
 from qronos_onnx.pipeline import run
 from qronos_onnx.writers import FileWriter
 from tests.helpers import random_samples
@@ -24,7 +24,7 @@ from tests.helpers import random_samples
 def write(model_path, output, force=False, report=DEFAULT_REPORT, data=None, **options):
     """The orchestrator with the file writer (RTN, group 16 unless ``options`` say otherwise):
     what ``optimize`` does, with the report name and feeds given directly."""
-    config = OptimizeConfig(**{"algo": "rtn", "group_size": 16, "progress": False, **options})
+    config = Options(**{"algo": "rtn", "group_size": 16, "progress": False, **options})
     return run(model_path, config, FileWriter(output, force, report), data)
 
 

@@ -1,18 +1,21 @@
-"""Every option declared once (``OptimizeConfig``): presets are recipe files, recipes map 1:1
+"""Every option declared once (``options.py``): presets are recipe files, recipes map 1:1
 to flags, and the command line, the Python API and the Olive pass are one orchestrator."""
 
 import argparse
 import dataclasses
 import json
+import re
 import shutil
 
 import pytest
 import yaml
 
 import qronos_onnx
-from qronos_onnx.cli import main, optimize_config, parser
+from qronos_onnx.cli import main, optimize_options, parser
 from qronos_onnx.errors import QronosError
-from qronos_onnx.options import PRESETS, OptimizeConfig, fields, option, recipe_path
+from qronos_onnx.options import PRESETS, Options
+from qronos_onnx.recipes import dump_recipe, options_from, recipe_path
+from qronos_onnx.schema import fields, meta
 
 #: The presets as the README documents them (independent of the recipe files).
 DOCUMENTED = {
@@ -40,18 +43,18 @@ DOCUMENTED = {
 }
 
 
-def parse(*args) -> OptimizeConfig:
-    return optimize_config(parser().parse_args(["optimize", "m.onnx", "-o", "q.onnx", *args]))
+def parse(*args) -> Options:
+    return optimize_options(parser().parse_args(["optimize", "m.onnx", "-o", "q.onnx", *args]))
 
 
 @pytest.mark.parametrize("preset", PRESETS)
 def test_each_preset_is_its_recipe_file(preset):
     """``--w4a4``, ``--config recipes/w4a4.yaml`` and ``optimize(..., "w4a4")`` are the same
     options, the ones the README documents."""
-    expected = dataclasses.replace(OptimizeConfig(), **DOCUMENTED[preset])
+    expected = dataclasses.replace(Options(), **DOCUMENTED[preset])
     flag, recipe = parse(f"--{preset}"), parse("--config", str(recipe_path(preset)))
     assert flag.replace(progress=True) == recipe.replace(progress=True) == expected
-    assert OptimizeConfig.from_recipe(preset).recipe() == DOCUMENTED[preset]
+    assert options_from(preset).non_defaults() == DOCUMENTED[preset]
 
 
 #: A non-default value of every field, and the flags that give it.
@@ -86,6 +89,7 @@ EVERYTHING = {
     "keep_float": (True, ["--keep-float"]),
     "scale_search": ("mse", ["--scale-search", "mse"]),
     "rotate": ("hadamard", ["--rotate", "hadamard"]),
+    "rotate_sites": (("R1", "R4"), ["--rotate-sites", "R1", "R4"]),
     "rotate_seed": (7, ["--rotate-seed", "7"]),
     "magr": (0.01, ["--magr", "0.01"]),
     "act_clip": (0.9, ["--act-clip", "0.9"]),
@@ -93,22 +97,27 @@ EVERYTHING = {
 
 
 def test_a_recipe_maps_one_to_one_to_flags(tmp_path):
-    """A recipe file setting every option equals the same options given as flags, and a
-    configuration dumped as a recipe reads back the same."""
-    assert set(EVERYTHING) == {f.name for f in fields()}
+    """A recipe file setting every option (but ``force``, which only the command line or the
+    call gives) equals the same options given as flags, and a configuration dumped as a recipe
+    reads back the same."""
+    assert set(EVERYTHING) == {f.name for f in fields(Options)}
     recipe = tmp_path / "all.yaml"
     recipe.write_text(
         yaml.safe_dump(
-            {k: list(v) if isinstance(v, tuple) else v for k, (v, _) in EVERYTHING.items()}
+            {
+                k: list(v) if isinstance(v, tuple) else v
+                for k, (v, _) in EVERYTHING.items()
+                if k != "force"
+            }
         )
     )
     flags = [a for _, args in EVERYTHING.values() for a in args]
-    from_flags, from_file = parse(*flags), parse("--config", str(recipe))
-    assert from_flags == from_file == OptimizeConfig(**{k: v for k, (v, _) in EVERYTHING.items()})
-    from_file.dump(tmp_path / "again.yaml")
-    assert OptimizeConfig.from_recipe(tmp_path / "again.yaml") == from_file
+    from_flags, from_file = parse(*flags), parse("--config", str(recipe), "--force")
+    assert from_flags == from_file == Options(**{k: v for k, (v, _) in EVERYTHING.items()})
+    dump_recipe(from_file, tmp_path / "again.yaml")
+    assert options_from(tmp_path / "again.yaml", force=True) == from_file
     # explicit flags override the recipe; none and channel are values too
-    assert parse("--w4a4", "--group-size", "32", "--act-bits", "none").recipe() == {
+    assert parse("--w4a4", "--group-size", "32", "--act-bits", "none").non_defaults() == {
         "group_size": 32,
         "symmetric": True,
         "scale_search": "mse",
@@ -123,9 +132,11 @@ def test_every_option_reaches_the_parser_and_the_olive_pass():
     from qronos_onnx.olive.qronos_pass import QronosQuantization
 
     dests = {a.dest for a in parser()._subparsers._group_actions[0].choices["optimize"]._actions}
-    assert {f.name for f in fields()} <= dests
+    assert {f.name for f in fields(Options)} <= dests
     olive = QronosQuantization._default_config(None)
-    assert {f.name for f in fields() if option(f).olive} | {"recipe", "data_config"} == set(olive)
+    assert {f.name for f in fields(Options) if meta(f).olive} | {"recipe", "data_config"} == set(
+        olive
+    )
 
 
 @pytest.mark.parametrize(
@@ -142,7 +153,7 @@ def test_bad_recipe_files_are_one_line(tmp_path, content, message, capsys):
     recipe = tmp_path / "r.yaml"
     recipe.write_text(content)
     with pytest.raises(QronosError, match=message):
-        OptimizeConfig.from_recipe(recipe)
+        options_from(recipe)
     code = main(["optimize", "m.onnx", "-o", str(tmp_path / "q.onnx"), "--config", str(recipe)])
     err = capsys.readouterr().err
     assert code == 2 and len(err.strip().splitlines()) == 1, err
@@ -213,6 +224,112 @@ def test_the_api_signature_lists_every_option():
     import inspect
 
     params = inspect.signature(qronos_onnx.optimize).parameters
-    assert {f.name for f in fields()} <= set(params)
-    assert all(f.name in qronos_onnx.optimize.__doc__ for f in fields())
+    assert {f.name for f in fields(Options)} <= set(params)
+    assert all(f.name in qronos_onnx.optimize.__doc__ for f in fields(Options))
     assert isinstance(argparse.SUPPRESS, str)
+
+
+@pytest.mark.parametrize(
+    "content,message",
+    [
+        ("bits: " + "[" * 100_000 + "]" * 100_000 + "\n", "nest too deeply"),
+        (
+            (
+                "a: &a [x, x, x, x, x, x, x, x, x]\nb: &b [*a, *a, *a, *a, *a, *a, *a, *a, *a]\n"
+                "include: [*b, *b, *b, *b, *b, *b, *b, *b, *b]\n"
+            ),
+            "anchors and aliases are not allowed",
+        ),
+        ("bits: 3\nbits: 2\n", "'bits' is given twice"),
+        ("force: true\n", "force: give it on the command line"),
+        ("# " + "x" * (1 << 20) + "\n", "a recipe lists a few options"),
+        ("".join(f"k{i}: 1\n" for i in range(50_000)), "and 49992 more"),
+    ],
+)
+def test_recipes_are_plain_data_read_safely(tmp_path, content, message, capsys):
+    """A recipe is a plain mapping: no unbounded nesting or alias expansion, no key given
+    twice, no ``force`` (overwriting is asked for on the command line), and an error about
+    many unknown keys stays one short line."""
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(content)
+    with pytest.raises(QronosError, match=message):
+        options_from(recipe)
+    code = main(["optimize", "m.onnx", "-o", str(tmp_path / "q.onnx"), "--config", str(recipe)])
+    err = capsys.readouterr().err
+    assert code == 2 and len(err.strip().splitlines()) == 1 and len(err) < 2000, err[:300]
+
+
+def test_a_recipe_value_can_be_replaced_by_a_flag(tmp_path):
+    """The recipe and the flags are checked together: ``bits: 9`` from a file, ``--bits 4``
+    on the command line is a valid run; alone, the recipe's value is refused, naming it."""
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("bits: 9\ngroup_size: 32\n")
+    assert parse("--config", str(recipe), "--bits", "4").bits == 4
+    with pytest.raises(QronosError, match=r"recipe .*r\.yaml: bits must be an integer in \[2, 8\]"):
+        parse("--config", str(recipe))
+
+
+@pytest.mark.parametrize(
+    "flag,value,message",
+    [
+        ("--rotate-seed", str(1 << 64), "rotate_seed must be an integer in [0, 2^64 - 1]"),
+        ("--rotate-seed", "-1", "rotate_seed must be an integer in [0, 2^64 - 1]"),
+        ("--magr", "1e9", "magr must be a number in [1e-08, 0.01]"),
+        ("--magr", "1e-300", "magr must be a number in [1e-08, 0.01]"),
+        ("--act-clip", "1e-300", "act_clip must be a number in [0.1, 1]"),
+        ("--act-clip", "0", "act_clip must be a number in [0.1, 1]"),
+        ("--rotate-sites", "R3", "rotate_sites must be one of R1, R2, R4"),
+    ],
+)
+def test_degenerate_values_are_refused_where_they_are_declared(flag, value, message, capsys):
+    """Values that zero every layer (a MagR or clip strength beyond any use), overflow (a
+    seed beyond 64 bits, a MagR strength whose proximal step overflows) or name nothing are
+    refused before any work, in one line."""
+    with pytest.raises(QronosError, match=re.escape(message)):
+        parse(flag, value)
+    assert main(["optimize", "m.onnx", "-o", "q.onnx", flag, value]) == 2
+    err = capsys.readouterr().err
+    assert message in err and len(err.strip().splitlines()) == 1
+
+
+def test_the_largest_seed_rotates(tiny_models, tmp_path):
+    """The largest 64-bit seed is a seed (R2 draws with seed + 1, wrapped)."""
+    corpus_text = tmp_path / "text.txt"
+    corpus_text.write_text("the largest seed of all " * 40)
+    report = qronos_onnx.optimize(
+        tiny_models("nokv"),
+        tmp_path / "q.onnx",
+        algo="rtn",
+        group_size=32,
+        rotate="hadamard",
+        rotate_seed=(1 << 64) - 1,
+        calib_data=corpus_text,
+        calib_windows=1,
+        seqlen=32,
+        progress=False,
+    )
+    assert report.rotation is not None and report.rotation.check["error"] < 1e-4
+
+
+def test_evaluate_checks_its_options_like_the_command_line(tiny_models):
+    """``evaluate``'s keyword arguments are ``EvalOptions``: type and value checked before
+    any work."""
+    with pytest.raises(TypeError, match=r"^progress must be True or False"):
+        qronos_onnx.evaluate(tiny_models("nokv"), progress="no")
+    with pytest.raises(QronosError, match="windows must be a positive integer"):
+        qronos_onnx.evaluate(tiny_models("nokv"), windows=0)
+    with pytest.raises(TypeError, match="unknown option"):
+        qronos_onnx.evaluate(tiny_models("nokv"), window=3)
+
+
+def test_the_options_reference_is_generated_from_the_declarations():
+    """``docs/options.md`` is the output of ``python -m qronos_onnx.reference``: regenerate
+    it when an option changes (it can never drift from the code)."""
+    from pathlib import Path
+
+    from qronos_onnx.reference import markdown
+
+    committed = Path(__file__).parent.parent / "docs" / "options.md"
+    assert committed.read_text(encoding="utf-8") == markdown(), (
+        "docs/options.md is stale: python -m qronos_onnx.reference > docs/options.md"
+    )

@@ -4,6 +4,7 @@ appearing mid-run, and a full disk."""
 
 import contextlib
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -29,18 +30,18 @@ RTN = ["--algo", "rtn", "--group-size", "32", "-q"]
 #: new ones, and a rollback moves again from 7 on.
 CHILD = textwrap.dedent("""
     import os, signal, sys, time, types
-    import qronos_onnx.writers as writers, qronos_onnx.staging as staging
+    import qronos_onnx.ir.model_io as model_io, qronos_onnx.files.placement as staging
     point, sig = sys.argv[1], getattr(signal, sys.argv[2])
     kill = lambda: os.kill(os.getpid(), sig)
     if point.startswith("save"):
-        write_model, pause = writers.write_model, float(point[5:] or 0)
+        write_model, pause = model_io.write_model, float(point[5:] or 0)
         def saving(*args):
             time.sleep(pause)
             written = write_model(*args)
             if not pause:
                 kill()
             return written
-        writers.write_model = saving
+        model_io.write_model = saving
     elif point == "cleanup":
         rmtree = staging.shutil.rmtree
         def cleaning(*args, **kwargs):
@@ -262,16 +263,16 @@ def test_a_file_that_appears_mid_run_is_not_replaced_without_force(
 ):
     """The existence check is repeated when placing: an output that another program wrote
     while the run worked is left as it is, and nothing is written."""
-    import qronos_onnx.writers as writers
+    import qronos_onnx.ir.model_io as model_io
 
     output = tmp_path / "q.onnx"
-    write_model = writers.write_model
+    write_model = model_io.write_model
 
     def meanwhile(*args):
         output.with_name("q.onnx.data").write_text("another program's")
         return write_model(*args)
 
-    monkeypatch.setattr(writers, "write_model", meanwhile)
+    monkeypatch.setattr(model_io, "write_model", meanwhile)
     assert main(["optimize", str(tiny_models("nokv")), "-o", str(output), *RTN]) == 2
     assert "q.onnx.data appeared while this run was working" in capsys.readouterr().err
     assert contents(tmp_path) == {"q.onnx.data": b"another program's"}
@@ -343,3 +344,101 @@ def test_a_full_disk_leaves_no_lock_and_no_olive_config(tiny_models, small_disk,
         err = capsys.readouterr().err
         assert "No space left on device" in err and len(err.strip().splitlines()) == 1
     assert contents(small_disk) == before
+
+
+# -- the lock file (round 3 sweep) ------------------------------------------------------------
+
+
+@pytest.mark.parametrize("link", ["symbolic", "hard", "symbolic elsewhere"])
+def test_a_lock_file_that_is_a_link_is_refused_and_its_target_kept(
+    tiny_models, tmp_path, link, capsys
+):
+    """``OUT.onnx.lock`` is written and removed by the run: a lock path that is a link to the
+    input's data file (a symbolic link, or a hard link), or a symbolic link anywhere, is
+    refused before any work, and the file it leads to stays byte for byte."""
+    source = tiny_models("nokv")
+    model = tmp_path / "m" / "model.onnx"
+    shutil.copytree(source.parent, model.parent)
+    target = model.with_name("model.onnx.data")
+    if link == "symbolic elsewhere":
+        target = tmp_path / "notes.txt"
+        target.write_text("somebody's notes")
+    before = target.read_bytes()
+    lock = tmp_path / "out.onnx.lock"
+    if link == "hard":
+        os.link(target, lock)
+    else:
+        lock.symlink_to(target.relative_to(tmp_path))
+    assert main(["optimize", str(model), "-o", str(tmp_path / "out.onnx"), *RTN]) == 2
+    err = capsys.readouterr().err
+    assert "out.onnx.lock" in err and len(err.strip().splitlines()) == 1, err
+    assert target.read_bytes() == before
+    assert not (tmp_path / "out.onnx").exists()
+
+
+def test_an_input_named_like_the_lock_is_not_deleted(tiny_models, tmp_path, capsys):
+    """An input model ``q.onnx.lock`` with ``-o q.onnx``: the lock would be that file."""
+    source = tiny_models("nokv")
+    shutil.copy(source.with_name("model.onnx.data"), tmp_path / "model.onnx.data")
+    shutil.copy(source, tmp_path / "q.onnx.lock")
+    before = (tmp_path / "q.onnx.lock").read_bytes()
+    assert (
+        main(["optimize", str(tmp_path / "q.onnx.lock"), "-o", str(tmp_path / "q.onnx"), *RTN]) == 2
+    )
+    assert "reads it" in capsys.readouterr().err
+    assert (tmp_path / "q.onnx.lock").read_bytes() == before
+
+
+def _ignore_sigint():
+    _default_signal_handling()
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # as a script's background job has it
+
+
+def test_an_ignored_signal_while_placing_stays_ignored(previous):
+    """SIGINT ignored by the caller (a background job of a script; ``nohup`` does the same to
+    SIGHUP) and sent while the files are being placed: it stays ignored, the run completes."""
+    model, output, files = previous
+    r = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            CHILD,
+            "move:4",
+            "SIGINT",
+            "optimize",
+            str(model),
+            "-o",
+            str(output),
+            "--force",
+            "--bits",
+            "2",
+            *RTN,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+        preexec_fn=_ignore_sigint,
+    )
+    assert r.returncode == 0, r.stderr
+    assert "Traceback" not in r.stderr
+    now = contents(output.parent)
+    assert set(now) == set(files) and now["q.onnx.data"] != files["q.onnx.data"]
+
+
+def test_the_repair_after_sigkill_runs_without_force(previous, capsys):
+    """Killed while placing, a run leaves the previous files set aside: the next run on the
+    output, even without ``--force``, repairs first (with a warning) and only then refuses to
+    replace the output; ``eval`` meanwhile says what happened."""
+    model, output, files = previous
+    r = run_child(
+        "move:4", "SIGKILL", "optimize", model, "-o", output, "--force", "--bits", "2", *RTN
+    )
+    assert r.returncode == -signal.SIGKILL
+    assert not output.exists()
+    assert main(["eval", str(output), "--windows", "1", "--seqlen", "16"]) == 2
+    assert "a run writing it was killed" in capsys.readouterr().err
+    assert main(["optimize", str(model), "-o", str(output), *RTN]) == 2
+    err = capsys.readouterr().err
+    assert "killed while placing" in err and "exists; give force" in err
+    assert contents(output.parent) == files

@@ -4,20 +4,22 @@
 import onnx
 import onnx_ir as ir
 import pytest
+import torch
 
 from qronos_onnx.calibration.runner import CalibrationOptions
-from qronos_onnx.config import Recipe
 from qronos_onnx.errors import QronosError
+from qronos_onnx.formats.matmulnbits import ToMatMulNBitsPass
+from qronos_onnx.formats.qdq import ToQDQPass
 from qronos_onnx.ir.act_quant import ActQuant
 from qronos_onnx.ir.model_io import load_model
 from qronos_onnx.ir.signature import detect_signature
 from qronos_onnx.ir.targets import find_targets, tied_lm_head
 from qronos_onnx.passes.act_quant import InsertActQuantPass
 from qronos_onnx.passes.calibrate import CalibrateSolvePass
-from qronos_onnx.passes.formats import ToMatMulNBitsPass, ToQDQPass
 from qronos_onnx.passes.lm_head import UntieLmHeadPass
 from qronos_onnx.pipeline import quantize_model, run_passes
 from qronos_onnx.quant import Grid
+from qronos_onnx.scheme import Scheme
 from tests.helpers import random_samples
 
 NO_LAYERS = """
@@ -42,8 +44,8 @@ def test_untying_the_lm_head_is_done_once(tiny_models):
 
 def test_activation_quantizers_are_inserted_once(tiny_models):
     model = load_model(tiny_models("nokv"))
-    assert not InsertActQuantPass(Recipe())(model).modified  # no quantizer in the recipe
-    recipe = Recipe(act_quant=ActQuant(4))
+    assert not InsertActQuantPass(Scheme())(model).modified  # no quantizer in the recipe
+    recipe = Scheme(act_quant=ActQuant(4))
     assert InsertActQuantPass(recipe)(model).modified
     assert all(g.source is not None for g in find_targets(model)[0])
     with pytest.raises(ir.passes.PreconditionError, match="already in place"):
@@ -54,9 +56,9 @@ def test_calibrate_requires_targets_and_the_error_reaches_the_user():
     model = ir.serde.deserialize_model(onnx.parser.parse_model(NO_LAYERS))
     detect_signature(model)
     with pytest.raises(ir.passes.PreconditionError):
-        CalibrateSolvePass(Recipe(), [])(model)
+        CalibrateSolvePass(Scheme(), [])(model)
     with pytest.raises(QronosError, match="no quantizable MatMul/Gemm"):
-        run_passes(model, CalibrateSolvePass(Recipe(), []))
+        run_passes(model, [CalibrateSolvePass(Scheme(), [])])
 
 
 def test_formats_report_modified_truthfully(tiny_models):
@@ -72,7 +74,7 @@ def test_the_chain_leaves_no_float_weight_of_a_solved_target(tiny_models, fmt, o
     samples = random_samples(detect_signature(model), count=2)
     solved = quantize_model(
         model,
-        Recipe(grid=Grid(bits=4, group_size=32)),
+        Scheme(grid=Grid(bits=4, group_size=32)),
         samples,
         CalibrationOptions(progress=False),
         fmt,
@@ -80,3 +82,17 @@ def test_the_chain_leaves_no_float_weight_of_a_solved_target(tiny_models, fmt, o
     assert len(solved.results) == 14
     assert sum(n.op_type == op for n in model.graph) == 14
     assert not find_targets(model)[0]  # every layer is integer now
+
+
+def test_a_solve_pass_object_runs_on_two_models(tiny_models):
+    """The solve pass keeps no state of its own: one object solves two models alike, and each
+    run returns its own results."""
+    scheme = Scheme(grid=Grid(bits=4, group_size=32))
+    first, second = load_model(tiny_models("nokv")), load_model(tiny_models("nokv"))
+    solve = CalibrateSolvePass(
+        scheme, random_samples(detect_signature(first), count=2), CalibrationOptions(progress=False)
+    )
+    results = [solve(model).results for model in (first, second)]
+    assert len(results[0]) == len(results[1]) == 14
+    for a, b in zip(*results, strict=True):
+        assert a.target == b.target and torch.equal(a.weight.codes, b.weight.codes)

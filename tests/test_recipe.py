@@ -15,7 +15,7 @@ from onnx import TensorProto, helper, numpy_helper
 from qronos_onnx.errors import QronosError
 from qronos_onnx.ir.model_io import load_model
 from qronos_onnx.ir.signature import detect_signature
-from qronos_onnx.options import DEFAULT_REPORT, OptimizeConfig
+from qronos_onnx.options import DEFAULT_REPORT, Options
 from qronos_onnx.pipeline import run
 from qronos_onnx.quant import Grid
 from qronos_onnx.writers import FileWriter
@@ -25,7 +25,7 @@ from tests.helpers import padded_samples, random_samples
 def quantize(path, out_dir, data=None, observer=None, **options):
     """The orchestrator with the file writer (int4 group 32 unless ``options`` say otherwise)
     on random feeds: ``(report, output, feeds, solved target results)``."""
-    config = OptimizeConfig(**{"bits": 4, "group_size": 32, "progress": False, **options})
+    config = Options(**{"bits": 4, "group_size": 32, "progress": False, **options})
     samples = data
     if samples is None and config.needs_data:
         samples = random_samples(detect_signature(load_model(path)))
@@ -151,7 +151,7 @@ def test_report_errors_match_the_statistics(tiny_models, tmp_path, padded, refer
     report, _, _, results = quantize(
         path, tmp_path, samples, observe, bits=3, group_size=16, reference=reference
     )
-    from qronos_onnx.passes.weights import weight_matrix
+    from qronos_onnx.weights import weight_matrix
 
     model = load_model(path)
     for r in results:

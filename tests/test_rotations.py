@@ -22,7 +22,7 @@ from qronos_onnx.ir.online_hadamard import insert_online_hadamard, is_online_had
 from qronos_onnx.ir.signature import detect_signature
 from qronos_onnx.ir.targets import readable_name
 from qronos_onnx.passes import rotation_check
-from qronos_onnx.passes.rotate import RotationLog, rotation_passes
+from qronos_onnx.passes.rotate import FoldNormScalesPass, apply_rotations
 from qronos_onnx.passes.rotation_check import RotationCheckPass
 from qronos_onnx.pipeline import run_passes
 from qronos_onnx.quant.hadamard import hadamard_matrix, hadamard_orders, random_hadamard
@@ -88,8 +88,7 @@ def test_the_online_hadamard_nodes_compute_the_dense_hadamard(orders):
 def rotate_file(path, out, seed=0):
     """Rotate the model at ``path`` with the passes alone (no self-check); returns the log."""
     model = load_model(path)
-    log = RotationLog()
-    run_passes(model, rotation_passes(log, seed))
+    log = apply_rotations(model, seed=seed)
     write_model(model, out)
     return log
 
@@ -199,17 +198,15 @@ def test_the_self_check_names_the_first_tensor_that_diverges(tiny_models, tmp_pa
     path = tiny_models("kv")
     samples = feeds(path, 1, 64)
     model = load_model(path)
-    log = RotationLog()
-    run_passes(model, rotation_passes(log))
-    check = RotationCheckPass(path, samples, log)
-    run_passes(model, check)  # the intact rotation passes
+    log = apply_rotations(model)
+    (check,) = run_passes(model, [RotationCheckPass(path, samples, log)])  # intact rotations
     assert 0 < check.check.error < 1e-5
     down = next(n for n in model.graph if "layers.1.mlp.down_proj" in readable_name(n))
     weight = down.inputs[1].const_value.numpy().copy()
     weight[:, 0] *= -1  # flip one output channel's sign
     down.inputs[1].const_value = ir.tensor(weight, name=down.inputs[1].name)
     with pytest.raises(QronosError, match=r"first diverging tensor: .*layers\.1\.mlp\.down_proj"):
-        run_passes(model, RotationCheckPass(path, samples, log))
+        run_passes(model, [RotationCheckPass(path, samples, log)])
 
 
 def test_the_self_check_writes_nothing_unless_the_model_is_too_large(tiny_models, monkeypatch):
@@ -226,10 +223,8 @@ def test_the_self_check_writes_nothing_unless_the_model_is_too_large(tiny_models
         monkeypatch.setattr(rotation_check, "IN_MEMORY_BYTES", in_memory_bytes)
         saved.clear()
         model = load_model(path)
-        log = RotationLog()
-        run_passes(model, rotation_passes(log))
-        check = RotationCheckPass(path, feeds(path, 1, 64), log)
-        run_passes(model, check)
+        log = apply_rotations(model)
+        (check,) = run_passes(model, [RotationCheckPass(path, feeds(path, 1, 64), log)])
         assert len(saved) == saves
         errors.append(check.check.error)
     assert 0 < errors[0] < 1e-5 and errors[0] == pytest.approx(errors[1], rel=1e-6)
@@ -307,10 +302,8 @@ def test_rotations_flatten_the_layer_inputs(tiny_models, tmp_path):
     assert np.mean([ratio[k][1] for k in down]) < np.mean([ratio[k][0] for k in down])
     # the report's numbers are these numbers
     model = load_model(path)
-    log = RotationLog()
-    run_passes(model, rotation_passes(log))
-    check = RotationCheckPass(path, [feed], log)
-    run_passes(model, check)
+    log = apply_rotations(model)
+    (check,) = run_passes(model, [RotationCheckPass(path, [feed], log)])
     q0 = next(k for k in reads_norm if "layers.0" in k and "q_proj" in k)
     measured = next(r for r in check.check.after if "layers.0" in r.layer and "q_proj" in r.layer)
     assert measured.outlier == pytest.approx(ratio[q0][1], rel=1e-4)
@@ -428,3 +421,64 @@ def test_the_command_line_reports_the_rotations(tiny_models, tmp_path, capsys):
     assert report["rotation"]["skipped"][0]["name"] == "R1"
     # one input range per layer group: q/k/v, o_proj, gate/up, down_proj per layer, lm_head
     assert len(report["rotation"]["inputs"]) == 2 * 4 + 1
+
+
+@pytest.mark.parametrize("sites", [("R4",), ("R1", "R2")])
+def test_each_rotation_site_is_switched_on_its_own(tiny_models, tmp_path, sites):
+    """``rotate_sites`` picks the sites; the others are left as they are, and the model still
+    computes the original logits."""
+    path = tiny_models("kv")
+    model = load_model(path)
+    log = apply_rotations(model, sites=sites)
+    assert [a.name for a in log.applied] == list(sites)
+    assert any(is_online_hadamard(n) for n in model.graph) == ("R4" in sites)
+    out = tmp_path / "rotated.onnx"
+    write_model(model, out)
+    feed = feeds(path, 1)[0]
+    assert rel(logits(out, feed), logits(path, feed)) < 1e-5
+
+
+def test_a_rotation_kind_registered_from_a_test(tiny_models, tmp_path, monkeypatch):
+    """A rotation kind is one registration: a generator of orthogonal matrices (here dense
+    random ones, which have no Kronecker factors, so the online site R4 says why it cannot
+    take them). ``--rotate KIND`` then runs it, checked against the original model."""
+    from qronos_onnx import registry
+    from qronos_onnx.quant.hadamard import Rotation, random_orthogonal
+
+    def orthogonal(n, seed):
+        return Rotation(n, (), None, random_orthogonal(n, seed or 0), seed)
+
+    monkeypatch.setitem(registry.ROTATIONS, "orthogonal", orthogonal)
+    corpus = tmp_path / "text.txt"
+    corpus.write_text("rotations by any orthogonal matrix keep the function " * 40)
+    with pytest.warns(RotationWarning, match="R4 skipped"):
+        report = qronos_onnx.optimize(
+            tiny_models("kv"),
+            tmp_path / "q.onnx",
+            algo="rtn",
+            group_size=32,
+            rotate="orthogonal",
+            calib_data=corpus,
+            calib_windows=1,
+            seqlen=32,
+            progress=False,
+        )
+    assert report.rotation is not None
+    assert [a["name"] for a in report.rotation.applied] == ["R1", "R2"]
+    assert all("random orthogonal" in a["rotation"] for a in report.rotation.applied)
+    assert report.rotation.check["error"] < 1e-4
+
+
+def test_a_rotation_pass_object_runs_on_two_models(tiny_models):
+    """The passes keep no state: one pass object rotates two models alike."""
+    from qronos_onnx.passes.rotate import RotateResidualPass
+
+    rotate = RotateResidualPass(seed=3)
+    first, second = load_model(tiny_models("kv")), load_model(tiny_models("kv"))
+    for model in (first, second):
+        FoldNormScalesPass()(model)
+        assert rotate(model).applied[0].name == "R1"
+    assert first.graph.initializers.keys() == second.graph.initializers.keys()
+    for name, value in first.graph.initializers.items():
+        other = second.graph.initializers[name].const_value.numpy()
+        np.testing.assert_array_equal(value.const_value.numpy(), other, err_msg=name)

@@ -54,17 +54,15 @@ def test_rotated_smollm2_computes_the_original_logits(smollm2, tmp_path):
     from qronos_onnx.calibration.data import calibration_samples
     from qronos_onnx.ir.model_io import load_model, write_model
     from qronos_onnx.ir.signature import detect_signature
-    from qronos_onnx.passes.rotate import RotationLog, rotation_passes
+    from qronos_onnx.passes.rotate import apply_rotations
     from qronos_onnx.passes.rotation_check import RotationCheckPass
     from qronos_onnx.pipeline import run_passes
     from tests.helpers import logits, rel
 
     model = load_model(smollm2)
     samples = calibration_samples(smollm2, detect_signature(model), "wiki-vital", 1, 128, None)
-    log = RotationLog()
-    check = RotationCheckPass(smollm2, samples, log)
-    run_passes(model, rotation_passes(log))
-    run_passes(model, check)
+    log = apply_rotations(model)
+    (check,) = run_passes(model, [RotationCheckPass(smollm2, samples, log)])
     assert [a.name for a in log.applied] == ["R1", "R2", "R4"]
     assert "hadamard 24 x 24" in log.applied[0].rotation
     out = tmp_path / "rotated.onnx"

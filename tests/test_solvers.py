@@ -290,3 +290,27 @@ def test_inputs_are_never_modified(algorithm, act_order, variant):
     )
     for a, b in zip(args, before, strict=False):
         assert torch.equal(a, b)
+
+
+def test_a_solver_registered_from_a_test(monkeypatch):
+    """A solver is one registration (a row of the table): ``solve`` runs its function with the
+    table's facts (what it needs, its damping and what that is relative to), and the options
+    accept its name."""
+    from qronos_onnx.options import Options
+    from qronos_onnx.registry import SOLVERS, Solver
+
+    def nearest(problem, lam, settings):
+        codes, _ = problem.cols.round(problem.weight.T, slice(None))  # column-major rows
+        return codes.T, lam, 0
+
+    row = Solver("nearest", "round in solve order", True, False, 0.5, "mean_diag", nearest)
+    monkeypatch.setitem(SOLVERS, "nearest", row)
+    W, _, _, H, _ = problem(3)
+    W, H = t64(W), t64(H)
+    grid = Grid(bits=3, group_size=16)
+    q = solve("nearest", W, H, grid=grid)
+    assert torch.equal(q.codes, solve("rtn", W, grid=grid).codes)
+    assert q.info.damping == pytest.approx(0.5 * float(torch.diagonal(H).mean()))
+    with pytest.raises(ValueError, match="nearest needs H"):
+        solve("nearest", W, grid=grid)
+    assert Options(algo="nearest").needs_data

@@ -65,6 +65,9 @@ def wiki_vital_text(split: str) -> str:
         articles = json.loads(data.read_text(encoding="utf-8"))
         if not isinstance(articles, dict):
             raise ValueError(f"expected an object of articles, found {type(articles).__name__}")
+        for title, article in articles.items():
+            if not isinstance(article, dict) or not isinstance(article.get("extract") or "", str):
+                raise ValueError(f"article {title!r} is not an object with a text 'extract'")
     except (OSError, ValueError) as err:  # JSONDecodeError and UnicodeError included
         dist, version, _ = _WIKI_PACKAGE
         raise QronosError(

@@ -10,11 +10,18 @@ that name the layers in reports and patterns.
 
 from __future__ import annotations
 
+import json
+import logging
+import shutil
 import warnings
 from pathlib import Path
 from typing import Any
 
 import torch
+
+from qronos_onnx.errors import QronosError
+
+from .builder import MODEL_FILE
 
 
 def flat_io(model: torch.nn.Module) -> torch.nn.Module:
@@ -95,3 +102,38 @@ def export_causal_lm(model: torch.nn.Module, path: str | Path, kv_cache: bool = 
             verbose=False,
         )
     return path
+
+
+def export_checkpoint_with_torch(checkpoint: Path, out: Path, dtype: str) -> None:
+    """``torch.onnx`` of a checkpoint's transformers model into ``out``, with its tokenizer
+    files, ``config.json`` and a ``genai_config.json``.
+
+    Raises:
+        QronosError: transformers cannot load the checkpoint.
+    """
+    from transformers import AutoModelForCausalLM
+    from transformers.utils import logging as hf_logging
+
+    from qronos_onnx.genai import GENAI_CONFIG, TOKENIZER_FILES, write_config_for
+    from qronos_onnx.ir.model_io import load_model
+    from qronos_onnx.ir.signature import detect_signature
+
+    hf_logging.disable_progress_bar()
+    logging.getLogger("torch.onnx").setLevel(logging.ERROR)  # notices about torchvision ops
+    try:
+        model = AutoModelForCausalLM.from_pretrained(
+            str(checkpoint), dtype=torch.float16 if dtype == "fp16" else torch.float32
+        )
+    except Exception as err:  # transformers raises many types for unloadable checkpoints
+        raise QronosError(
+            f"transformers cannot load {checkpoint}: {' '.join(str(err).split())}"
+        ) from err
+    export_causal_lm(model, out / MODEL_FILE)
+    for name in (*TOKENIZER_FILES, "config.json", "generation_config.json"):
+        if (checkpoint / name).is_file():
+            shutil.copyfile(checkpoint / name, out / name)
+    onnx_model = load_model(out / MODEL_FILE)
+    config = write_config_for(
+        onnx_model, detect_signature(onnx_model), out / MODEL_FILE, MODEL_FILE
+    )
+    (out / GENAI_CONFIG).write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")

@@ -2,14 +2,13 @@
 
 Loading keeps weights in the external data files, memory-mapped by ``onnx_ir``. Saving writes
 every tensor of 1 KiB or more to one data file beside the model (``<output>.data``), so the
-protobuf never nears its 2 GB limit. Outputs are written into a temporary directory next to the
-final place and moved there together only when complete (``qronos_onnx.staging``).
+protobuf never nears its 2 GB limit. Outputs are written into a staging directory next to the
+final place and moved there together only when complete (``qronos_onnx.files.placement``).
 """
 
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
 from pathlib import Path
 
 import onnx
@@ -17,6 +16,7 @@ import onnx_ir as ir
 from google.protobuf.message import DecodeError
 
 from qronos_onnx.errors import QronosError
+from qronos_onnx.files.placement import staging_dirs
 
 EXTERNAL_THRESHOLD_BYTES = 1024
 TOKENIZER_FILE = "tokenizer.json"  # copied beside an output model by ``optimize``
@@ -31,9 +31,7 @@ def load_model(path: str | os.PathLike) -> ir.Model:
     """
     path = Path(path)
     if not path.is_file():
-        raise QronosError(
-            f"model file not found: {path}" + (" (it is a directory)" if path.is_dir() else "")
-        )
+        raise QronosError(f"model file not found: {path}{_why_missing(path)}")
     try:
         proto = onnx.load(str(path), load_external_data=False)
     except (DecodeError, RuntimeError, ValueError, OSError) as err:
@@ -51,6 +49,20 @@ def load_model(path: str | os.PathLike) -> ir.Model:
     _map_hard_linked_data(model)
     _name_nodes(model)
     return model
+
+
+def _why_missing(path: Path) -> str:
+    """What a missing model path is instead: a folder, or the output of a run that was killed
+    while placing its files (the previous ones wait in its staging folder)."""
+    if path.is_dir():
+        return " (it is a directory)"
+    left = staging_dirs(path)
+    if left:
+        return (
+            f" (a run writing it was killed; what it replaced is in {left[0]}: the next "
+            "optimize run on this output puts it back)"
+        )
+    return ""
 
 
 def _map_hard_linked_data(model: ir.Model) -> None:
@@ -164,103 +176,6 @@ def model_files(path: str | os.PathLike) -> set[Path]:
         return files
     files.update(location.resolve() for _, location, _ in _external_entries(proto, path.parent))
     return files
-
-
-def check_output_path(
-    output: str | os.PathLike,
-    inputs: Sequence[str | os.PathLike],
-    force: bool,
-    companions: Sequence[str] = (),
-) -> Path:
-    """Check where ``output`` will be written, before any work.
-
-    What gets written is ``output``, its data file ``<output>.data`` and the ``companions``
-    (file names beside ``output``, e.g. the report). None of them may be a file an input model
-    reads (its ``.onnx`` or external data), even with ``force``; an existing one is only
-    replaced with ``force``. ``<output>.lock`` is the run's lock (``qronos_onnx.staging``).
-    """
-    output = Path(output)
-    if output.suffix != ".onnx":
-        raise QronosError(f"output must end in .onnx, got {output}")
-    limit = _name_max(output.parent)
-    # the longest name made from the output's is its staging directory, 14 bytes longer
-    if len(os.fsencode(output.name)) + 14 > limit:
-        raise QronosError(
-            f"the output name {output.name!r} is too long: this file system "
-            f"allows {limit} bytes per name, and the files written beside it "
-            f"need {limit - 14} at most"
-        )
-    for name in companions:
-        if len(os.fsencode(name)) > limit:
-            raise QronosError(
-                f"the file name {name!r} is longer than the {limit} bytes this "
-                "file system allows; choose a shorter name"
-            )
-    if output.is_dir():
-        raise QronosError(f"{output} is a directory; give the output model's file name")
-    _check_writable_dir(output.parent)
-    written = [output, output.with_name(data_file_name(output))]
-    for name in companions:
-        if Path(name).name != name or name in ("", ".", ".."):
-            raise QronosError(f"{name!r} is not a plain file name for beside the output")
-        if name.endswith(".onnx") or name == TOKENIZER_FILE or name == f"{output.name}.lock":
-            raise QronosError(
-                f"{name!r} cannot name a file beside the output: *.onnx names "
-                f"models, {TOKENIZER_FILE} the tokenizer copied there and "
-                f"{output.name}.lock the run's lock"
-            )
-        if output.with_name(name) in written:
-            raise QronosError(f"{name!r} is the output model's own file name")
-        written.append(output.with_name(name))
-    for path in written:
-        if path.is_dir():
-            raise QronosError(f"{path} is a directory; it would be replaced by a file")
-    for source in inputs:
-        read = model_files(source)
-        inodes = {_inode(p) for p in read} - {None}
-        for path in written:
-            if path.resolve() in read or _inode(path) in inodes:
-                link = "" if path.resolve() in read else " through a hard link"
-                raise QronosError(
-                    f"refusing to overwrite {path}: the input model {source} reads "
-                    f"it{link}; choose another output"
-                )
-    existing = [path for path in written if path.exists()]
-    if existing and not force:
-        raise QronosError(f"{existing[0]} exists; give force to overwrite it")
-    return output
-
-
-def _inode(path: Path) -> tuple[int, int] | None:
-    """``(device, inode)`` of an existing file (hard links share it), else ``None``."""
-    try:
-        stat = path.stat()
-    except OSError:
-        return None
-    return stat.st_dev, stat.st_ino
-
-
-def _name_max(directory: Path) -> int:
-    """The longest file name (bytes) the file system of ``directory`` (or its nearest existing
-    ancestor) allows; 255 where it cannot be asked."""
-    while not directory.exists() and directory != directory.parent:
-        directory = directory.parent
-    try:
-        return os.pathconf(directory, "PC_NAME_MAX")
-    except (OSError, ValueError, AttributeError):
-        return 255
-
-
-def _check_writable_dir(directory: Path) -> None:
-    """``directory`` exists and is writable, or can be created (its nearest existing ancestor
-    is a writable directory)."""
-    existing = directory
-    while not existing.exists() and existing != existing.parent:
-        existing = existing.parent
-    if not existing.is_dir():
-        raise QronosError(f"{existing} is not a directory")
-    if not os.access(existing, os.W_OK | os.X_OK):
-        raise QronosError(f"cannot write into {existing}: permission denied")
 
 
 def data_file_name(output: str | os.PathLike) -> str:

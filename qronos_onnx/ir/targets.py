@@ -323,6 +323,8 @@ def _as_target(node: ir.Node, name: str, lm_head: bool) -> tuple[Target | None, 
     shape = static_shape(b.const_value)
     if len(shape) != 2:
         return None, f"weight has rank {len(shape)}, not 2"
+    if 0 in shape:
+        return None, f"weight has no entries (shape {list(shape)})"
     if len(b.uses()) != 1:
         if lm_head:
             return None, "tied lm_head (its weight is the embedding's, read through a Transpose)"

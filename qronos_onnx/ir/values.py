@@ -83,3 +83,23 @@ def shared_initializer(
     value.shape, value.dtype = ir.Shape(array.shape), dtype
     model.graph.register_initializer(value)
     return value
+
+
+def add_initializer(
+    graph: ir.Graph, name: str, array: np.ndarray, dtype: ir.DataType | None = None
+) -> ir.Value:
+    """A new initializer named ``name`` (made unique)."""
+    base, i = name, 0
+    while name in graph.initializers:
+        i += 1
+        name = f"{base}_{i}"
+    value = ir.Value(name=name, const_value=ir.Tensor(array, dtype=dtype, name=name))
+    graph.register_initializer(value)
+    return value
+
+
+def drop_unused(graph: ir.Graph, name: str) -> None:
+    """Remove the initializer ``name`` when nothing reads it any more."""
+    value = graph.initializers.get(name)
+    if value is not None and not value.uses():
+        del graph.initializers[name]

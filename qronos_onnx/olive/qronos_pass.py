@@ -1,6 +1,6 @@
 """``QronosQuantization``: an Olive pass that runs qronos-onnx on an ``ONNXModelHandler``.
 
-A thin adapter over ``pipeline.run``: its parameters are the fields of ``OptimizeConfig``
+A thin adapter over ``pipeline.run``: its parameters are the fields of ``Options``
 (generated here), plus ``recipe`` (a preset name or a recipe file, default ``w4``) and an Olive
 ``data_config`` for calibration (its feeds are completed with the LLM inputs they lack, such as
 ``position_ids`` and an empty KV cache). A parameter left ``null`` keeps the recipe's value.
@@ -25,23 +25,19 @@ from olive.passes.pass_config import BasePassConfig, PassConfigParam
 from olive.resource_path import LocalFolder
 
 from qronos_onnx.api import resolve
-from qronos_onnx.options import (
-    DEFAULT_PRESET,
-    DEFAULT_REPORT,
-    alternatives,
-    field_type,
-    fields,
-    option,
-)
+from qronos_onnx.formats.base import Format
+from qronos_onnx.options import DEFAULT_PRESET, DEFAULT_REPORT, Options
 from qronos_onnx.pipeline import ReportMaker, run
+from qronos_onnx.registry import get_format
 from qronos_onnx.report import Report
+from qronos_onnx.schema import alternatives, fields, hints, meta
 from qronos_onnx.writers import FileWriter
 
 
 def _olive_type(name: str) -> Any:
     """The parameter type Olive validates: the field's type made optional (``None`` keeps
     the recipe's value), choices as strings and tuples of patterns as lists."""
-    tp = field_type(name)
+    tp = hints(Options)[name]
     if typing.get_origin(tp) is tuple:
         return list | None
     kinds = {str if typing.get_origin(a) is typing.Literal else a for a in alternatives(tp)}
@@ -55,15 +51,15 @@ class _OliveWriter(FileWriter):
     directory, and the handler Olive passes on: the input's model attributes, with the files
     written beside the model as ``additional_files`` (how Olive carries them)."""
 
-    def __init__(self, output: Path, attributes: dict[str, Any] | None):
-        super().__init__(output, force=True, report=DEFAULT_REPORT)
+    def __init__(self, output: Path, fmt: Format, attributes: dict[str, Any] | None):
+        super().__init__(output, force=True, report=DEFAULT_REPORT, fmt=fmt)
         self.attributes = dict(attributes or {})
         self.handler: ONNXModelHandler | None = None
 
     def write(self, model: ir.Model, make_report: ReportMaker) -> Report:
         report = super().write(model, make_report)
-        model_files = {self.output.name, f"{self.output.name}.data"}
-        extra = sorted(str(p) for p in self.placed if p.name not in model_files)
+        own = set(self.format.files(self.output))
+        extra = sorted(str(p) for p in self.placed if p.name not in own)
         self.attributes["additional_files"] = extra
         self.handler = ONNXModelHandler(
             model_path=LocalFolder({"path": self.output.parent}),
@@ -93,13 +89,12 @@ class QronosQuantization(Pass):
                 description="Olive data config for calibration (used instead of calib_data).",
             ),
         }
-        for f in fields():
-            if option(f).olive:
+        for f in fields(Options):
+            if meta(f).olive:
                 params[f.name] = PassConfigParam(
                     type_=_olive_type(f.name),
                     default_value=None,
-                    description=f"{option(f).help} (null: the recipe's value; default "
-                    f"{f.default!r})",
+                    description=f"{meta(f).help} (null: the recipe's value; default {f.default!r})",
                 )
         return params
 
@@ -109,11 +104,11 @@ class QronosQuantization(Pass):
         output = Path(resolve_onnx_path(output_model_path, Path(model.model_path).name))
         overrides = {
             f.name: getattr(config, f.name)
-            for f in fields()
-            if option(f).olive and getattr(config, f.name) is not None
+            for f in fields(Options)
+            if meta(f).olive and getattr(config, f.name) is not None
         }
-        settings = resolve(config.recipe).replace(progress=False, **overrides)
-        writer = _OliveWriter(output, model.model_attributes)
+        settings = resolve(config.recipe, progress=False, **overrides)
+        writer = _OliveWriter(output, get_format(settings.format), model.model_attributes)
         run(model.model_path, settings, writer, self._calibration_feeds(model, config))
         return writer.handler
 

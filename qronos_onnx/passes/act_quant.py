@@ -8,50 +8,45 @@ from __future__ import annotations
 
 import onnx_ir as ir
 
-from qronos_onnx.config import Recipe
 from qronos_onnx.ir.act_quant import insert_act_quant
-from qronos_onnx.ir.targets import ACT_QUANT_SOURCE, find_targets
+from qronos_onnx.ir.targets import ACT_QUANT_SOURCE
 from qronos_onnx.ir.values import constant
+from qronos_onnx.scheme import Scheme
 
 
 class InsertActQuantPass(ir.passes.InPlacePass):
-    """Put ``recipe.act_quant_for(target)`` in front of every target group.
+    """Put ``scheme.act_quant_for(target)`` in front of every target group.
 
-    Requires: the recipe's targets (``find_targets``) read float activations.
-    Ensures: with an activation quantizer in the recipe, every target group reads a
+    Requires: the scheme's targets read float activations.
+    Ensures: with an activation quantizer in the scheme, every target group reads a
     quantizer's output (its ``meta[ACT_QUANT_SOURCE]`` names the value quantized); without one,
     the graph is unchanged.
     """
 
-    def __init__(self, recipe: Recipe):
+    def __init__(self, scheme: Scheme):
         super().__init__()
-        self.recipe = recipe
+        self.scheme = scheme
 
     def _groups(self, model: ir.Model):
-        return find_targets(
-            model,
-            include_lm_head=self.recipe.lm_head != "skip",
-            include=self.recipe.include,
-            exclude=self.recipe.exclude,
-        )[0]
+        return self.scheme.select(model)[0]
 
     def requires(self, model: ir.Model) -> None:
         if any(g.source is not None for g in self._groups(model)):
             raise ir.passes.PreconditionError("activation quantizers are already in place")
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
-        if self.recipe.act_quant is None:
+        if self.scheme.act_quant is None:
             return ir.passes.PassResult(model, modified=False)
         for group in self._groups(model):
             first = group.targets[0]
             dtype = constant(model.graph.initializers[first.weight]).dtype
-            spec = self.recipe.act_quant_for(first)
+            spec = self.scheme.act_quant_for(first)
             assert spec is not None  # the recipe has an activation quantizer (checked above)
             insert_act_quant(model, group, spec, dtype)
         return ir.passes.PassResult(model, modified=True)
 
     def ensures(self, model: ir.Model) -> None:
-        if self.recipe.act_quant is None:
+        if self.scheme.act_quant is None:
             return
         bare = [
             g.input

@@ -9,8 +9,9 @@ Requires: a decoder LLM graph (``LLMSignature``) with at least one target.
 Ensures: every target's weight initializer holds the dequantized solved weight (same dtype and
 layout as before: a fake-quantized float model), and the target node's ``meta[QUANTIZED]``
 holds its ``QuantizedWeight`` (codes, scales, zero points) and ``meta[TARGET]`` its
-``Target``, for the exporters (``passes/formats.py``). ``results`` lists every target with its
-solve time and errors, ``skipped`` the layers left in float with the reason.
+``Target``, for the formats (``qronos_onnx/formats``). The pass returns a ``SolveResult``:
+every target with its solve time and errors, the layers left in float with the reason, and
+what the calibration run did. The pass keeps no state of its own: it can run again.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from __future__ import annotations
 import time
 import warnings
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import onnx_ir as ir
@@ -31,15 +32,14 @@ from qronos_onnx.calibration.runner import (
     torch_device,
 )
 from qronos_onnx.calibration.stats import token_rows
-from qronos_onnx.config import Recipe
 from qronos_onnx.errors import CalibrationWarning
 from qronos_onnx.ir.signature import LLMSignature, detect_signature
 from qronos_onnx.ir.stages import plan_stages
-from qronos_onnx.ir.targets import Skipped, Target, TargetGroup, find_targets, require_targets
+from qronos_onnx.ir.targets import Skipped, Target, TargetGroup, require_targets
 from qronos_onnx.ir.values import constant, tensor_shape
 from qronos_onnx.quant import Grid, QuantizedWeight, rtn_codes, solve
-
-from .weights import stored_layout, weight_matrix
+from qronos_onnx.scheme import Scheme
+from qronos_onnx.weights import stored_layout, weight_matrix
 
 #: ``Node.meta`` keys of a solved target: its ``QuantizedWeight`` and its ``Target``.
 QUANTIZED = "qronos.quantized"
@@ -47,6 +47,11 @@ TARGET = "qronos.target"
 
 #: Called after each group is solved: ``observer(group, H, G, results)``.
 Observer = Callable[[TargetGroup, torch.Tensor, torch.Tensor, list["TargetResult"]], None]
+
+
+def quantized_nodes(model: ir.Model) -> list[tuple[ir.Node, Target, QuantizedWeight]]:
+    """Nodes the solve pass solved, with their target and codes."""
+    return [(n, n.meta[TARGET], n.meta[QUANTIZED]) for n in model.graph if QUANTIZED in n.meta]
 
 
 @dataclass
@@ -127,11 +132,26 @@ def _row_dots(a: torch.Tensor, b: torch.Tensor, rows: int = 1024) -> torch.Tenso
     ).cpu()
 
 
+@dataclass
+class SolveResult(ir.passes.PassResult):
+    """What ``CalibrateSolvePass`` did.
+
+    Attributes:
+        results: every solved target (``TargetResult``), in solve order.
+        skipped: the layers left in float, with the reason.
+        run_info: what the calibration run did (``CalibrationRun``).
+    """
+
+    results: list[TargetResult] = field(default_factory=list)
+    skipped: list[Skipped] = field(default_factory=list)
+    run_info: CalibrationRun = field(default_factory=CalibrationRun)
+
+
 class CalibrateSolvePass(ir.passes.InPlacePass):
     """Calibrate and solve every target of an LLM graph (see the module docstring).
 
     Args:
-        recipe: grids, solver and target selection.
+        scheme: grids, solver and target selection.
         samples: full-graph feed dicts, one per calibration batch.
         calibration: engine options (reference stream, device, progress).
         observer: optional callback after each group (tests use it to check statistics).
@@ -139,78 +159,73 @@ class CalibrateSolvePass(ir.passes.InPlacePass):
 
     def __init__(
         self,
-        recipe: Recipe,
+        scheme: Scheme,
         samples: Sequence[dict],
         calibration: CalibrationOptions | None = None,
         observer: Observer | None = None,
     ):
         super().__init__()
-        self.recipe = recipe
+        self.scheme = scheme
         self.samples = samples
         self.calibration = calibration or CalibrationOptions()
         self.observer = observer
-        self.results: list[TargetResult] = []
-        self.skipped: list[Skipped] = []
-        self.run_info: CalibrationRun | None = None
 
     def requires(self, model: ir.Model) -> None:
         detect_signature(model)
-        require_targets(model, *self._find(model))
+        require_targets(model, *self.scheme.select(model))
 
-    def call(self, model: ir.Model) -> ir.passes.PassResult:
-        groups, self.skipped = self._find(model)
-        if not self.recipe.needs_statistics:
-            self.run_info = CalibrationRun()  # RTN needs no data: no calibration at all
+    def call(self, model: ir.Model) -> SolveResult:
+        groups, skipped = self.scheme.select(model)
+        results: list[TargetResult] = []
+        if not self.scheme.needs_statistics:
+            run_info = CalibrationRun()  # RTN needs no data: no calibration at all
             for group in groups:
-                self._solve(model, group, None, None)
+                self._solve(model, group, None, None, results)
         else:
             _warn_if_too_few_tokens(
-                groups, self.samples, detect_signature(model), self.recipe.solver.algorithm
+                groups, self.samples, detect_signature(model), self.scheme.solver.algorithm
             )
             stages = plan_stages(model, groups)
             calibrator = TwoStreamCalibrator(model, stages, self.samples, self.calibration)
-            self.run_info = calibrator.run(lambda g, H, G: self._solve(model, g, H, G))
-        for result in self.results:
-            ref, err = self.run_info.output_error.get(result.target.node, (None, None))
+            run_info = calibrator.run(lambda g, H, G: self._solve(model, g, H, G, results))
+        for result in results:
+            ref, err = run_info.output_error.get(result.target.node, (None, None))
             result.output_ref, result.output_err = ref, err
             self._write(model, result)
-        return ir.passes.PassResult(model, modified=True)
+        return SolveResult(model, True, results, skipped, run_info)
 
     def ensures(self, model: ir.Model) -> None:
         unsolved = [
             t.name
-            for g in self._find(model)[0]
+            for g in self.scheme.select(model)[0]
             for t in g.targets
             if QUANTIZED not in model.graph.node(t.node).meta
         ]
         if unsolved:
             raise ir.passes.PostconditionError(f"targets left unsolved: {', '.join(unsolved)}")
 
-    def _find(self, model: ir.Model):
-        return find_targets(
-            model,
-            include_lm_head=self.recipe.lm_head != "skip",
-            include=self.recipe.include,
-            exclude=self.recipe.exclude,
-        )
-
     def _solve(
-        self, model: ir.Model, group: TargetGroup, H: torch.Tensor | None, G: torch.Tensor | None
+        self,
+        model: ir.Model,
+        group: TargetGroup,
+        H: torch.Tensor | None,
+        G: torch.Tensor | None,
+        results: list[TargetResult],
     ) -> dict[str, np.ndarray]:
         """Solve the group's targets, each set sharing a grid as one stacked weight (rows are
         independent), and return their dequantized weights in the stored layout. ``H is None``:
         round to nearest, no statistics."""
         by_grid: dict[Grid, list[Target]] = {}
         for target in group.targets:
-            by_grid.setdefault(self.recipe.grid_for(target), []).append(target)
+            by_grid.setdefault(self.scheme.grid_for(target), []).append(target)
         solved, new = {}, []
         for grid, targets in by_grid.items():
-            weights, results = self._solve_stack(model, targets, grid, H, G)
+            weights, stacked = self._solve_stack(model, targets, grid, H, G)
             solved.update(weights)
-            new.extend(results)
+            new.extend(stacked)
         order = {t.node: i for i, t in enumerate(group.targets)}
         new.sort(key=lambda r: order[r.target.node])
-        self.results.extend(new)
+        results.extend(new)
         if self.observer is not None and H is not None and G is not None:
             self.observer(group, H, G, new)
         return solved
@@ -219,11 +234,11 @@ class CalibrateSolvePass(ir.passes.InPlacePass):
         """One stacked solve: ``({weight: stored-layout dequantized weight}, results)``."""
         tensors = [model.graph.initializers[t.weight].const_value for t in targets]
         W = torch.cat(
-            [weight_matrix(x, t.transposed) for x, t in zip(tensors, targets, strict=False)]
+            [weight_matrix(x, t.transposed, t.name) for x, t in zip(tensors, targets, strict=False)]
         )
         device = torch_device(self.calibration.device)
         W = W.to(device)
-        opts = self.recipe.solver
+        opts = self.scheme.solver
         t0 = time.perf_counter()
         if H is None:  # RTN without calibration
             q = solve("rtn", W, grid=grid, name=targets[0].name)

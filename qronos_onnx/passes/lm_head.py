@@ -14,8 +14,8 @@ from qronos_onnx.ir.targets import tied_lm_head, untie_lm_head
 class UntieLmHeadPass(ir.passes.InPlacePass):
     """Give a tied lm_head (MatMul on a Transpose of the embedding) its own weight initializer.
 
-    Nothing is done when the ``include`` / ``exclude`` patterns leave the lm_head out (the copy
-    would only add a float weight).
+    Nothing is done when the ``include`` / ``exclude`` patterns (a scheme's) leave the lm_head
+    out (the copy would only add a float weight).
 
     Requires: a decoder LLM graph.
     Ensures: the lm_head, unless the patterns leave it out, reads no Transpose of the

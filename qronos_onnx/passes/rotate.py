@@ -17,16 +17,20 @@ Each pass leaves the float network's function unchanged (up to rounding); ``Rota
     (``ir/online_hadamard.py``) and ``W -> W M`` in the layer, so that an activation quantizer
     in front of it sees the rotated (outlier-free) activation.
 
-Weights are ``W`` ``[out, in]`` here (``passes/weights.py``), rotations act on rows
-(``quant/hadamard.py``). A rotation that does not apply is skipped with a ``RotationWarning``
-that says why; the others still run. ``RotationLog`` gathers what was done for the report and
-how each rotated value relates to the original one (for the self-check's diagnosis).
+Weights are ``W`` ``[out, in]`` here (``qronos_onnx/weights.py``), rotations act on rows
+(``quant/hadamard.py``). The matrices come from a rotation kind's generator
+(``registry.ROTATIONS``: ``hadamard`` today), handed to the passes. A rotation that does not
+apply is skipped with a ``RotationWarning`` that says why; the others still run. Each pass
+returns a ``RotationResult`` (what it did, and how each rotated value relates to the original
+one, for the self-check's diagnosis) and keeps no state of its own; what a rotation changed is
+recorded on the model (``model.meta[ROTATED]``) for its ``ensures``. ``RotationLog`` gathers
+the results for the report.
 """
 
 from __future__ import annotations
 
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -50,15 +54,22 @@ from qronos_onnx.ir.residual import (
 from qronos_onnx.ir.signature import detect_signature
 from qronos_onnx.ir.targets import untie_lm_head
 from qronos_onnx.ir.values import constant, dtype_of, name_of, shared_initializer, static_shape
+from qronos_onnx.passes.chain import run_passes
 from qronos_onnx.quant.hadamard import Rotation, hadamard_orders, random_hadamard
-
-from .weights import from_torch, read_layer, to_torch, write_constant, write_layer
+from qronos_onnx.registry import ROTATION_SITES, rotation_generator
+from qronos_onnx.weights import from_torch, read_layer, to_torch, write_constant, write_layer
 
 #: The largest Kronecker factor of an online Hadamard (a dense ``[k, k]`` MatMul per factor).
 MAX_ONLINE_FACTOR = 256
 
 #: ``expected(original value) -> rotated value``, for values the rotations change.
 Relation = Callable[[torch.Tensor], torch.Tensor]
+#: ``generator(n, seed) -> Rotation``: a rotation kind (``registry.ROTATIONS``); ``seed=None``
+#: asks for a matrix without random signs (an online rotation).
+Generator = Callable[[int, int | None], Rotation]
+#: ``model.meta`` key: what each rotation changed (``{"R1": readers, "R2": [v_proj names],
+#: "R4": [layer names]}``), for the passes' ``ensures``.
+ROTATED = "qronos.rotated"
 
 
 @dataclass
@@ -107,9 +118,36 @@ class RotationLog:
     added_bytes: int = 0
     relations: dict[str, Relation] = field(default_factory=dict)
 
+    def add(self, result: RotationResult) -> None:
+        """Gather one pass's result."""
+        self.applied.extend(result.applied)
+        self.skipped.extend(result.skipped)
+        self.folded_norms += result.folded_norms
+        self.added_bytes += result.added_bytes
+        self.relations.update(result.relations)
+
+
+@dataclass
+class RotationResult(ir.passes.PassResult):
+    """What one rotation pass did (the fields of ``RotationLog``, for this pass)."""
+
+    applied: list[AppliedRotation] = field(default_factory=list)
+    skipped: list[tuple[str, str]] = field(default_factory=list)
+    folded_norms: int = 0
+    added_bytes: int = 0
+    relations: dict[str, Relation] = field(default_factory=dict)
+
     def skip(self, name: str, reason: str) -> None:
         self.skipped.append((name, reason))
         warnings.warn(f"rotation {name} skipped: {reason}", RotationWarning, stacklevel=3)
+
+
+def _record(model: ir.Model, site: str, what: object) -> None:
+    model.meta.setdefault(ROTATED, {})[site] = what
+
+
+def _recorded(model: ir.Model, site: str) -> object:
+    return model.meta.get(ROTATED, {}).get(site)
 
 
 def refuse_layer_norms(model: ir.Model) -> None:
@@ -136,15 +174,12 @@ class FoldNormScalesPass(ir.passes.InPlacePass):
     Ensures: every norm whose readers are all layers with constant weights has scale 1.
     """
 
-    def __init__(self, log: RotationLog):
-        super().__init__()
-        self.log = log
-
     def requires(self, model: ir.Model) -> None:
         detect_signature(model)
         refuse_layer_norms(model)
 
-    def call(self, model: ir.Model) -> ir.passes.PassResult:
+    def call(self, model: ir.Model) -> RotationResult:
+        result = RotationResult(model, True)
         before = _model_bytes(model)
         fuse_decomposed_norms(model)
         untie_lm_head(model)
@@ -160,9 +195,9 @@ class FoldNormScalesPass(ir.passes.InPlacePass):
                 model, f"qronos.ones.{g.numel()}", np.ones(g.numel()), _scale_dtype(norm.scale)
             )
             norm.node.replace_input_with(2 if norm.skip else 1, ones)
-            self.log.folded_norms += 1
-        self.log.added_bytes += _model_bytes(model) - before
-        return ir.passes.PassResult(model, modified=True)
+            result.folded_norms += 1
+        result.added_bytes = _model_bytes(model) - before
+        return result
 
     def ensures(self, model: ir.Model) -> None:
         for norm in find_norms(model):
@@ -178,17 +213,19 @@ def _scale_dtype(scale: ir.Value) -> ir.DataType:
 
 
 class RotateResidualPass(ir.passes.InPlacePass):
-    """R1: a random Hadamard on the residual stream (see the module docstring).
+    """R1: a random rotation on the residual stream (see the module docstring).
+
+    Args:
+        generator: the rotation kind's matrix generator.
+        seed: the seed of its random signs.
 
     Requires: norm scales folded (``FoldNormScalesPass``).
-    Ensures: the residual stream is still one (same readers and writers), the embedding rows
-    keep their norms.
+    Ensures: when rotated, the residual stream is still one, with the same readers.
     """
 
-    def __init__(self, log: RotationLog, seed: int = 0):
+    def __init__(self, generator: Generator = random_hadamard, seed: int = 0):
         super().__init__()
-        self.log, self.seed = log, seed
-        self.stream: ResidualStream | None = None
+        self.generator, self.seed = generator, seed
 
     def requires(self, model: ir.Model) -> None:
         for norm in find_norms(model):
@@ -200,16 +237,16 @@ class RotateResidualPass(ir.passes.InPlacePass):
                     f"{norm.node.name} has a scale: run FoldNormScalesPass first"
                 )
 
-    def call(self, model: ir.Model) -> ir.passes.PassResult:
+    def call(self, model: ir.Model) -> RotationResult:
+        result = RotationResult(model, False)
         try:
             stream = residual_stream(model, detect_signature(model))
             _check_folded(stream)
         except NotRotatable as err:
-            self.log.skip("R1", str(err))
-            return ir.passes.PassResult(model, modified=False)
-        self.stream = stream
+            result.skip("R1", str(err))
+            return result
         before = _model_bytes(model)
-        q = random_hadamard(stream.d_model, self.seed)
+        q = self.generator(stream.d_model, self.seed)
         table = _own_table(model, stream)
         table.const_value = _tensor(q.apply(to_torch(constant(table)).double()), table)
         for node in stream.readers:
@@ -226,10 +263,12 @@ class RotateResidualPass(ir.passes.InPlacePass):
                 write_constant(model, norm.node, 3, q.apply(bias))
         rotate = _relation(q)
         for value in [*stream.values, *(w.node.outputs[0] for w in stream.writers)]:
-            self.log.relations[name_of(value)] = rotate
-        self.log.added_bytes += _model_bytes(model) - before
+            result.relations[name_of(value)] = rotate
+        result.added_bytes = _model_bytes(model) - before
         tensors = 1 + len(stream.readers) + len(stream.writers)
-        self.log.applied.append(
+        _record(model, "R1", len(stream.readers))
+        result.modified = True
+        result.applied.append(
             AppliedRotation(
                 "R1",
                 q.describe(),
@@ -239,16 +278,17 @@ class RotateResidualPass(ir.passes.InPlacePass):
                 f"lm_head), {len(stream.writers)} writers (o_proj, down_proj)",
             )
         )
-        return ir.passes.PassResult(model, modified=True)
+        return result
 
     def ensures(self, model: ir.Model) -> None:
-        if self.stream is None:
+        readers = _recorded(model, "R1")
+        if readers is None:
             return
         try:
             after = residual_stream(model, detect_signature(model))
         except NotRotatable as err:
             raise ir.passes.PostconditionError(f"the residual stream is broken: {err}") from err
-        if len(after.readers) != len(self.stream.readers):
+        if len(after.readers) != readers:
             raise ir.passes.PostconditionError("the residual stream lost readers")
 
 
@@ -296,32 +336,37 @@ def _relation(q: Rotation) -> Relation:
 
 
 class RotateHeadsPass(ir.passes.InPlacePass):
-    """R2: a Hadamard per attention head between the value and output projections.
+    """R2: a rotation per attention head between the value and output projections.
+
+    Args:
+        generator: the rotation kind's matrix generator.
+        seed: the seed of its random signs (R2 draws with ``seed + 1``, modulo 2^64).
 
     Requires: a decoder LLM graph.
-    Ensures: every pair's head size divides both projections' value features.
+    Ensures: every rotated pair's head size divides both projections' value features.
     """
 
-    def __init__(self, log: RotationLog, seed: int = 0):
+    def __init__(self, generator: Generator = random_hadamard, seed: int = 0):
         super().__init__()
-        self.log, self.seed = log, seed
-        self.pairs: list[HeadPair] = []
+        self.generator, self.seed = generator, seed
 
     def requires(self, model: ir.Model) -> None:
         detect_signature(model)
 
-    def call(self, model: ir.Model) -> ir.passes.PassResult:
+    def call(self, model: ir.Model) -> RotationResult:
+        result = RotationResult(model, False)
         pairs, reasons = head_pairs(model)
         for reason in reasons:
-            self.log.skip("R2", reason)
+            result.skip("R2", reason)
         rotations: dict[int, Rotation] = {}
+        rotated: list[HeadPair] = []
         for pair in pairs:
             first, end = pair.v_features
             hd = pair.head_dim
             if (end - first) % hd or layer_features(pair.o_proj)[0] % hd:
-                self.log.skip("R2", f"{pair.v_proj.name}: features not a multiple of {hd}")
+                result.skip("R2", f"{pair.v_proj.name}: features not a multiple of {hd}")
                 continue
-            h = rotations.setdefault(hd, random_hadamard(hd, self.seed + 1))
+            h = rotations.setdefault(hd, self.generator(hd, (self.seed + 1) % (1 << 64)))
             w = read_layer(pair.v_proj)
             block = w[first:end].reshape(-1, hd, w.shape[1]).transpose(1, 2)
             w[first:end] = h.apply(block).transpose(1, 2).reshape(end - first, -1)
@@ -330,20 +375,21 @@ class RotateHeadsPass(ir.passes.InPlacePass):
                 self._rotate_bias(model, pair, h)
             o = read_layer(pair.o_proj)
             write_layer(model, pair.o_proj, h.apply(o.reshape(o.shape[0], -1, hd)).reshape(o.shape))
-            self.log.relations[name_of(pair.v_proj.outputs[0])] = _head_relation(h, first, end)
-            self.pairs.append(pair)
-        if self.pairs:
+            result.relations[name_of(pair.v_proj.outputs[0])] = _head_relation(h, first, end)
+            rotated.append(pair)
+        if rotated:
             sizes = ", ".join(map(str, sorted(rotations)))
-            self.log.applied.append(
+            result.applied.append(
                 AppliedRotation.of(
                     "R2",
                     rotations,
-                    2 * len(self.pairs),
-                    f"per head (head size {sizes}): {len(self.pairs)} value/output projection "
-                    "pairs",
+                    2 * len(rotated),
+                    f"per head (head size {sizes}): {len(rotated)} value/output projection pairs",
                 )
             )
-        return ir.passes.PassResult(model, modified=bool(self.pairs))
+            _record(model, "R2", [(p.o_proj.name, p.head_dim) for p in rotated])
+            result.modified = True
+        return result
 
     @staticmethod
     def _rotate_bias(model: ir.Model, pair: HeadPair, h: Rotation) -> None:
@@ -357,9 +403,11 @@ class RotateHeadsPass(ir.passes.InPlacePass):
         write_constant(model, node, index, b.reshape(static_shape(constant(bias_value))))
 
     def ensures(self, model: ir.Model) -> None:
-        for pair in self.pairs:
-            if layer_features(pair.o_proj)[0] % pair.head_dim:
-                raise ir.passes.PostconditionError(f"{pair.o_proj.name}: heads do not tile")
+        rotated = _recorded(model, "R2") or []
+        for name, head_dim in rotated:  # type: ignore[attr-defined]
+            o_proj = next((n for n in model.graph if n.name == name), None)
+            if o_proj is None or layer_features(o_proj)[0] % head_dim:
+                raise ir.passes.PostconditionError(f"{name}: heads do not tile")
 
 
 def _head_relation(h: Rotation, first: int, end: int) -> Relation:
@@ -373,63 +421,72 @@ def _head_relation(h: Rotation, first: int, end: int) -> Relation:
 
 
 class OnlineHadamardPass(ir.passes.InPlacePass):
-    """R4: a Hadamard on the input of every MLP down projection, as online nodes in front of it
-    and its inverse fused into its weight.
+    """R4: a rotation on the input of every MLP down projection, as online nodes in front of it
+    (through its Kronecker factors) and its inverse fused into its weight.
+
+    Args:
+        generator: the rotation kind's matrix generator (asked for matrices without random
+            signs; a matrix without Kronecker factors cannot run online and is skipped).
 
     Requires: a decoder LLM graph.
-    Ensures: every rotated layer reads an online Hadamard's output.
+    Ensures: every rotated layer reads an online rotation's output.
     """
 
-    def __init__(self, log: RotationLog):
+    def __init__(self, generator: Generator = random_hadamard):
         super().__init__()
-        self.log = log
-        self.rotated: list[ir.Node] = []
+        self.generator = generator
 
     def requires(self, model: ir.Model) -> None:
         detect_signature(model)
 
-    def call(self, model: ir.Model) -> ir.passes.PassResult:
+    def call(self, model: ir.Model) -> RotationResult:
+        result = RotationResult(model, False)
         before = _model_bytes(model)
         attention_outputs = {p.o_proj for p in head_pairs(model)[0]}
         layers = [
             n for n in down_projections(model, attention_outputs) if not _reads_online_hadamard(n)
         ]
         if not layers:
-            self.log.skip("R4", "no MLP down projection (a layer reading an activation) found")
+            result.skip("R4", "no MLP down projection (a layer reading an activation) found")
         rotations: dict[int, Rotation] = {}
+        rotated: list[ir.Node] = []
         for node in layers:
             n = layer_features(node)[0]
-            if online_orders(n) is None:
-                self.log.skip(
+            m = rotations.get(n) or (self.generator(n, None) if online_orders(n) else None)
+            if m is None or not m.factors or len(m.factors) > 2:
+                result.skip(
                     "R4",
                     f"{node.name}: {n} inputs have no Hadamard factorisation into at most two "
                     f"factors of order <= {MAX_ONLINE_FACTOR}",
                 )
                 continue
-            m = rotations.setdefault(n, random_hadamard(n, signs=False))
+            rotations[n] = m
             write_layer(model, node, m.apply(read_layer(node)))
             x = node.inputs[0]
             assert x is not None
             factors = [f.numpy() for f in m.factors]
             insert_online_hadamard(model, node, factors, dtype_of(x))
-            self.rotated.append(node)
-        if self.rotated:
+            rotated.append(node)
+        if rotated:
             sizes = ", ".join(map(str, sorted(rotations)))
-            self.log.applied.append(
+            result.applied.append(
                 AppliedRotation.of(
                     "R4",
                     rotations,
-                    len(self.rotated),
-                    f"online before {len(self.rotated)} down projections (inputs {sizes})",
+                    len(rotated),
+                    f"online before {len(rotated)} down projections (inputs {sizes})",
                 )
             )
-        self.log.added_bytes += _model_bytes(model) - before
-        return ir.passes.PassResult(model, modified=bool(self.rotated))
+            _record(model, "R4", [n.name for n in rotated])
+            result.modified = True
+        result.added_bytes = _model_bytes(model) - before
+        return result
 
     def ensures(self, model: ir.Model) -> None:
-        for node in self.rotated:
-            if not _reads_online_hadamard(node):
-                raise ir.passes.PostconditionError(f"{node.name} lost its online Hadamard")
+        for name in _recorded(model, "R4") or []:  # type: ignore[attr-defined]
+            node = next((n for n in model.graph if n.name == name), None)
+            if node is None or not _reads_online_hadamard(node):
+                raise ir.passes.PostconditionError(f"{name} lost its online Hadamard")
 
 
 def online_orders(n: int) -> tuple[int, ...] | None:
@@ -455,7 +512,7 @@ def rotation_plan(model: ir.Model) -> list[tuple[str, str]]:
         return [(name, f"no: {err}") for name in ("R1", "R2", "R4")]
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RotationWarning)
-        FoldNormScalesPass(RotationLog())(model)
+        FoldNormScalesPass()(model)
     plan = []
     try:
         stream = residual_stream(model, detect_signature(model))
@@ -483,13 +540,34 @@ def rotation_plan(model: ir.Model) -> list[tuple[str, str]]:
     return plan
 
 
-def rotation_passes(log: RotationLog, seed: int = 0) -> ir.passes.Sequential:
-    """Fold the norms, then R1, R2 and R4 (each skipped, with a warning, where it does not
-    apply); drop the initializers they left unused (the folded norm scales, copied weights)."""
-    return ir.passes.Sequential(
-        FoldNormScalesPass(log),
-        RotateResidualPass(log, seed),
-        RotateHeadsPass(log, seed),
-        OnlineHadamardPass(log),
+def rotation_passes(
+    kind: str = "hadamard", sites: Sequence[str] = ROTATION_SITES, seed: int = 0
+) -> list[ir.passes.PassBase]:
+    """Fold the norms, then the rotations of ``sites`` (``R1``, ``R2``, ``R4``; each skipped,
+    with a warning, where it does not apply) with matrices of the rotation ``kind``; then drop
+    the initializers they left unused (the folded norm scales, copied weights)."""
+    generator = rotation_generator(kind)
+    at_site: dict[str, ir.passes.PassBase] = {
+        "R1": RotateResidualPass(generator, seed),
+        "R2": RotateHeadsPass(generator, seed),
+        "R4": OnlineHadamardPass(generator),
+    }
+    return [
+        FoldNormScalesPass(),
+        *(at_site[site] for site in ROTATION_SITES if site in sites),
         ir.passes.common.RemoveUnusedNodesPass(),
-    )
+    ]
+
+
+def apply_rotations(
+    model: ir.Model,
+    kind: str = "hadamard",
+    sites: Sequence[str] = ROTATION_SITES,
+    seed: int = 0,
+) -> RotationLog:
+    """Run ``rotation_passes`` on ``model`` (in place) and gather what they did."""
+    log = RotationLog()
+    for result in run_passes(model, rotation_passes(kind, sites, seed)):
+        if isinstance(result, RotationResult):
+            log.add(result)
+    return log

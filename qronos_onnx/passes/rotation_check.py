@@ -85,9 +85,23 @@ class RotationCheck:
     after: list[InputRange] = field(default_factory=list)
 
 
+@dataclass
+class CheckResult(ir.passes.PassResult):
+    """The self-check's measurements (``RotationCheck``); the model is not changed."""
+
+    check: RotationCheck = field(default_factory=RotationCheck)
+
+
 class RotationCheckPass(ir.passes.InPlacePass):
     """Compare the rotated model (the pass's input) with the original file on calibration
-    tokens; fill ``check``; refuse (``QronosError``) a model whose logits diverge.
+    tokens; refuse (``QronosError``) a model whose logits diverge; return the measurements.
+
+    Args:
+        original: the original model file.
+        samples: calibration feeds (the first one's first ``CHECK_TOKENS`` tokens are used).
+        log: what the rotations did (its relations name how each rotated value follows from
+            the original, for the diagnosis).
+        device: ONNX Runtime's device.
 
     Requires: calibration samples.
     Ensures: the logits agree within the tolerance (else the pass has raised).
@@ -102,13 +116,12 @@ class RotationCheckPass(ir.passes.InPlacePass):
     ):
         super().__init__()
         self.original, self.samples, self.log, self.device = Path(original), samples, log, device
-        self.check = RotationCheck()
 
     def requires(self, model: ir.Model) -> None:
         if not self.samples:
             raise ir.passes.PreconditionError("the rotation self-check needs calibration samples")
 
-    def call(self, model: ir.Model) -> ir.passes.PassResult:
+    def call(self, model: ir.Model) -> CheckResult:
         signature = detect_signature(model)
         feed = _first_tokens(self.samples, signature.input_ids, CHECK_TOKENS)
         mask = feed.get(signature.attention_mask) if signature.attention_mask else None
@@ -123,7 +136,7 @@ class RotationCheckPass(ir.passes.InPlacePass):
         )
         tolerance = TOLERANCE.get(dtype_of(_output(model, logits)), 1e-4)
         error = _relative_error(after[0], before[0])
-        self.check = RotationCheck(
+        check = RotationCheck(
             int(np.prod(feed[signature.input_ids].shape)),
             error,
             tolerance,
@@ -138,7 +151,7 @@ class RotationCheckPass(ir.passes.InPlacePass):
                 f"{error:.2e} (relative; tolerance {tolerance:.0e}){where}. This graph shape is "
                 "not supported by the rotations; give --rotate none"
             )
-        return ir.passes.PassResult(model, modified=False)
+        return CheckResult(model, False, check)
 
 
 def _first_tokens(samples: Sequence[dict], input_ids: str, tokens: int) -> dict:

@@ -3,18 +3,18 @@
 from qronos_onnx.quant import Grid, solve
 q = solve("qronos", weight, H, G, grid=Grid(bits=4, group_size=64), act_order=True)
 w_hat = q.dequantize()
+
+Which solvers exist, what each needs and its default damping: the torch-free table
+``qronos_onnx.registry.SOLVERS``.
 """
 
 from .grid import Grid
 from .linalg import SolverWarning
-from .qronos import Variant
-from .solve import ALGORITHMS, DEFAULT_DAMPING, MAX_DAMPING, rtn_codes, solve
+from .problem import Variant
+from .solve import rtn_codes, solve
 from .weight import QuantizedWeight, SolveInfo
 
 __all__ = [
-    "ALGORITHMS",
-    "DEFAULT_DAMPING",
-    "MAX_DAMPING",
     "Grid",
     "QuantizedWeight",
     "SolveInfo",

@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .problem import LayerProblem
+from .problem import LayerProblem, SolveSettings
 
 
 def gpfq(problem: LayerProblem, solver_block: int) -> Tensor:
@@ -42,3 +42,10 @@ def gpfq(problem: LayerProblem, solver_block: int) -> Tensor:
             codes[:, t] = code
             acc[i + 1 :].addr_(H[t, t + 1 : i2], q[t], alpha=-1)
     return codes
+
+
+def solve_gpfq(
+    problem: LayerProblem, lam: float, settings: SolveSettings
+) -> tuple[Tensor, float, int]:
+    """The ``gpfq`` solver of ``registry.SOLVERS`` (it takes no damping: ``lam`` is 0)."""
+    return gpfq(problem, settings.solver_block), 0.0, 0

@@ -14,7 +14,7 @@ from torch import Tensor
 
 from .grid import ColumnGrid
 from .linalg import inverse_factor
-from .problem import LayerProblem
+from .problem import LayerProblem, SolveSettings
 
 
 def gptq_sweep(
@@ -82,3 +82,10 @@ def gptq(
     W[:, problem.dead] = 0
     codes, _ = gptq_sweep(W, U, problem.cols, solver_block)
     return codes, lam, retries
+
+
+def solve_gptq(
+    problem: LayerProblem, lam: float, settings: SolveSettings
+) -> tuple[Tensor, float, int]:
+    """The ``gptq`` solver of ``registry.SOLVERS``."""
+    return gptq(problem, lam, settings.solver_block, settings.name)

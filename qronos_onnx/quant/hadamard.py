@@ -80,21 +80,22 @@ class Rotation:
             raise ValueError(f"a rotation of order {self.n} cannot act on shape {tuple(x.shape)}")
 
 
-def random_hadamard(n: int, seed: int = 0, signs: bool = True) -> Rotation:
-    """A Hadamard rotation of order ``n`` with seeded random signs (``signs=False``: none);
-    a seeded random orthogonal matrix when no product of known orders gives ``n``
-    (``Rotation.kind`` tells which)."""
+def random_hadamard(n: int, seed: int | None = 0) -> Rotation:
+    """A Hadamard rotation of order ``n`` with random signs drawn from ``seed`` (``None``: no
+    signs, a deterministic matrix); a seeded random orthogonal matrix when no product of
+    known orders gives ``n`` (``Rotation.kind`` tells which). The ``hadamard`` rotation kind
+    (``registry.ROTATIONS``)."""
     if n < 1:
         raise ValueError(f"a rotation needs a positive order, got {n}")
     orders = hadamard_orders(n)
     if orders is None:
-        return Rotation(n, (), None, random_orthogonal(n, seed), seed)
+        return Rotation(n, (), None, random_orthogonal(n, seed or 0), seed or 0)
     factors = tuple(hadamard_matrix(k) for k in orders)
     s = None
-    if signs:
+    if seed is not None:
         g = torch.Generator().manual_seed(seed)
         s = torch.randint(0, 2, (n,), generator=g).to(torch.float64) * 2 - 1
-    return Rotation(n, factors, s, None, seed if signs else None)
+    return Rotation(n, factors, s, None, seed)
 
 
 def random_orthogonal(n: int, seed: int = 0) -> Tensor:

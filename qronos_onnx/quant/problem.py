@@ -9,12 +9,32 @@ from __future__ import annotations
 
 import warnings
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 from torch import Tensor
 
 from .grid import ColumnGrid, Grid
 from .linalg import SolverWarning
+
+#: Qronos's first step: ``step`` (the paper's) or ``ls`` (a least-squares projection of all
+#: columns first).
+Variant = Literal["step", "ls"]
+
+
+@dataclass(frozen=True)
+class SolveSettings:
+    """What a solver function takes besides the problem and its damping.
+
+    Attributes:
+        solver_block: lazy batch width of the column loop.
+        variant: Qronos's first step (other solvers ignore it).
+        name: the layer's name, for warnings.
+    """
+
+    solver_block: int = 128
+    variant: Variant = "step"
+    name: str = "layer"
 
 
 @dataclass

@@ -13,16 +13,14 @@ step-by-step float64 reference the tests compare with is ``tests/reference.py`` 
 
 from __future__ import annotations
 
-from typing import Literal
-
 import torch
 from torch import Tensor
 
 from .gptq import gptq_sweep
 from .linalg import inverse_factor, times_upper_t
-from .problem import LayerProblem
+from .problem import LayerProblem, SolveSettings, Variant
 
-Variant = Literal["step", "ls"]
+__all__ = ["Variant", "qronos", "solve_qronos"]
 
 
 def qronos(
@@ -67,6 +65,13 @@ def qronos(
         torch.zeros_like(Y), U1, problem.cols.columns(1), solver_block, Y=Y
     )
     return codes, lam, retries
+
+
+def solve_qronos(
+    problem: LayerProblem, lam: float, settings: SolveSettings
+) -> tuple[Tensor, float, int]:
+    """The ``qronos`` solver of ``registry.SOLVERS``."""
+    return qronos(problem, lam, settings.solver_block, settings.variant, settings.name)
 
 
 def _refit(w: Tensor, G: Tensor, U: Tensor, lam: float, first: int, dead: Tensor) -> Tensor:

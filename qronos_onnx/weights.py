@@ -12,17 +12,29 @@ import numpy as np
 import onnx_ir as ir
 import torch
 
+from qronos_onnx.errors import QronosError
+from qronos_onnx.ir.targets import readable_name
 from qronos_onnx.ir.values import constant, name_of
 
 
-def weight_matrix(tensor: ir.TensorProtocol, transposed: bool) -> torch.Tensor:
+def weight_matrix(tensor: ir.TensorProtocol, transposed: bool, layer: str = "") -> torch.Tensor:
     """``W`` ``[out, in]`` from a stored weight (``transposed``: stored ``[out, in]``; else
     ``W^T``, a MatMul's ``[in, out]``), in its dtype.
 
     Half-precision weights stay half precision: the grid then rounds its scales to that dtype
     before solving (exported scales are stored in it); the solvers work in float32 anyway.
+
+    Raises:
+        QronosError: the weight has NaN or Inf entries (a broken model: nothing computed
+            from it means anything); ``layer`` names its layer in the message.
     """
     matrix = to_torch(tensor)
+    if not bool(torch.isfinite(matrix).all()):
+        owner = f" of {layer}" if layer else ""
+        raise QronosError(
+            f"the weight{owner} ({tensor.name}) has NaN or Inf entries: the model is broken; "
+            "check its export"
+        )
     return matrix if transposed else matrix.T
 
 
@@ -54,7 +66,8 @@ def is_transposed(node: ir.Node) -> bool:
 
 def read_layer(node: ir.Node) -> torch.Tensor:
     """The ``W`` ``[out, in]`` of a MatMul/Gemm with a constant weight, in float64."""
-    return weight_matrix(constant(node.inputs[1]), is_transposed(node)).to(torch.float64)
+    weight = constant(node.inputs[1])
+    return weight_matrix(weight, is_transposed(node), readable_name(node)).to(torch.float64)
 
 
 def write_layer(model: ir.Model, node: ir.Node, w: torch.Tensor) -> None:

@@ -1,17 +1,17 @@
-"""Outputs written all or nothing, whatever happens to the process writing them.
+"""Outputs placed all or nothing, whatever happens to the process writing them.
 
-A run that writes ``OUT.onnx`` (and its companions: data file, report, tokenizer):
+A run that writes ``OUT.onnx`` and its companions (data file, report, tokenizer), holding the
+output's lock (``files.lock``):
 
-1. takes an exclusive lock on it (``output_lock``: ``OUT.onnx.lock`` beside it, an ``flock``
-   the kernel releases when the process dies, holding the pid for the error a second run
-   gives), and repairs what an earlier run killed mid-write left behind (``recover``);
+1. repairs what an earlier run killed mid-write left behind (``recover``);
 2. writes every file into a staging directory beside it (``staged_output``:
    ``.OUT.onnx.<random>.tmp/new``);
 3. places them: each name already there moves into ``old/``, then each new file moves into
    place, the model last. A plan file written first records what was there; a marker written
    after the last move says the placing completed. Any failure, Ctrl-C, SIGTERM or SIGHUP
    rolls back (previous files back byte for byte); signals arriving while files are being
-   moved or put back are held until the moves are done, so a rollback is never cut in half.
+   moved or put back are held until the moves are done (``files.signals``), so a rollback is
+   never cut in half.
 
 SIGKILL cannot be caught. What it can leave: killed while writing, the staging directory
 (no previous file touched); killed while placing, the previous files in ``old/`` and some of
@@ -21,158 +21,22 @@ no live run owns it), puts the previous files back, removes the rest, and says s
 
 from __future__ import annotations
 
-import contextlib
-import fcntl
 import json
 import os
 import shutil
-import signal
 import tempfile
-import threading
 import warnings
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 
-from .errors import QronosError
+from qronos_onnx.errors import QronosError
 
-#: Signals that end a run the way Ctrl-C does (with the rollback of ``staged_output``).
-TERMINATING = (signal.SIGTERM, signal.SIGHUP)
-_HELD = (signal.SIGINT, *TERMINATING)
+from .paths import new_dirs, remove_empty
+from .signals import held_signals
 
 _PLAN = "plan.json"  # written before the first move: what placing will do
 _PLACED = "placed"  # written after the last move: nothing to undo
-
-
-class Terminated(KeyboardInterrupt):
-    """SIGTERM or SIGHUP, raised like Ctrl-C's ``KeyboardInterrupt`` so that cleanup runs."""
-
-    def __init__(self, signum: int):
-        super().__init__(signal.Signals(signum).name)
-        self.signum = signum
-
-
-def _in_main_thread() -> bool:
-    return threading.current_thread() is threading.main_thread()
-
-
-def _raise_terminated(signum, frame) -> None:
-    raise Terminated(signum)
-
-
-@contextmanager
-def termination_as_interrupt() -> Iterator[None]:
-    """While the block runs, SIGTERM and SIGHUP raise ``Terminated`` instead of killing the
-    process on the spot. Only default handlers are replaced (a program embedding the library
-    keeps its own), and only in the main thread (where Python runs signal handlers)."""
-    previous = {}
-    if _in_main_thread():
-        for signum in TERMINATING:
-            if signal.getsignal(signum) == signal.SIG_DFL:
-                previous[signum] = signal.signal(signum, _raise_terminated)
-    try:
-        yield
-    finally:
-        for signum, handler in previous.items():
-            signal.signal(signum, handler)
-
-
-@contextmanager
-def held_signals() -> Iterator[list[int]]:
-    """Hold SIGINT, SIGTERM and SIGHUP until the block ends, then deliver the first one
-    received to the handler that was in place. Yields the list of signals received so far,
-    for the block to act on (main thread only; elsewhere nothing is held and it stays empty)."""
-    received: list[int] = []
-    if not _in_main_thread():
-        yield received
-        return
-    previous = {s: signal.signal(s, lambda signum, frame: received.append(signum)) for s in _HELD}
-    try:
-        yield received
-    finally:
-        for signum, handler in previous.items():
-            signal.signal(signum, handler)
-        if received:
-            signal.raise_signal(received[0])
-
-
-def lock_path(output: Path) -> Path:
-    """The lock file of ``output``: ``OUT.onnx.lock`` beside it."""
-    return output.with_name(output.name + ".lock")
-
-
-def _new_dirs(directory: Path) -> list[Path]:
-    """``directory`` and its ancestors that do not exist yet, deepest first."""
-    return [d for d in (directory, *directory.parents) if not d.exists()]
-
-
-def _remove_empty(directories: Sequence[Path]) -> None:
-    """Remove ``directories`` (deepest first) while they are empty: the first that is not (or
-    is gone) stops it, keeping the ones above."""
-    with contextlib.suppress(OSError):
-        for directory in directories:
-            directory.rmdir()
-
-
-@contextmanager
-def output_lock(output: str | os.PathLike) -> Iterator[None]:
-    """Hold the exclusive lock on ``output`` for the block, after repairing what a killed run
-    left (``recover``). The output's directory is created if needed, and removed again when
-    the block leaves it empty.
-
-    Raises:
-        QronosError: another live process holds the lock (the message names its pid).
-    """
-    output = Path(output)
-    path = lock_path(output)
-    created = _new_dirs(output.parent)
-    try:
-        output.parent.mkdir(parents=True, exist_ok=True)
-        fd = _acquire(path, output)
-    except OSError as err:
-        _remove_empty(created)
-        raise QronosError(f"cannot lock {output} for writing ({path}): {err}") from err
-    except BaseException:
-        _remove_empty(created)
-        raise
-    try:
-        recover(output)
-        yield
-    finally:
-        with contextlib.suppress(OSError):
-            path.unlink()
-        os.close(fd)
-        _remove_empty(created)
-
-
-def _acquire(path: Path, output: Path) -> int:
-    """Open and ``flock`` ``path``; returns the descriptor, holding our pid."""
-    while True:
-        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            holder = os.read(fd, 32).decode(errors="replace").strip() or "unknown"
-            os.close(fd)
-            raise QronosError(
-                f"{output} is being written by another run (pid {holder}); wait "
-                f"for it to finish (its lock is {path})"
-            ) from None
-        try:
-            same = os.fstat(fd).st_ino == os.stat(path).st_ino
-        except FileNotFoundError:
-            same = False
-        if not same:
-            os.close(fd)  # the holder removed the file as we locked it: lock the new one
-            continue
-        try:
-            os.ftruncate(fd, 0)
-            os.write(fd, f"{os.getpid()}\n".encode())
-        except OSError:  # a full disk: leave no empty lock behind
-            path.unlink(missing_ok=True)
-            os.close(fd)
-            raise
-        return fd
 
 
 def staging_dirs(output: Path) -> list[Path]:
@@ -244,7 +108,7 @@ def staged_output(
     """
     output = Path(output)
     parent = output.parent
-    created = _new_dirs(parent)
+    created = new_dirs(parent)
     tmp, done = None, False
     try:
         parent.mkdir(parents=True, exist_ok=True)
@@ -276,7 +140,7 @@ def _clean_up(tmp: Path | None, done: bool, created: Sequence[Path]) -> None:
         if done or not (old.is_dir() and any(old.iterdir())):
             shutil.rmtree(tmp, ignore_errors=True)
     if not done:
-        _remove_empty(created)
+        remove_empty(created)
 
 
 class _SignalWhilePlacing(Exception):
@@ -348,7 +212,7 @@ def write_text_file(path: Path, text: str) -> None:
     Raises:
         QronosError: the file could not be written.
     """
-    created = _new_dirs(path.parent)
+    created = new_dirs(path.parent)
     tmp = None
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -363,4 +227,4 @@ def write_text_file(path: Path, text: str) -> None:
         if tmp is not None:
             tmp.unlink(missing_ok=True)
         if not path.exists():
-            _remove_empty(created)
+            remove_empty(created)
