@@ -2,9 +2,9 @@
 
     [WINDOWS=32] python benchmarks/damping_pilot.py BITS GROUP ALGO [DAMPING]
 
-Writes ``/tmp/tl/pilot_BITS_GROUP_ALGO_DAMPING/m.onnx`` and prints its perplexity on the first
-10 test windows; ``benchmarks/damping_validation.py`` then scores those models on held-out
-train-side windows (the data the default was chosen on).
+Writes ``models/smollm2-135m-damping/pilot_BITS_GROUP_ALGO_DAMPING/m.onnx`` and prints its
+perplexity on the first 10 test windows; ``benchmarks/damping_validation.py`` then scores those
+models on held-out train-side windows (the data the default was chosen on).
 """
 
 import os
@@ -15,13 +15,15 @@ import qronos_onnx
 from qronos_onnx.calibration.data import token_windows
 from qronos_onnx.eval import evaluate_windows
 
-MODEL = Path(__file__).resolve().parents[1] / "models" / "smollm2-135m" / "model.onnx"
+ROOT = Path(__file__).resolve().parents[1]
+MODEL = ROOT / "models" / "smollm2-135m" / "model.onnx"
+WORK = ROOT / "models" / "smollm2-135m-damping"
 
 
 def main() -> None:
     bits, group, algo = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3]
     damping = float(sys.argv[4]) if len(sys.argv) > 4 else None
-    out = Path(f"/tmp/tl/pilot_{bits}_{group}_{algo}_{damping}/m.onnx")
+    out = WORK / f"pilot_{bits}_{group}_{algo}_{damping}" / "m.onnx"
     report = qronos_onnx.optimize(
         MODEL,
         out,

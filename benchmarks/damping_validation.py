@@ -18,6 +18,7 @@ from qronos_onnx.calibration.data import all_windows, load_tokenizer, wiki_vital
 from qronos_onnx.eval import evaluate_windows
 
 TOKENIZER = Path(__file__).resolve().parents[1] / "models" / "smollm2-135m"
+WORK = TOKENIZER.with_name("smollm2-135m-damping")  # where damping_pilot.py writes
 
 
 def main() -> None:
@@ -25,7 +26,7 @@ def main() -> None:
     calibration = set(np.random.default_rng(0).choice(len(windows), 32, replace=False).tolist())
     held_out = [i for i in range(len(windows) - 1, -1, -1) if i not in calibration][:20]
     pattern = sys.argv[1] if len(sys.argv) > 1 else "pilot_*"
-    for path in sorted(glob.glob(f"/tmp/tl/{pattern}/m.onnx")):
+    for path in sorted(glob.glob(str(WORK / pattern / "m.onnx"))):
         result = evaluate_windows(path, windows[sorted(held_out)], progress=False)
         print(Path(path).parent.name, round(result.perplexity, 3), flush=True)
 

@@ -126,7 +126,7 @@ def measure(name: str, spec) -> dict:
         "perplexity": result.perplexity,
         "quantize_seconds": seconds,
         "size_mb": size / 1e6,
-        "folder": str(path.parent),
+        "folder": str(path.parent.relative_to(ROOT)),
     }
 
 
@@ -148,7 +148,7 @@ def main() -> None:
         CACHE.write_text(json.dumps(cache, indent=1))
     if args.speed or any("tokens_per_second" not in cache[n] for n in ROWS):
         for name in ROWS:  # all at the end, on a quiet machine
-            cache[name]["tokens_per_second"] = generation_speed(Path(cache[name]["folder"]))
+            cache[name]["tokens_per_second"] = generation_speed(ROOT / cache[name]["folder"])
             print(f"{name}: {cache[name]['tokens_per_second']:.1f} tokens/s", flush=True)
         CACHE.write_text(json.dumps(cache, indent=1))
     print("| model | perplexity | size (MB) | GenAI tokens/s |")

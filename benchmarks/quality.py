@@ -1,6 +1,7 @@
 """Quality of RTN, GPTQ, GPFQ, Qronos and ONNX Runtime's own quantizer on SmolLM2-135M.
 
-    python benchmarks/quality.py [--only SETTING ...] [--fresh]
+    python benchmarks/quality.py [--only SETTING ...] [--methods METHOD ...] [--fresh]
+                                 [--cache FILE]
 
 The README's evaluation protocol: perplexity on the first 40 windows of 512 tokens of the test side
 of wiki-vital; calibration on 32 windows of 512 tokens of the train side (ONNX Runtime's GPTQ on
@@ -62,6 +63,7 @@ SETTINGS: dict[str, dict] = {
     "W2 g32 asym + MagR 1e-4 (no rotation)": {"bits": 2, "group_size": 32, "magr": 1e-4},
     "W8A8 without rotations": {"config": "w8a8", "rotate": "none"},
     "W8A8 + rotations (--w8a8)": {"config": "w8a8"},
+    "--w4 (the default preset)": {"config": "w4"},
 }
 #: Settings measured with GPFQ and ONNX Runtime's quantizer too (weight-only, no rotation).
 ROUND_1 = ("W4 g64 asym", "W4 g128 sym", "W4 per-channel asym", "W3 g64 asym", "W2 g32 asym")
@@ -73,6 +75,7 @@ QRONOS_ONLY = (
     "W2 g32 asym + MagR 1e-4 (no rotation)",
     "W8A8 without rotations",
     "W8A8 + rotations (--w8a8)",
+    "--w4 (the default preset)",
 )
 OURS = ("rtn", "gptq", "gpfq", "qronos")
 ORT_WINDOWS = 8
@@ -183,6 +186,12 @@ def main() -> None:
     ap.add_argument("--only", nargs="+", choices=list(SETTINGS), help="settings to run")
     ap.add_argument("--methods", nargs="+", help="only these methods (rtn, gptq, qronos, ...)")
     ap.add_argument("--fresh", action="store_true", help="ignore cached rows")
+    ap.add_argument(
+        "--cache",
+        type=Path,
+        default=CACHE,
+        help="where rows are cached (another file re-measures rows without losing the old)",
+    )
     ap.add_argument("--row", nargs=3, help=argparse.SUPPRESS)  # setting method result.json
     args = ap.parse_args()
     if args.row:
@@ -190,7 +199,8 @@ def main() -> None:
         return
     if not MODEL.is_file():
         sys.exit(f"{MODEL} is missing: run python models/smollm2.py first")
-    cache = {} if args.fresh or not CACHE.exists() else json.loads(CACHE.read_text())
+    path = args.cache
+    cache = {} if args.fresh or not path.exists() else json.loads(path.read_text())
     jobs = [("float", "float")] + [
         (s, m)
         for s in (args.only or SETTINGS)
@@ -217,9 +227,9 @@ def main() -> None:
             cache[key] = json.loads(result.read_text())
         print(f"  {cache[key]}", flush=True)
         # merged into the file as it is now: another run may have added rows meanwhile
-        on_disk = json.loads(CACHE.read_text()) if CACHE.exists() else {}
+        on_disk = json.loads(path.read_text()) if path.exists() else {}
         cache = {**on_disk, key: cache[key]} if not args.fresh else cache
-        CACHE.write_text(json.dumps(cache, indent=1))
+        path.write_text(json.dumps(cache, indent=1))
     print(table(cache))
 
 

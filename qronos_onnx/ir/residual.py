@@ -56,7 +56,7 @@ class NotRotatable(Exception):
 
 
 @dataclass(frozen=True)
-class Writer:
+class StreamWriter:
     """A projection added into the residual stream.
 
     Attributes:
@@ -87,7 +87,7 @@ class ResidualStream:
     embedding: ir.Node
     norms: list[Norm] = field(default_factory=list)
     readers: list[ir.Node] = field(default_factory=list)
-    writers: list[Writer] = field(default_factory=list)
+    writers: list[StreamWriter] = field(default_factory=list)
     values: list[ir.Value] = field(default_factory=list)
 
 
@@ -228,7 +228,7 @@ def _add_writer(stream: ResidualStream, value: ir.Value, add: ir.Node, seen: set
         stream.writers.append(writer)
 
 
-def _writer(value: ir.Value) -> Writer | None:
+def _writer(value: ir.Value) -> StreamWriter | None:
     """The projection computing ``value`` (through casts and a constant bias ``Add``)."""
     node = value.producer()
     while node is not None and node.op_type in _PASS and node.inputs[0] is not None:
@@ -241,17 +241,17 @@ def _writer(value: ir.Value) -> Writer | None:
         if is_constant(bias) and out is not None and not is_constant(out):
             inner = out.producer()
             if inner is not None and is_layer(inner) and len(inner.inputs) < 3:
-                return Writer(inner, bias, node)
+                return StreamWriter(inner, bias, node)
         return None
     if is_layer(node):
         c = node.inputs[2] if len(node.inputs) > 2 else None
         if c is not None and not is_constant(c):
             return None
-        return Writer(node, c, node if c is not None else None)
+        return StreamWriter(node, c, node if c is not None else None)
     return None
 
 
-def _writer_values(writer: Writer, end: ir.Value) -> list[ir.Value]:
+def _writer_values(writer: StreamWriter, end: ir.Value) -> list[ir.Value]:
     """The values from the writer's output to ``end`` (the one added into the stream)."""
     values, v = [], writer.node.outputs[0]
     while True:
