@@ -54,6 +54,15 @@ def _device_option(what: str) -> Any:
     return option("auto", f"{what} (auto: CUDA when present)")
 
 
+def _tokenizer_option() -> Any:
+    return option(
+        None,
+        "tokenizer.json or a tokenizer directory (default: beside the model)",
+        metavar="PATH",
+        path=True,
+    )
+
+
 def _exporter_option(**kw: Any) -> Any:
     return option(
         "auto",
@@ -257,12 +266,7 @@ class Options(Schema):
     )
     calib_windows: int = option(32, "calibration windows", valid=Range(1, math.inf))
     seqlen: int = option(DEFAULT_SEQLEN, "tokens per calibration window", valid=Range(2, math.inf))
-    tokenizer: str | None = option(
-        None,
-        "tokenizer.json or a tokenizer directory (default: beside the model)",
-        metavar="PATH",
-        path=True,
-    )
+    tokenizer: str | None = _tokenizer_option()
     # -- the run ----------------------------------------------------------------------------
     device: Device = _device_option("ONNX Runtime provider and torch device")
     report: str | None = option(
@@ -388,12 +392,7 @@ class EvalOptions(Schema):
         DEFAULT_EVAL_WINDOWS, "windows scored, from the start of the text", valid=Range(1, math.inf)
     )
     seqlen: int = option(DEFAULT_SEQLEN, "tokens per window", valid=Range(2, math.inf))
-    tokenizer: str | None = option(
-        None,
-        "tokenizer.json or a tokenizer directory (default: beside the model)",
-        metavar="PATH",
-        path=True,
-    )
+    tokenizer: str | None = _tokenizer_option()
     device: Device = _device_option("ONNX Runtime provider")
     progress: bool = _progress_option()
 

@@ -33,6 +33,8 @@ def test_ir_loads_no_torch(module):
     "statement",
     [
         "import qronos_onnx.options, qronos_onnx.errors, qronos_onnx.files.placement",
+        "import qronos_onnx.registry, qronos_onnx.schema, qronos_onnx.formats.base",
+        "import qronos_onnx.recipes, qronos_onnx.files.lock, qronos_onnx.files.paths",
         "import qronos_onnx.cli as cli; cli.parser().parse_args(['optimize', 'm', '-o', 'q.onnx'])",
     ],
 )

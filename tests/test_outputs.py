@@ -70,14 +70,15 @@ def _default_signal_handling():
         signal.signal(signum, signal.SIG_DFL)
 
 
-def run_child(point, signame, *args):
+def run_child(point, signame, *args, dispositions=_default_signal_handling):
+    """The child, with the signal dispositions ``dispositions`` sets before it starts."""
     return subprocess.run(
         [sys.executable, "-c", CHILD, point, signame, *map(str, args)],
         capture_output=True,
         text=True,
         timeout=300,
         check=False,
-        preexec_fn=_default_signal_handling,
+        preexec_fn=dispositions,
     )
 
 
@@ -398,28 +399,8 @@ def test_an_ignored_signal_while_placing_stays_ignored(previous):
     """SIGINT ignored by the caller (a background job of a script; ``nohup`` does the same to
     SIGHUP) and sent while the files are being placed: it stays ignored, the run completes."""
     model, output, files = previous
-    r = subprocess.run(
-        [
-            sys.executable,
-            "-c",
-            CHILD,
-            "move:4",
-            "SIGINT",
-            "optimize",
-            str(model),
-            "-o",
-            str(output),
-            "--force",
-            "--bits",
-            "2",
-            *RTN,
-        ],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        check=False,
-        preexec_fn=_ignore_sigint,
-    )
+    args = ["optimize", model, "-o", output, "--force", "--bits", "2", *RTN]
+    r = run_child("move:4", "SIGINT", *args, dispositions=_ignore_sigint)
     assert r.returncode == 0, r.stderr
     assert "Traceback" not in r.stderr
     now = contents(output.parent)
