@@ -116,7 +116,9 @@ def evaluate(model: str | os.PathLike, **options: Any) -> EvalResult:
     ``EvalOptions`` (listed below)."""
     _check_path("model", model)
     settings = EvalOptions().replace(**options)
-    paths = [path for path in (model, settings.reference) if path is not None]
+    model, _ = resolve_model(model)  # a folder holding model.onnx names that model
+    reference = None if settings.reference is None else resolve_model(settings.reference)[0]
+    paths = [path for path in (model, reference) if path is not None]
     # clear errors for either model
     signatures = [detect_signature(load_model(path)) for path in paths]
     for path, signature in zip(paths, signatures, strict=False):
@@ -139,7 +141,7 @@ def evaluate(model: str | os.PathLike, **options: Any) -> EvalResult:
     for signature in signatures:
         signature.check_token_ids(chosen)
     return evaluate_windows(
-        model, chosen, settings.reference, settings.device, settings.progress, signatures
+        model, chosen, reference, settings.device, settings.progress, signatures
     )
 
 

@@ -19,7 +19,7 @@ import yaml
 
 from .errors import QronosError
 from .options import PRESETS, Options
-from .schema import fields, meta
+from .schema import fields, meta, names
 
 MAX_RECIPE_BYTES = 1 << 20
 #: Nesting deeper than this (a list of lists of ...) is no option's value.
@@ -64,19 +64,19 @@ def load_recipe(recipe: str | os.PathLike) -> dict[str, Any]:
             f"recipe {path} must be a mapping of options to values, got {type(values).__name__}"
         )
     allowed = {f.name for f in fields(Options) if meta(f).recipe}
+    run_only = sorted(str(k) for k in values if k in set(names(Options)) - allowed)
+    if run_only:
+        raise QronosError(
+            f"recipe {path}: {', '.join(run_only)} cannot be set by a recipe; give it on the "
+            "command line or in the call"
+        )
     unknown = sorted(str(k) for k in values if k not in allowed)
     if unknown:
         named = ", ".join(unknown[:_NAMED]) + (
             f" and {len(unknown) - _NAMED} more" if len(unknown) > _NAMED else ""
         )
-        run_only = [k for k in unknown if k in {f.name for f in fields(Options)}]
-        why = (
-            f" ({', '.join(run_only)}: give it on the command line or in the call, not in a recipe)"
-            if run_only
-            else ""
-        )
         raise QronosError(
-            f"recipe {path}: unknown option(s) {named}{why}; options: {', '.join(sorted(allowed))}"
+            f"recipe {path}: unknown option(s) {named}; options: {', '.join(sorted(allowed))}"
         )
     return values
 

@@ -1125,6 +1125,7 @@ def test_a_folder_holding_model_onnx_names_that_model(tiny_models, tmp_path):
         folder, tmp_path / "q.onnx", algo="rtn", group_size=32, progress=False
     )
     assert report.model == str(folder / "model.onnx")
+    assert main(["eval", str(folder), "--windows", "1", "--seqlen", "16", "-q"]) == 0
 
 
 def test_a_genai_config_that_is_not_one_is_refused_before_any_work(tiny_models, tmp_path, capsys):

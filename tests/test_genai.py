@@ -335,6 +335,7 @@ def test_a_checkpoint_without_a_tokenizer_falls_back_to_torch(checkpoint, tmp_pa
             path.unlink()
     assert main(["export", str(bare), "-o", str(tmp_path / "float")]) == 0
     captured = capsys.readouterr()
+    assert "the checkpoint has no tokenizer files" in captured.err
     assert "exporting with torch.onnx instead" in captured.err
     assert "(torch.onnx)" in captured.out
     assert (tmp_path / "float" / "model.onnx").is_file()

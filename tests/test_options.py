@@ -156,7 +156,7 @@ def test_every_option_reaches_the_parser_and_the_olive_pass():
             "anchors and aliases are not allowed",
         ),
         ("bits: 3\nbits: 2\n", "'bits' is given twice"),
-        ("force: true\n", "force: give it on the command line"),
+        ("force: true\n", "force cannot be set by a recipe; give it on the command line"),
         ("# " + "x" * (1 << 20) + "\n", "a recipe lists a few options"),
         ("".join(f"k{i}: 1\n" for i in range(50_000)), "and 49992 more"),
     ],

@@ -25,6 +25,7 @@ from qronos_onnx.files.lock import output_lock
 from qronos_onnx.files.paths import new_dirs, remove_empty
 from qronos_onnx.files.placement import recover, staged_output
 from qronos_onnx.files.signals import termination_as_interrupt
+from qronos_onnx.genai import TOKENIZER_FILES
 from qronos_onnx.options import ExportOptions, Options
 
 from .builder import MODEL_FILE, BuilderFailed, builder_available, run_builder
@@ -91,8 +92,11 @@ def export_checkpoint(
             except BuilderFailed as err:
                 if options.exporter == "genai":
                     raise
+                why = str(err).rstrip(".")
+                if not any((checkpoint / name).is_file() for name in TOKENIZER_FILES):
+                    why = f"the checkpoint has no tokenizer files, which the builder needs ({why})"
                 warnings.warn(
-                    f"{err}; exporting with torch.onnx instead", UserWarning, stacklevel=2
+                    f"{why}; exporting with torch.onnx instead", UserWarning, stacklevel=2
                 )
                 shutil.rmtree(tmp)
                 tmp.mkdir()
