@@ -67,9 +67,20 @@ def build_relative(out_dir: str | Path, family: str, kv_cache: bool = True, seed
     """A relative of the tiny Llama for the rotation tests, same sizes, exported like ``build``.
 
     ``family``: ``"gemma"`` (RMSNorm scale ``1 + w``, norm weights drawn in ``[0, 0.5)``),
-    ``"gemma2"`` (also norms on the residual branches after attention and MLP) or ``"fp16"``
-    (the Llama in float16). Returns the model path."""
-    from transformers import Gemma2Config, Gemma2ForCausalLM, GemmaConfig, GemmaForCausalLM
+    ``"gemma2"`` (also norms on the residual branches after attention and MLP), ``"gemma3"``
+    (``gemma2``'s sandwich norms, q/k norms, alternating sliding and full attention, the
+    embedding scaled by ``sqrt(64)``; and Gemma-3-270M's two properties that matter for
+    rotations: norm scales spread up to tens, and a massive residual channel, ``MASSIVE``,
+    that every pre-norm damps to (near) zero) or ``"fp16"`` (the Llama in float16). Returns
+    the model path."""
+    from transformers import (
+        Gemma2Config,
+        Gemma2ForCausalLM,
+        Gemma3ForCausalLM,
+        Gemma3TextConfig,
+        GemmaConfig,
+        GemmaForCausalLM,
+    )
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -92,6 +103,17 @@ def build_relative(out_dir: str | Path, family: str, kv_cache: bool = True, seed
                     p.copy_(0.5 * torch.rand_like(p))
     elif family == "gemma2":
         model = Gemma2ForCausalLM(Gemma2Config(**common, sliding_window=64))
+    elif family == "gemma3":
+        model = Gemma3ForCausalLM(
+            Gemma3TextConfig(
+                **common,
+                query_pre_attn_scalar=16,
+                sliding_window=16,
+                layer_types=["sliding_attention", "full_attention"],
+                rms_norm_eps=1e-6,
+            )
+        )
+        _massive_channel(model)
     elif family == "fp16":
         model = LlamaForCausalLM(config()).half()
     else:
@@ -99,6 +121,27 @@ def build_relative(out_dir: str | Path, family: str, kv_cache: bool = True, seed
     path = export_causal_lm(model.eval(), out_dir / "model.onnx", kv_cache)
     write_tokenizer(out_dir / "tokenizer.json")
     return path
+
+
+#: The residual channel of the tiny Gemma 3 that carries a massive activation.
+MASSIVE = 7
+
+
+def _massive_channel(model: torch.nn.Module) -> None:
+    """Gemma-3-270M's traits, in a random Gemma 3: norm scales ``1 + w`` in ``[1, 3)`` with a
+    few of 10 to 30, and a residual channel of 30 * sqrt(64) = 240 in every token that the
+    input norms damp to 0.1 and the feed-forward and final norms to exactly 0 (the real
+    model's pre_feedforward_layernorm weights of that channel are -1)."""
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("norm.weight"):
+                p.copy_(2.0 * torch.rand_like(p))
+                p[torch.randperm(p.numel())[:3]] = 10.0 + 20.0 * torch.rand(3)
+        model.model.embed_tokens.weight[:, MASSIVE] = 30.0
+        for layer in model.model.layers:
+            layer.input_layernorm.weight[MASSIVE] = -0.9
+            layer.pre_feedforward_layernorm.weight[MASSIVE] = -1.0
+        model.model.norm.weight[MASSIVE] = -1.0
 
 
 def build_checkpoint(out_dir: str | Path, layers: int = 2, seed: int = 0) -> Path:

@@ -130,8 +130,13 @@ def is_layer(node: ir.Node, reads: ir.Value | None = None) -> bool:
     return reads is None or node.inputs[0] is reads
 
 
-def residual_stream(model: ir.Model, signature: LLMSignature) -> ResidualStream:
+def residual_stream(
+    model: ir.Model, signature: LLMSignature, tied_head: ir.Node | None = None
+) -> ResidualStream:
     """The residual stream of ``model``.
+
+    ``tied_head``: an lm_head that reads the embedding table through a Transpose (not a
+    constant weight yet), accepted as a reader: the stream as it is once it is untied.
 
     Raises:
         NotRotatable: the graph is not a pre-norm decoder as described in the module
@@ -157,6 +162,8 @@ def residual_stream(model: ir.Model, signature: LLMSignature) -> ResidualStream:
     stream.norms.sort(key=lambda n: order[n.node])
     for norm in stream.norms:
         for node in norm.output.consumers():
+            if node is tied_head:
+                continue
             if not is_layer(node, norm.output) or layer_features(node)[0] != d:
                 raise NotRotatable(
                     f"{node.name} ({node.op_type}) reads the output of the norm "

@@ -52,7 +52,7 @@ from qronos_onnx.ir.residual import (
     residual_stream,
 )
 from qronos_onnx.ir.signature import detect_signature
-from qronos_onnx.ir.targets import untie_lm_head
+from qronos_onnx.ir.targets import tied_lm_head, untie_lm_head
 from qronos_onnx.ir.values import constant, dtype_of, name_of, shared_initializer, static_shape
 from qronos_onnx.passes.chain import run_passes
 from qronos_onnx.quant.hadamard import Rotation, hadamard_orders, random_hadamard
@@ -165,14 +165,29 @@ def _model_bytes(model: ir.Model) -> int:
 
 
 class FoldNormScalesPass(ir.passes.InPlacePass):
-    """Bring every RMSNorm to ``SimplifiedLayerNormalization`` form and fold its scale into the
-    layers that read it; give a tied lm_head its own weight (the embedding will be rotated
-    apart from it).
+    """Bring every RMSNorm to ``SimplifiedLayerNormalization`` form and, for R1, fold its scale
+    into the layers that read it and give a tied lm_head its own weight (the embedding will be
+    rotated apart from it).
+
+    The scales are folded only when R1 will rotate the residual stream (``for_r1`` and a
+    stream R1 can rotate): it needs them out of the way, and nothing else does. Folded without
+    a rotation after them, they would only move from the activations into the weights, and a
+    norm that damps an outlier channel would hand that channel to the activation quantizer
+    (Gemma 3's pre-norms scale its massive residual channel by 0: folded, ``--w4a4`` on
+    Gemma-3-270M went from perplexity 432 to 480,831; benchmarks/RESULTS.md).
+
+    Args:
+        for_r1: R1 is asked for.
 
     Requires: a decoder LLM graph without LayerNorms (mean subtraction does not commute with
     a rotation: refused with a ``QronosError``).
-    Ensures: every norm whose readers are all layers with constant weights has scale 1.
+    Ensures: when folded, every norm whose readers are all layers with constant weights has
+    scale 1.
     """
+
+    def __init__(self, for_r1: bool = True):
+        super().__init__()
+        self.for_r1 = for_r1
 
     def requires(self, model: ir.Model) -> None:
         detect_signature(model)
@@ -182,7 +197,10 @@ class FoldNormScalesPass(ir.passes.InPlacePass):
         result = RotationResult(model, True)
         before = _model_bytes(model)
         fuse_decomposed_norms(model)
+        if not self.for_r1 or not _rotatable(model):
+            return result
         untie_lm_head(model)
+        _record(model, FOLDED, True)
         for norm in find_norms(model):
             readers = list(norm.output.consumers())
             gamma = scale_vector(norm.scale)
@@ -200,11 +218,28 @@ class FoldNormScalesPass(ir.passes.InPlacePass):
         return result
 
     def ensures(self, model: ir.Model) -> None:
+        if not _recorded(model, FOLDED):
+            return
         for norm in find_norms(model):
             if all(is_layer(n, norm.output) for n in norm.output.consumers()):
                 gamma = scale_vector(norm.scale)
                 if gamma is None or not np.all(gamma == 1):
                     raise ir.passes.PostconditionError(f"{norm.node.name} keeps its scale")
+
+
+#: ``model.meta[ROTATED]`` key: the norm scales were folded (for R1).
+FOLDED = "folded norms"
+
+
+def _rotatable(model: ir.Model) -> bool:
+    """Whether the residual stream has the structure R1 rotates (``ir/residual.py``), once a
+    tied lm_head has its own weight."""
+    tied = tied_lm_head(model)
+    try:
+        residual_stream(model, detect_signature(model), None if tied is None else tied[0])
+    except NotRotatable:
+        return False
+    return True
 
 
 def _scale_dtype(scale: ir.Value) -> ir.DataType:
@@ -219,7 +254,7 @@ class RotateResidualPass(ir.passes.InPlacePass):
         generator: the rotation kind's matrix generator.
         seed: the seed of its random signs.
 
-    Requires: norm scales folded (``FoldNormScalesPass``).
+    Requires: norm scales folded (``FoldNormScalesPass``) where the stream is rotatable.
     Ensures: when rotated, the residual stream is still one, with the same readers.
     """
 
@@ -228,6 +263,8 @@ class RotateResidualPass(ir.passes.InPlacePass):
         self.generator, self.seed = generator, seed
 
     def requires(self, model: ir.Model) -> None:
+        if not _rotatable(model):
+            return  # R1 says why, and skips
         for norm in find_norms(model):
             gamma = scale_vector(norm.scale)
             readers = norm.output.consumers()
@@ -553,7 +590,7 @@ def rotation_passes(
         "R4": OnlineHadamardPass(generator),
     }
     return [
-        FoldNormScalesPass(),
+        FoldNormScalesPass(for_r1="R1" in sites),
         *(at_site[site] for site in ROTATION_SITES if site in sites),
         ir.passes.common.RemoveUnusedNodesPass(),
     ]
