@@ -9,7 +9,7 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from qronos_onnx.calibration.runner import CalibrationOptions
-from qronos_onnx.ir.act_quant import ActQuant, fit_static_scale, insert_act_quant
+from qronos_onnx.ir.act_quant import ActQuant, StaticRange, insert_act_quant
 from qronos_onnx.ir.model_io import load_model
 from qronos_onnx.ir.signature import detect_signature
 from qronos_onnx.ir.targets import find_targets
@@ -387,8 +387,11 @@ def test_the_w8a8_preset_writes_7_bit_int8_weights(tiny_models, tmp_path):
 
 
 def test_a_static_scale_covers_clip_times_the_calibrated_range():
-    arrays = [np.array([-2.0, 1.0]), np.array([4.0, 0.5])]
-    scale, zero = fit_static_scale(arrays, ActQuant(8, "tensor", symmetric=True, clip=0.5))
+    """The range is widened a window at a time; the scale covers clip times all of it."""
+    seen = StaticRange()
+    for array in (np.array([-2.0, 1.0]), np.array([4.0, 0.5])):
+        seen.add(array)
+    scale, zero = seen.fit(ActQuant(8, "tensor", symmetric=True, clip=0.5))
     assert (scale, zero) == (np.float32(0.5 * 4 / 127), 0)
-    scale, zero = fit_static_scale(arrays, ActQuant(8, "tensor", symmetric=False, clip=0.5))
+    scale, zero = seen.fit(ActQuant(8, "tensor", symmetric=False, clip=0.5))
     assert scale == np.float32(0.5 * 6 / 255) and zero == round(1 / scale)

@@ -1,16 +1,24 @@
-"""The two-stream calibration engine: stage by stage through ONNX Runtime.
+"""The two-stream calibration engine: stage by stage through ONNX Runtime, window by window.
 
-For every calibration sample, each stage runs once per stream:
+For every calibration window, each stage runs once per stream:
 
 - the *float* stream runs the stage with the original weights on float inputs, and yields
   ``X``, the group input as the float network computes it;
 - the *quant* stream runs it with the weights already solved (and activation quantizers, when
   the graph has them) on quantized-stream inputs, and yields ``X~``.
 
-Stages that no target feeds run once and are shared. ``H`` and ``G`` of the group the stage
-completes are accumulated from ``X`` and ``X~``, the group is solved, and its solved weights
-are fed to the quant stream from then on. The whole run costs about two forward passes of the
-calibration set plus the solves: no node runs more than once per stream and sample.
+A stage made of nodes no target feeds runs once per window (both streams alike). ``H`` and
+``G`` of the group the stage completes are accumulated from ``X`` and ``X~`` a batch of
+windows at a time, the group is solved, and its solved weights are fed to the quant stream
+from then on. Every node that depends on a target runs once per stream and window: the run
+costs about two forward passes of the calibration set plus the solves.
+
+Memory: only the values that cross a stage boundary are kept for every window, until their
+last use, in a ``BoundaryStore`` (in memory up to ``max_memory`` bytes, in files beyond);
+the group inputs of the statistics are held for a batch of windows (a quarter of the budget)
+at most. With a budget that holds everything, the statistics are accumulated after all the
+stage's runs, as one batch: torch's OpenMP workers spin for a while after each parallel op and
+would slow ONNX Runtime's next run down.
 
 ``reference="stage"`` takes ``X`` instead from the float stage applied to the quant stream's
 inputs (the block mode of the reference implementation); the float stream is then not kept.
@@ -18,6 +26,7 @@ inputs (the block mode of the reference implementation); the float stream is the
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import tempfile
@@ -25,6 +34,7 @@ import time
 from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Literal, cast
 
 import numpy as np
@@ -33,13 +43,14 @@ import torch
 from tqdm.auto import tqdm
 
 from qronos_onnx.errors import QronosError
-from qronos_onnx.ir.act_quant import ACT_SCALE, fit_static_scale
+from qronos_onnx.ir.act_quant import ACT_SCALE, StaticRange
 from qronos_onnx.ir.stages import Stage, fed_constants, last_uses, stage_model
 from qronos_onnx.ir.targets import TargetGroup
 from qronos_onnx.ir.values import constant
 
 from .session import make_session, run_session
 from .stats import GroupStats, token_rows
+from .store import BoundaryStore, StoreUse
 
 Reference = Literal["network", "stage"]
 
@@ -59,6 +70,10 @@ class CalibrationOptions:
         progress: show a progress bar.
         optimize_graph: let ONNX Runtime fuse nodes (off for node-level profiling).
         profile: record ONNX Runtime's node executions (``CalibrationRun.node_runs``).
+        max_memory: bytes of activations kept in memory between stages (``BoundaryStore``);
+            ``None``: no bound (nothing is written to disk).
+        spill_dir: where activations beyond ``max_memory`` go (a folder of the run's); without
+            one, a temporary folder.
     """
 
     reference: Reference = "network"
@@ -66,6 +81,8 @@ class CalibrationOptions:
     progress: bool = True
     optimize_graph: bool = True
     profile: bool = False
+    max_memory: int | None = None
+    spill_dir: str | os.PathLike | None = None
 
     def __post_init__(self) -> None:
         if self.reference not in ("network", "stage"):
@@ -85,6 +102,8 @@ class CalibrationRun:
         output_error: per target node, ``(||y||^2 / n, ||y - y~||^2 / n)`` over the ``n``
             calibration tokens that are not padding (the tokens the statistics count), with
             ``y`` its float-side and ``y~`` its quantized-side output.
+        store: what the boundary store held (bytes in memory and on disk, at most).
+        stats_batches: how many batches the statistics were accumulated in, per group stage.
     """
 
     stages: int = 0
@@ -94,6 +113,8 @@ class CalibrationRun:
     providers: list[str] = field(default_factory=list)
     node_runs: Counter = field(default_factory=Counter)
     output_error: dict[str, tuple[float, float]] = field(default_factory=dict)
+    store: StoreUse = field(default_factory=StoreUse)
+    stats_batches: list[int] = field(default_factory=list)
 
 
 def _square_sum(a: np.ndarray) -> float:
@@ -145,8 +166,8 @@ class TwoStreamCalibrator:
         self.samples = list(samples)
         self.options = options or CalibrationOptions()
         self.device = torch_device(self.options.device)
-        self._values: dict[str, dict[str, list]] = {"float": {}, "quant": {}, "shared": {}}
         self._quant_weights: dict[str, np.ndarray] = {}
+        self._ranges: dict[str, StaticRange] = {}  # static scale -> its source's range so far
         self._last_use = last_uses(self.stages)
         self._sources = {
             s.group.input: s.group.source
@@ -155,30 +176,25 @@ class TwoStreamCalibrator:
         }
         self.run_info = CalibrationRun(stages=len(self.stages))
 
-    # -- value store -------------------------------------------------------------------
+    # -- values ------------------------------------------------------------------------
 
-    def _lookup(self, side: str, name: str, s: int):
-        """Sample ``s`` of value ``name`` as ``side`` (float / quant) sees it."""
+    def _where(self, side: str) -> str:
+        """The part of the store a stream reads its inputs from."""
+        return "float" if side == "float" and self.options.reference == "network" else "quant"
+
+    def _lookup(self, store: BoundaryStore, side: str, name: str, s: int):
+        """Window ``s`` of value ``name`` as ``side`` (float / quant) sees it."""
         feed = self.samples[s]
         if name in feed:
             return feed[name]
         if side == "float" and name in self._sources:
             name = self._sources[name]  # the float network skips activation quantizers
-        store = self._values[
-            "float" if side == "float" and self.options.reference == "network" else "quant"
-        ]
-        if name in store:
-            return store[name][s]
-        return self._values["shared"][name][s]
+        return store.get((self._where(side), name), s)
 
-    def _store(self, where: str, names: Sequence[str], arrays: Sequence, s: int) -> None:
-        for name, array in zip(names, arrays, strict=False):
-            self._values[where].setdefault(name, [None] * len(self.samples))[s] = array
-
-    def _free(self, stage: Stage) -> None:
+    def _free(self, store: BoundaryStore, stage: Stage) -> None:
         for name in [n for n, last in self._last_use.items() if last == stage.index]:
-            for store in self._values.values():
-                store.pop(name, None)
+            for where in ("float", "quant"):
+                store.drop((where, name))
         for name in stage.weights:
             self._quant_weights.pop(name, None)
 
@@ -194,10 +210,21 @@ class TwoStreamCalibrator:
             disable=not self.options.progress,
             dynamic_ncols=True,
         )
-        try:
+        with contextlib.ExitStack() as cleanup:
+            folder = self.options.spill_dir
+            if folder is None and self.options.max_memory is not None:
+                folder = cleanup.enter_context(tempfile.TemporaryDirectory(prefix="qronos_"))
+            budget = self.options.max_memory
+            store = BoundaryStore(
+                len(self.samples),
+                budget if budget is not None else 1 << 62,
+                None if folder is None else Path(folder) / "activations",
+            )
+            cleanup.callback(store.clear)
+            cleanup.callback(bar.close)
             for stage in self.stages:
                 bar.set_postfix_str(_label(stage), refresh=False)
-                stats = self._run_stage(stage, bar)
+                stats = self._run_stage(stage, store, bar)
                 if stats is not None:
                     assert stage.group is not None  # statistics are gathered for a group only
                     t0 = time.perf_counter()
@@ -205,30 +232,33 @@ class TwoStreamCalibrator:
                     del stats
                     self._quant_weights.update(solve(stage.group, H, G))
                     self.run_info.seconds["solve"] += time.perf_counter() - t0
-                self._free(stage)
-        finally:
-            bar.close()
+                self._free(store, stage)
+            self.run_info.store = store.use
         return self.run_info
 
-    def _run_stage(self, stage: Stage, bar) -> GroupStats | None:
+    def _run_stage(self, stage: Stage, store: BoundaryStore, bar) -> GroupStats | None:
         group = stage.group
         stats = None if group is None else GroupStats(group.in_features, self.device)
         passes = self._passes(stage)
         if stage.act_scales:
             self._fit_act_scales(stage)
-        session = self._session(stage) if stage.nodes else None
+        session = self._session(stage, store) if stage.nodes else None
         measured = [name for _, name in stage.target_outputs]
         sums = np.zeros((len(measured), 2))
         tokens = 0
         fed = fed_constants(self.model, stage)
         float_consts = {n: constant(self.model.graph.initializers[n]).numpy() for n in fed}
         quant_consts = {**float_consts, **{w: self._quant_weights[w] for w in stage.weights}}
+        keep = self.options.reference == "network"
+        batch: list[tuple] = []  # (x, x_quant, mask) of windows not yet in the statistics
+        batch_bytes = 0
+        batches = 0
         for s in range(len(self.samples)):
-            layer_outputs = {}
+            runs: dict[str, dict[str, np.ndarray]] = {}
             for side, where in passes:
                 if session is None:
                     break
-                feeds = {n: self._lookup(side, n, s) for n in stage.inputs}
+                feeds = {n: self._lookup(store, side, n, s) for n in stage.inputs}
                 feeds.update(quant_consts if side == "quant" else float_consts)
                 t0 = time.perf_counter()
                 what = f"the stage of {_label(stage)} ({_STREAM[side]}, sample {s})"
@@ -241,34 +271,53 @@ class TwoStreamCalibrator:
                 )
                 self.run_info.seconds["stages"] += time.perf_counter() - t0
                 self.run_info.session_runs += 1
-                self._store(where, stage.outputs, [outputs[n] for n in stage.outputs], s)
-                layer_outputs[side] = [outputs[n] for n in measured]
+                for name in stage.outputs:
+                    # a value no target feeds, recomputed here, is alike in both streams
+                    both = where == "shared" or (stage.quant_only and name in stage.observed)
+                    for part in ("float", "quant") if both else (where,):
+                        if part == "quant" or self._float_keeps(name, keep):
+                            store.put((part, name), s, outputs[name])
+                runs[side] = outputs
                 bar.update(1)
+            if session is not None:
+                self._observe_ranges(stage, runs, s)
             if measured:
                 mask = self._mask(s)
-                for i, (y, y_quant) in enumerate(
-                    zip(layer_outputs["float"], layer_outputs["quant"], strict=False)
-                ):
-                    y, y_quant = token_rows(y, mask), token_rows(y_quant, mask)
+                for i, name in enumerate(measured):
+                    y = token_rows(runs["float"][name], mask)
+                    y_quant = token_rows(runs["quant"][name], mask)
                     sums[i] += (_square_sum(y), _square_sum(y - y_quant))
                 tokens += y.shape[0]
+            if stats is not None:
+                assert group is not None  # statistics are gathered for a group only
+                window = self._group_inputs(stage, group, runs, store, s)
+                batch.append(window)
+                batch_bytes += sum(a.nbytes for a in window[:2] if a is not None) // (
+                    2 if window[0] is window[1] else 1
+                )
+                if self._batch_full(batch_bytes) or s == len(self.samples) - 1:
+                    self._accumulate(stats, group, batch)
+                    batch, batch_bytes, batches = [], 0, batches + 1
         if stats is not None:
-            assert group is not None  # statistics are gathered for a group only
-            # After all the stage's runs, not between them: torch's OpenMP workers spin for a
-            # while after each parallel op and would slow the next ONNX Runtime run down.
-            t0 = time.perf_counter()
-            for s in range(len(self.samples)):
-                self._accumulate(stats, group, s)
-            self.run_info.seconds["statistics"] += time.perf_counter() - t0
+            self.run_info.stats_batches.append(batches)
         for (node, _), (ref, err) in zip(stage.target_outputs, sums, strict=False):
             self.run_info.output_error[node] = (ref / tokens, err / tokens)
-        if self.options.reference == "stage" and group is not None:
-            # The float stage's outputs only give this group's X (kept until here: a static
-            # activation quantizer runs in a quant-only stage between its source and the group).
-            self._values["float"].clear()
         if session is not None and self.options.profile:
             self._count_node_runs(session)
         return stats
+
+    def _float_keeps(self, name: str, network: bool) -> bool:
+        """Whether the float stream's value ``name`` is kept for later stages: never a
+        quantizer's output (the float stream reads its source instead); in stage mode only a
+        quantizer's source (its group's ``X``, the float stage's on the quantized inputs)."""
+        if name in self._sources:
+            return False
+        return network or name in self._sources.values()
+
+    def _batch_full(self, nbytes: int) -> bool:
+        """Whether the windows held for the statistics reach a quarter of the budget."""
+        budget = self.options.max_memory
+        return budget is not None and nbytes >= budget // 4
 
     @staticmethod
     def _passes(stage: Stage) -> list[tuple[str, str]]:
@@ -279,18 +328,52 @@ class TwoStreamCalibrator:
             return [("quant", "quant")]
         return [("float", "float"), ("quant", "quant")]
 
+    def _group_inputs(
+        self, stage: Stage, group: TargetGroup, runs: dict, store: BoundaryStore, s: int
+    ):
+        """``(X, X~, mask)`` of window ``s``: the group input in both streams (one array for a
+        stage both streams share), from this window's runs. ``X`` is the value before the
+        quantizer (``group.source``); a quantizer-only stage reads it from the store (the float
+        stream's, or in stage mode the float stage's on the quantized inputs), unless it
+        recomputed it (a value no target feeds, alike in both streams)."""
+        if "shared" in runs:
+            x = runs["shared"][group.input]
+            return x, x, self._mask(s)
+        x_quant = runs["quant"][group.input]
+        name = group.source or group.input
+        if "float" in runs:
+            x = runs["float"][name]
+        elif name in stage.observed:
+            x = runs["quant"][name]
+        else:
+            x = store.get(("float", name), s)
+        return x, x_quant, self._mask(s)
+
+    def _observe_ranges(self, stage: Stage, runs: dict, s: int) -> None:
+        """Widen the ranges of the static scales whose source this stage computes (observed,
+        quantized stream)."""
+        side = "shared" if stage.shared else "quant"
+        for name in stage.observed:
+            for scale in self._scales_of(name):
+                value = runs[side][name]
+                self._ranges.setdefault(scale, StaticRange()).add(token_rows(value, self._mask(s)))
+
+    def _scales_of(self, source: str) -> list[str]:
+        return [
+            scale
+            for later in self.stages
+            for scale in later.act_scales
+            if self.model.graph.initializers[scale].meta[ACT_SCALE].source == source
+        ]
+
     def _fit_act_scales(self, stage: Stage) -> None:
-        """Fit static activation scales on the quantized stream's calibration activations and
-        write them (and their zero points) into the model."""
+        """Write the static activation scales (and zero points) fitted on the ranges the
+        earlier stage observed into the model."""
         graph = self.model.graph
         for name in stage.act_scales:
             value = graph.initializers[name]
             static = value.meta[ACT_SCALE]
-            arrays = [
-                token_rows(self._lookup("quant", static.source, s), self._mask(s))
-                for s in range(len(self.samples))
-            ]
-            scale, zero = fit_static_scale(arrays, static.spec)
+            scale, zero = self._ranges.pop(name).fit(static.spec)
             old = constant(value)
             value.const_value = ir.Tensor(np.asarray(scale, dtype=old.dtype.numpy()), name=name)
             if static.zero_point is not None:
@@ -299,34 +382,27 @@ class TwoStreamCalibrator:
                     np.asarray(zero, dtype=constant(zp).dtype.numpy()), name=static.zero_point
                 )
 
-    def _accumulate(self, stats: GroupStats, group: TargetGroup, s: int) -> None:
-        x_quant = self._lookup("quant", group.input, s)
-        x = self._float_input(group, s)
-        for label, a in (("float", x), ("quantized", x_quant)):
-            if not np.isfinite(a).all():
-                raise QronosError(
-                    f"NaN or Inf in the calibration activations of the {label} network at "
-                    f"{group.input!r} (input of {group.targets[0].name}), sample {s}: check the "
-                    "model and the calibration data"
-                )
-        stats.add(x, x_quant, self._mask(s))
+    def _accumulate(self, stats: GroupStats, group: TargetGroup, batch: list[tuple]) -> None:
+        """Add a batch of windows to the statistics (after the stage's runs on them)."""
+        t0 = time.perf_counter()
+        for s_x, (x, x_quant, mask) in enumerate(batch):
+            for label, a in (("float", x), ("quantized", x_quant)):
+                if not np.isfinite(a).all():
+                    raise QronosError(
+                        f"NaN or Inf in the calibration activations of the {label} network at "
+                        f"{group.input!r} (input of {group.targets[0].name}), window {s_x}: "
+                        "check the model and the calibration data"
+                    )
+            stats.add(x, x_quant, mask)
+        self.run_info.seconds["statistics"] += time.perf_counter() - t0
 
     def _mask(self, s: int) -> np.ndarray | None:
         """Sample ``s``'s attention mask, or ``None`` when it has no padding."""
         mask = self.samples[s].get("attention_mask")
         return None if mask is None or mask.all() else mask
 
-    def _float_input(self, group: TargetGroup, s: int):
-        """``X`` of sample ``s``: the float stream's (or, in stage mode, the float stage's)
-        group input, before any activation quantizer."""
-        name = group.source or group.input
-        for store in ("float", "shared"):
-            if name in self._values[store]:
-                return self._values[store][name][s]
-        return self._lookup("float", name, s)
-
-    def _session(self, stage: Stage):
-        types = {n: np.asarray(self._lookup("quant", n, 0)).dtype for n in stage.inputs}
+    def _session(self, stage: Stage, store: BoundaryStore):
+        types = {n: np.asarray(self._lookup(store, "quant", n, 0)).dtype for n in stage.inputs}
         proto = stage_model(self.model, stage, types)
         prefix = None
         if self.options.profile:

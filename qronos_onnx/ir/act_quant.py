@@ -77,16 +77,30 @@ class StaticScale:
     zero_point: str | None
 
 
-def fit_static_scale(arrays, spec: ActQuant) -> tuple[np.float32, int]:
-    """Per-tensor scale and zero point covering every calibration activation in ``arrays``."""
-    lo = spec.clip * min(0.0, *(float(a.min()) for a in arrays))
-    hi = spec.clip * max(0.0, *(float(a.max()) for a in arrays))
-    if spec.symmetric:
-        scale, zero = max(-lo, hi) / spec.qmax, 0
-    else:
-        scale = (hi - lo) / (spec.qmax - spec.qmin)
-        zero = int(np.clip(np.round(spec.qmin - lo / scale), spec.qmin, spec.qmax)) if scale else 0
-    return np.float32(scale if scale > 0 else 1.0), zero
+@dataclass
+class StaticRange:
+    """The range of a static scale's source over the calibration activations seen so far
+    (0 always inside it), widened a window at a time."""
+
+    low: float = 0.0
+    high: float = 0.0
+
+    def add(self, array: np.ndarray) -> None:
+        if array.size:
+            self.low = min(self.low, float(array.min()))
+            self.high = max(self.high, float(array.max()))
+
+    def fit(self, spec: ActQuant) -> tuple[np.float32, int]:
+        """Per-tensor scale and zero point covering ``clip`` times the range."""
+        lo, hi = spec.clip * self.low, spec.clip * self.high
+        if spec.symmetric:
+            scale, zero = max(-lo, hi) / spec.qmax, 0
+        else:
+            scale = (hi - lo) / (spec.qmax - spec.qmin)
+            zero = (
+                int(np.clip(np.round(spec.qmin - lo / scale), spec.qmin, spec.qmax)) if scale else 0
+            )
+        return np.float32(scale if scale > 0 else 1.0), zero
 
 
 def insert_act_quant(

@@ -1,13 +1,17 @@
 """Cut an LLM graph into stages, one per target group, and build each stage as an ONNX model.
 
-Stage ``i`` is every node that the input of group ``i`` needs and no earlier stage computed, so
-each node belongs to exactly one stage and the stages, run in order, compute every group input
-once. Within a decoder block this is true-sequential: q/k/v, then o, then gate/up, then down.
-Nodes after the last group input (final norm, ``lm_head`` unless it is a target, ``present.*``
-outputs) belong to no stage and never run during calibration.
+Stage ``i`` computes the input of group ``i``: every node it needs that depends on a target and
+that no earlier stage computed, so each such node belongs to exactly one stage and runs once
+per stream and window. Within a decoder block this is true-sequential: q/k/v, then o, then
+gate/up, then down. Nodes after the last group input (final norm, ``lm_head`` unless it is a
+target, ``present.*`` outputs) belong to no stage and never run during calibration.
 
-A stage's nodes are split in two: the *shared* part, which no target feeds (attention masks,
-rotary tables, the embedding lookup), runs once per sample; the rest runs once per stream.
+Nodes that no target feeds (attention masks, rotary tables, the embedding lookup: *shared*
+nodes, computed from the graph inputs alone) are recomputed in every stage that needs them
+instead of being kept for every window between stages: they are cheap, and an attention mask
+kept for every window would take ``4 W L^2`` bytes. So the values that cross stage boundaries
+(``Stage.outputs``) all depend on a target, and differ between the streams. A stage made only
+of shared nodes (the first layer's q/k/v input) runs once per window: both streams see it alike.
 
 A stage model takes as graph inputs its boundary values, the graph inputs it reads, every target
 weight it uses and every constant larger than ``FED_CONSTANT_BYTES`` (fed at run time, so that
@@ -26,7 +30,7 @@ import onnx_ir as ir
 from qronos_onnx.errors import QronosError
 
 from .act_quant import ACT_SCALE
-from .targets import TargetGroup
+from .targets import ACT_QUANT_SOURCE, TargetGroup
 from .values import constant, name_of
 
 FED_CONSTANT_BYTES = 1 << 20
@@ -38,15 +42,18 @@ class Stage:
 
     Attributes:
         index: position in run order.
-        nodes: the nodes, in graph order.
-        shared: no node depends on a target: run once and share the outputs between streams.
+        nodes: the nodes, in graph order (its own and the shared ones it recomputes).
+        shared: no node depends on a target: run once per window, both streams alike.
         group: the target group whose input this stage completes, if any.
         inputs: values read from outside the stage (graph inputs, earlier stages' outputs).
         constants: initializers the stage reads.
-        outputs: values later stages read, plus the group input.
+        outputs: values later stages read (they all depend on a target).
+        observed: values computed here for the statistics or a static activation scale (the
+            group's input and the value it quantizes, an activation quantizer's source).
         weights: target weights among ``constants`` (fed per stream).
-        act_scales: static activation-scale initializers this stage's quantizer reads: they are
-            fitted on the quantized stream's source values before the stage runs.
+        act_scales: static activation-scale initializers this stage's quantizer reads: fitted
+            on the quantized stream's source values, observed by an earlier stage, before this
+            stage runs.
         quant_only: only the quantized stream runs it (an activation quantizer: the float
             network reads the value before quantization).
         target_outputs: ``(target node, output value)`` of the targets computed here: both
@@ -60,6 +67,7 @@ class Stage:
     inputs: list[str] = field(default_factory=list)
     constants: list[str] = field(default_factory=list)
     outputs: list[str] = field(default_factory=list)
+    observed: list[str] = field(default_factory=list)
     weights: list[str] = field(default_factory=list)
     act_scales: list[str] = field(default_factory=list)
     quant_only: bool = False
@@ -67,8 +75,9 @@ class Stage:
 
     @property
     def run_outputs(self) -> list[str]:
-        """What a run computes: ``outputs`` and the measured target outputs."""
-        return [*self.outputs, *(v for _, v in self.target_outputs if v not in self.outputs)]
+        """What a run computes: ``outputs``, ``observed`` and the measured target outputs."""
+        names = [*self.outputs, *self.observed, *(v for _, v in self.target_outputs)]
+        return list(dict.fromkeys(names))
 
 
 def plan_stages(model: ir.Model, groups: list[TargetGroup]) -> list[Stage]:
@@ -88,31 +97,25 @@ def plan_stages(model: ir.Model, groups: list[TargetGroup]) -> list[Stage]:
         return -1 if producer is None else order[producer]
 
     stages: list[Stage] = []
-    computed: set[ir.Node] = set()
+    computed: set[ir.Node] = set()  # target-dependent nodes a stage has computed
     for group in sorted(groups, key=position):
         start = len(stages)
-        for nodes, scales in _parts(group, values, computed):
+        for nodes, scales in _parts(group, values, computed, dependent):
             ordered = sorted(nodes, key=order.__getitem__)
-            computed.update(ordered)
+            computed.update(n for n in ordered if n in dependent)
             _check_no_control_flow(ordered)
-            if scales:
-                stages.append(
-                    Stage(len(stages), ordered, shared=False, act_scales=scales, quant_only=True)
-                )
-                continue
-            shared = [n for n in ordered if n not in dependent]
-            own = [n for n in ordered if n in dependent]
-            if shared:
-                stages.append(Stage(len(stages), shared, shared=True))
-            if own:
-                stages.append(Stage(len(stages), own, shared=False))
+            shared = not any(n in dependent for n in ordered)
+            stages.append(
+                Stage(len(stages), ordered, shared, act_scales=scales, quant_only=bool(scales))
+            )
         if len(stages) == start:  # the group reads a graph input directly
             stages.append(Stage(len(stages), [], shared=True))
         stages[-1].group = group
     tail = [n for n in model.graph if n.name in target_nodes and n not in computed]
     if tail:  # targets no later group input needs: run them once to measure their error
-        stages.append(Stage(len(stages), tail, shared=False))
-    _wire(stages, weight_names)
+        nodes = _ancestors_of_nodes(tail, computed) | set(tail)
+        stages.append(Stage(len(stages), sorted(nodes, key=order.__getitem__), shared=False))
+    _wire(stages, weight_names, dependent)
     for stage in stages:
         stage.target_outputs = [
             (name_of(n), name_of(n.outputs[0])) for n in stage.nodes if n.name in target_nodes
@@ -121,22 +124,28 @@ def plan_stages(model: ir.Model, groups: list[TargetGroup]) -> list[Stage]:
 
 
 def _parts(
-    group: TargetGroup, values: dict[str, ir.Value], computed: set[ir.Node]
+    group: TargetGroup,
+    values: dict[str, ir.Value],
+    computed: set[ir.Node],
+    dependent: set[ir.Node],
 ) -> list[tuple[set[ir.Node], list[str]]]:
     """The nodes the group input needs, as ``(nodes, static scales)`` parts in run order.
 
     A static activation quantizer gets a part of its own, after the nodes computing its source,
-    so that its scale can be fitted on the source before it runs.
+    so that its scale can be fitted on the source before it runs (the shared nodes the source
+    needs are recomputed there).
     """
     needed = _ancestors(values[group.input], computed)
     if group.source is None:
-        return [(needed, [])]
+        return [(needed, [])] if needed else []
     main = _ancestors(values[group.source], computed)
     quantizer = needed - main
     scales = sorted(
         {name_of(v) for n in quantizer for v in n.inputs if v is not None and ACT_SCALE in v.meta}
     )
-    return [(main, []), (quantizer, scales)] if scales else [(needed, [])]
+    if not scales:
+        return [(needed, [])] if needed else []
+    return [(main, []), (quantizer | {n for n in main if n not in dependent}, scales)]
 
 
 def _check_no_control_flow(nodes: list[ir.Node]) -> None:
@@ -172,9 +181,20 @@ def _ancestors(value: ir.Value, computed: set[ir.Node]) -> set[ir.Node]:
     return found
 
 
+def _ancestors_of_nodes(nodes: list[ir.Node], computed: set[ir.Node]) -> set[ir.Node]:
+    """Every node the inputs of ``nodes`` depend on, not counting those already ``computed``."""
+    found: set[ir.Node] = set()
+    for node in nodes:
+        for v in node.inputs:
+            if v is not None:
+                found |= _ancestors(v, computed)
+    return found
+
+
 def _target_dependent(model: ir.Model, target_nodes: set[str]) -> set[ir.Node]:
-    """Nodes whose result depends on a target's output (the targets included)."""
-    dependent: set[ir.Node] = set()
+    """Nodes whose result depends on a target's output, the targets and the activation
+    quantizers included (a quantizer differs between the streams: the float one skips it)."""
+    dependent: set[ir.Node] = _quantizer_nodes(model)
     for node in model.graph:  # graph order is topological
         if node.name in target_nodes or any(
             v is not None and v.producer() in dependent for v in node.inputs
@@ -183,13 +203,45 @@ def _target_dependent(model: ir.Model, target_nodes: set[str]) -> set[ir.Node]:
     return dependent
 
 
-def _wire(stages: list[Stage], weight_names: set[str]) -> None:
-    """Fill each stage's inputs, constants, weights and outputs."""
+def _quantizer_nodes(model: ir.Model) -> set[ir.Node]:
+    """The nodes of every activation quantizer: from the value it quantizes (excluded) to its
+    output (``ACT_QUANT_SOURCE`` on it)."""
+    found: set[ir.Node] = set()
+    for node in model.graph:
+        for out in node.outputs:
+            source = out.meta.get(ACT_QUANT_SOURCE)
+            if source is None:
+                continue
+            stack = [node]
+            while stack:
+                n = stack.pop()
+                if n in found:
+                    continue
+                found.add(n)
+                stack.extend(
+                    v.producer()  # type: ignore[misc]
+                    for v in n.inputs
+                    if v is not None and v.producer() is not None and v.name != source
+                )
+    return found
+
+
+def _wire(stages: list[Stage], weight_names: set[str], dependent: set[ir.Node]) -> None:
+    """Fill each stage's inputs, constants, weights, outputs and observed values.
+
+    A stage that computes an activation quantizer's output read later also outputs the value
+    it quantizes: the float stream reads that one instead."""
+    sources = {
+        st.group.input: st.group.source
+        for st in stages
+        if st.group is not None and st.group.source is not None
+    }
     produced_in: dict[str, int] = {}
     for stage in stages:
         for node in stage.nodes:
-            for out in node.outputs:
-                produced_in[name_of(out)] = stage.index
+            if node in dependent:
+                for out in node.outputs:
+                    produced_in[name_of(out)] = stage.index
     for stage in stages:
         own = {name_of(v) for n in stage.nodes for v in n.outputs}
         seen: set[str] = set()
@@ -206,11 +258,33 @@ def _wire(stages: list[Stage], weight_names: set[str]) -> None:
                 else:
                     stage.inputs.append(name)
                     if name in produced_in:
-                        _add_output(stages[produced_in[name]], name)
+                        producer = stages[produced_in[name]]
+                        _add_output(producer, name)
+                        source = sources.get(name)
+                        if source is not None and source in _own_values(producer):
+                            _add_output(producer, source)
         if stage.group is not None:
             for group_value in (stage.group.input, stage.group.source):
                 if group_value is not None and group_value in own:
-                    _add_output(stage, group_value)
+                    stage.observed.append(group_value)
+        for later in stages[stage.index + 1 :]:
+            for scale in later.act_scales:
+                source = _scale_source(later, scale)
+                if source in own and source not in stage.observed:
+                    stage.observed.append(source)
+
+
+def _scale_source(stage: Stage, scale: str) -> str:
+    """The value a static activation scale of ``stage`` quantizes."""
+    for node in stage.nodes:
+        for v in node.inputs:
+            if v is not None and v.name == scale:
+                return v.meta[ACT_SCALE].source
+    raise ValueError(f"no node of stage {stage.index} reads the scale {scale}")
+
+
+def _own_values(stage: Stage) -> set[str]:
+    return {name_of(v) for n in stage.nodes for v in n.outputs}
 
 
 def _add_output(stage: Stage, name: str) -> None:
@@ -219,7 +293,8 @@ def _add_output(stage: Stage, name: str) -> None:
 
 
 def last_uses(stages: list[Stage]) -> dict[str, int]:
-    """For every value a stage reads, the index of the last stage that reads it.
+    """For every value a stage reads from an earlier stage, the index of the last stage that
+    reads it.
 
     The float stream reads an activation quantizer's source wherever the quantized stream reads
     its output, so a source lives as long as its quantized twin.
@@ -231,10 +306,7 @@ def last_uses(stages: list[Stage]) -> dict[str, int]:
     }
     last: dict[str, int] = {}
     for stage in stages:
-        names = list(stage.inputs)
-        if stage.group is not None:
-            names.append(stage.group.input)
-        for name in names:
+        for name in stage.inputs:
             for n in (name, sources.get(name)):
                 if n is not None:
                     last[n] = max(last.get(n, -1), stage.index)
