@@ -269,6 +269,14 @@ class Options(Schema):
     tokenizer: str | None = _tokenizer_option()
     # -- the run ----------------------------------------------------------------------------
     device: Device = _device_option("ONNX Runtime provider and torch device")
+    max_memory: float | None = option(
+        None,
+        "host memory (GB) for the activations kept between calibration stages; beyond it they "
+        "go to a file in the output's staging folder (the numbers do not change); none: half "
+        "of the memory available when the run starts",
+        metavar="GB|none",
+        valid=Range(0, math.inf, open_low=True),
+    )
     report: str | None = option(
         DEFAULT_REPORT,
         "report file name beside the output ({stem}: the output's name without "

@@ -68,9 +68,13 @@ class Writer(Protocol):
         """Refuse an output place before any work (``QronosError``); ``None``: the model
         is not exported yet (a checkpoint)."""
 
+    #: a folder of the run's for files it writes while working (activations beyond the
+    #: memory budget), removed when the run ends; set by ``reserve``.
+    scratch: Path | None
+
     def reserve(self) -> contextlib.AbstractContextManager:
         """Held for the whole run (a lock on the output, the repair of a killed run's
-        leftovers, the refusal of outputs that exist without force)."""
+        leftovers, the refusal of outputs that exist without force, ``scratch``)."""
 
     def write(self, model: ir.Model, make_report: ReportMaker) -> Report:
         """Save the model and its report; return the report."""
@@ -165,7 +169,11 @@ def _run(model_path, options, scheme, notes, writer, data, observer, t0) -> Repo
         # (after the data: an error there says all there is, in one line)
         scheme.warn_mismatches([t for g in groups for t in g.targets], skipped)
         calibration = CalibrationOptions(
-            reference=options.reference, device=options.device, progress=options.progress
+            reference=options.reference,
+            device=options.device,
+            progress=options.progress,
+            max_memory=memory_budget(options.max_memory),
+            spill_dir=writer.scratch,
         )
         rewrite = get_format(options.format).rewrite_pass(options)
         solved = quantize(model, scheme, samples, calibration, rewrite, observer)
@@ -185,6 +193,19 @@ def _run(model_path, options, scheme, notes, writer, data, observer, t0) -> Repo
             )
 
         return writer.write(model, make_report)
+
+
+def memory_budget(gigabytes: float | None) -> int:
+    """The activations' budget in bytes: ``gigabytes``, or half of the memory available now
+    (Linux's ``MemAvailable``; 8 GB where it cannot be read)."""
+    if gigabytes is not None:
+        return int(gigabytes * 1e9)
+    try:
+        with open("/proc/meminfo", encoding="ascii") as f:
+            available = next(int(line.split()[1]) for line in f if line.startswith("MemAvailable"))
+        return available * 1024 // 2
+    except (OSError, StopIteration, ValueError):
+        return 8 * 10**9
 
 
 def rotate_model(

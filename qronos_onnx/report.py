@@ -80,7 +80,9 @@ class LayerReport:
 @dataclass(frozen=True)
 class CalibrationSummary:
     """What calibration did: ``samples`` feeds, the ``reference`` stream, ``stages`` and ONNX
-    Runtime ``session_runs``, the ``providers`` used and ``seconds`` by part."""
+    Runtime ``session_runs``, the ``providers`` used, ``seconds`` by part, and the activations
+    kept between stages: ``activations_mb`` (``peak_in_memory``, ``peak_on_disk``) and the
+    batches each group's statistics were accumulated in (``stats_batches``)."""
 
     samples: int
     reference: str
@@ -88,6 +90,8 @@ class CalibrationSummary:
     session_runs: int
     providers: list[str]
     seconds: dict[str, float]
+    activations_mb: dict[str, float] = dataclasses.field(default_factory=dict)
+    stats_batches: list[int] = dataclasses.field(default_factory=list)
 
 
 @dataclass(frozen=True)
@@ -227,10 +231,15 @@ def build_report(
         calibration=CalibrationSummary(
             samples=len(solved.samples),
             reference=solved.calibration.reference,
-            stages=run.stages if run else 0,
-            session_runs=run.session_runs if run else 0,
-            providers=run.providers if run else [],
-            seconds={k: round(v, 2) for k, v in run.seconds.items()} if run else {},
+            stages=run.stages,
+            session_runs=run.session_runs,
+            providers=run.providers,
+            seconds={k: round(v, 2) for k, v in run.seconds.items()},
+            activations_mb={
+                "peak_in_memory": round(run.store.peak_in_memory / 1e6, 1),
+                "peak_on_disk": round(run.store.peak_on_disk / 1e6, 1),
+            },
+            stats_batches=list(run.stats_batches),
         ),
         targets=[LayerReport.of(r) for r in results],
         skipped=list(solved.skipped),

@@ -19,7 +19,7 @@ import onnx_ir as ir
 from .errors import QronosError
 from .files.lock import lock_path, output_lock
 from .files.paths import check_output_place, refuse_existing
-from .files.placement import recover, staged_output
+from .files.placement import recover, staged_output, staging_folder
 from .files.signals import termination_as_interrupt
 from .formats.base import Format
 from .genai import (
@@ -77,6 +77,7 @@ class FileWriter:
         self.model_path: Path | None = None
         self.input_genai: dict | None = None
         self.placed: list[Path] = []  # the files written, once placed
+        self.scratch: Path | None = None  # the run's staging folder, while reserved
 
     @property
     def writes_genai_config(self) -> bool:
@@ -122,7 +123,11 @@ class FileWriter:
         (whatever ``force`` says), then outputs that exist are refused without ``force``."""
         with termination_as_interrupt(), output_lock(self.output, repair=recover):
             refuse_existing(self.output, self._names(), self.force)
-            yield
+            with staging_folder(self.output) as self.scratch:
+                try:
+                    yield
+                finally:
+                    self.scratch = None
 
     def write(self, model: ir.Model, make_report: ReportMaker) -> Report:
         output = self.output
@@ -143,7 +148,7 @@ class FileWriter:
             *texts,
             own[-1],
         ]
-        with staged_output(output, names, self.force) as staged:
+        with staged_output(output, names, self.force, self.scratch) as staged:
             written = self.format.save(model, staged / output.name)
             for name, source in copies.items():
                 written.append(Path(shutil.copyfile(source, staged / name)))

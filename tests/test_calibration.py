@@ -24,6 +24,7 @@ RECIPE = Scheme(grid=Grid(bits=3, group_size=16), solver=SolverOptions("qronos")
 def quantize_observed(model_path, tmp_path, reference="network", **cal):
     """Quantize and record every group's (group, H, G, results)."""
     seen = []
+    tmp_path.mkdir(parents=True, exist_ok=True)
     samples = random_samples(detect_signature(load_model(model_path)))
     options = CalibrationOptions(reference=reference, progress=False, **cal)
     outcome = solve_file(
@@ -149,3 +150,49 @@ def test_nan_in_calibration_activations_is_refused(tiny_models, tmp_path):
     with pytest.raises(QronosError, match="NaN or Inf"):
         solve_file(tmp_path / "model.onnx", tmp_path / "out.onnx", RECIPE, samples)
     assert not (tmp_path / "out.onnx").exists()
+
+
+def _codes(outcome):
+    return {r.target.name: r.weight.codes for r in outcome[1].results}
+
+
+@pytest.mark.parametrize("reference", ["network", "stage"])
+def test_a_small_memory_budget_spills_and_changes_nothing(tiny_models, tmp_path, reference):
+    """With a budget of a few kilobytes the activations kept between stages go to files and the
+    statistics are accumulated one window at a time: the statistics and codes are those of the
+    unbounded run, to the bit (the sums are added in the same order)."""
+    import torch
+
+    path = tiny_models("kv")
+    free, seen_free, _ = quantize_observed(path, tmp_path / "free", reference)
+    spill = tmp_path / "spill"
+    tight, seen_tight, samples = quantize_observed(
+        path, tmp_path / "tight", reference, max_memory=4096, spill_dir=spill
+    )
+    run = tight[1].run_info
+    assert run.store.peak_on_disk > 0 and run.store.peak_in_memory <= 4096
+    assert run.stats_batches == [len(samples)] * 8  # one window per batch
+    assert free[1].run_info.stats_batches == [1] * 8
+    assert free[1].run_info.store.peak_on_disk == 0
+    for (_, H1, G1, _), (_, H2, G2, _) in zip(seen_free, seen_tight, strict=True):
+        np.testing.assert_array_equal(H1, H2)
+        np.testing.assert_array_equal(G1, G2)
+    codes_free, codes_tight = _codes(free), _codes(tight)
+    assert codes_free.keys() == codes_tight.keys()
+    assert all(torch.equal(codes_free[k], codes_tight[k]) for k in codes_free)
+    assert not list((spill / "activations").iterdir())  # every file removed at its last use
+
+
+def test_what_is_kept_between_stages_does_not_grow_with_depth(tmp_path):
+    """The bytes kept between stages (boundary values of every window) are the same for a
+    2-layer and a 4-layer model: nothing accumulates layer after layer."""
+    from models import tiny_llama
+
+    kept = []
+    for layers in (2, 4):
+        path = tiny_llama.build(tmp_path / f"l{layers}", layers=layers)
+        outcome, _, _ = quantize_observed(path, tmp_path / f"q{layers}")
+        kept.append(outcome[1].run_info.kept)
+    assert len(kept[1]) > len(kept[0])
+    assert max(kept[1]) == max(kept[0])
+    assert kept[0][-1] == kept[1][-1] == 0  # all freed at the end

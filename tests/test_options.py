@@ -80,6 +80,7 @@ EVERYTHING = {
     "seqlen": (128, ["--seqlen", "128"]),
     "tokenizer": ("tok.json", ["--tokenizer", "tok.json"]),
     "device": ("cpu", ["--device", "cpu"]),
+    "max_memory": (2.5, ["--max-memory", "2.5"]),
     "report": ("r.json", ["--report", "r.json"]),
     "force": (True, ["--force"]),
     "progress": (False, ["-q"]),

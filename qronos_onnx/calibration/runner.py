@@ -103,6 +103,7 @@ class CalibrationRun:
             calibration tokens that are not padding (the tokens the statistics count), with
             ``y`` its float-side and ``y~`` its quantized-side output.
         store: what the boundary store held (bytes in memory and on disk, at most).
+        kept: bytes the boundary store holds after each stage (memory and disk).
         stats_batches: how many batches the statistics were accumulated in, per group stage.
     """
 
@@ -114,6 +115,7 @@ class CalibrationRun:
     node_runs: Counter = field(default_factory=Counter)
     output_error: dict[str, tuple[float, float]] = field(default_factory=dict)
     store: StoreUse = field(default_factory=StoreUse)
+    kept: list[int] = field(default_factory=list)
     stats_batches: list[int] = field(default_factory=list)
 
 
@@ -233,6 +235,7 @@ class TwoStreamCalibrator:
                     self._quant_weights.update(solve(stage.group, H, G))
                     self.run_info.seconds["solve"] += time.perf_counter() - t0
                 self._free(store, stage)
+                self.run_info.kept.append(store.use.in_memory + store.use.on_disk)
             self.run_info.store = store.use
         return self.run_info
 

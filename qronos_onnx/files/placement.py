@@ -89,10 +89,30 @@ def _read_plan(tmp: Path) -> dict | None:
 
 
 @contextmanager
+def staging_folder(output: str | os.PathLike) -> Iterator[Path]:
+    """The run's staging folder beside ``output`` (``.OUT.onnx.<random>.tmp``; its folder
+    exists), for what the run writes while it works (activations beyond its memory budget) and
+    then for ``staged_output``. Removed at the end, unless it keeps previous files that could
+    not be put back (its ``old/``: the error said so); after SIGKILL, ``recover`` removes it."""
+    output = Path(output)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{output.name}.", suffix=".tmp", dir=output.parent))
+    try:
+        yield tmp
+    finally:
+        old = tmp / "old"
+        if not (old.is_dir() and any(old.iterdir())):
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+@contextmanager
 def staged_output(
-    output: str | os.PathLike, names: Sequence[str], force: bool = False
+    output: str | os.PathLike,
+    names: Sequence[str],
+    force: bool = False,
+    folder: Path | None = None,
 ) -> Iterator[Path]:
-    """A staging directory beside ``output`` for the files ``names``, placed together at the end.
+    """A staging directory beside ``output`` for the files ``names``, placed together at the end
+    (``folder``: a ``staging_folder`` of the run's to stage in; else one is made).
 
     The block writes (some of) ``names`` into the yielded directory. When it completes, the
     files are placed (see the module docstring) in the order given: name the model last, so
@@ -109,10 +129,11 @@ def staged_output(
     output = Path(output)
     parent = output.parent
     created = new_dirs(parent)
-    tmp, done = None, False
+    tmp, done = folder, False
     try:
         parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{output.name}.", suffix=".tmp", dir=parent))
+        if tmp is None:
+            tmp = Path(tempfile.mkdtemp(prefix=f".{output.name}.", suffix=".tmp", dir=parent))
         (tmp / "new").mkdir()
         (tmp / "old").mkdir()
         yield tmp / "new"
