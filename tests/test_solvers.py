@@ -314,3 +314,46 @@ def test_a_solver_registered_from_a_test(monkeypatch):
     with pytest.raises(ValueError, match="nearest needs H"):
         solve("nearest", W, grid=grid)
     assert Options(algo="nearest").needs_data
+
+
+@pytest.mark.parametrize("algorithm", ["qronos", "gptq"])
+def test_owned_statistics_are_freed_before_the_sweep_and_change_no_code(monkeypatch, algorithm):
+    """Handed over as owned ``SecondMoments`` (what the calibration does), ``H``, its reordered
+    copy and the unordered ``G`` are freed by the time the column sweep runs (the widest solve
+    holds the inverse factor, not the sums beside it), and the codes are those of a solve that
+    leaves the caller's tensors alone; a dead column is fixed in place only when owned."""
+    import weakref
+
+    from qronos_onnx.quant import gptq as gptq_module
+    from qronos_onnx.quant import qronos as qronos_module
+    from qronos_onnx.quant.problem import SecondMoments
+
+    W, X, Xq, _, _ = problem(7, d=48)
+    Xq[5] = 0  # a dead input feature
+    H = t64(Xq @ Xq.T / Xq.shape[1])
+    G = torch.from_numpy((X @ Xq.T / Xq.shape[1]).astype(np.float32))
+    grid = GRIDS[1]
+    kept = H.clone()
+    expected = solve(algorithm, t64(W).float(), H, G, grid=grid).codes
+    assert torch.equal(H, kept)  # not owned: untouched
+
+    module = qronos_module if algorithm == "qronos" else gptq_module
+    refs = [weakref.ref(H), weakref.ref(G)]
+    factor, sweep = module.inverse_factor, module.gptq_sweep
+    alive_at_sweep = []
+
+    def spy_factor(H_given, *args):
+        refs.append(weakref.ref(H_given))  # the reordered copy
+        return factor(H_given, *args)
+
+    def spy_sweep(*args, **kwargs):
+        alive_at_sweep.append([r() is not None for r in refs])
+        return sweep(*args, **kwargs)
+
+    monkeypatch.setattr(module, "inverse_factor", spy_factor)
+    monkeypatch.setattr(module, "gptq_sweep", spy_sweep)
+    moments = SecondMoments(H, G, owned=True)
+    del H, G, kept
+    codes = solve(algorithm, t64(W).float(), grid=grid, moments=moments).codes
+    assert alive_at_sweep == [[False, False, False]]
+    assert torch.equal(codes, expected)

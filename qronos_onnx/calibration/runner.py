@@ -47,6 +47,7 @@ from qronos_onnx.ir.act_quant import ACT_SCALE, StaticRange
 from qronos_onnx.ir.stages import Stage, fed_constants, last_uses, stage_model
 from qronos_onnx.ir.targets import TargetGroup
 from qronos_onnx.ir.values import constant
+from qronos_onnx.quant.problem import SecondMoments
 
 from .session import make_session, run_session
 from .stats import GroupStats, token_rows
@@ -54,8 +55,9 @@ from .store import BoundaryStore, StoreUse
 
 Reference = Literal["network", "stage"]
 
-#: ``solve(group, H, G) -> {weight name: solved weight in the model's layout}``.
-SolveFn = Callable[[TargetGroup, torch.Tensor, torch.Tensor], dict[str, np.ndarray]]
+#: ``solve(group, moments) -> {weight name: solved weight in the model's layout}``; the
+#: ``SecondMoments`` (``H``, ``G``) is owned: the solve frees them as it goes.
+SolveFn = Callable[[TargetGroup, SecondMoments], dict[str, np.ndarray]]
 
 
 @dataclass
@@ -230,9 +232,10 @@ class TwoStreamCalibrator:
                 if stats is not None:
                     assert stage.group is not None  # statistics are gathered for a group only
                     t0 = time.perf_counter()
-                    H, G = stats.finalize()
+                    moments = SecondMoments(*stats.finalize(), owned=True)
                     del stats
-                    self._quant_weights.update(solve(stage.group, H, G))
+                    self._quant_weights.update(solve(stage.group, moments))
+                    del moments
                     self.run_info.seconds["solve"] += time.perf_counter() - t0
                 self._free(store, stage)
                 self.run_info.kept.append(store.use.in_memory + store.use.on_disk)

@@ -4,7 +4,8 @@
 float network and ``X~`` in the partially quantized network, both ``[d, n]``. Activations never
 outlive a batch. Products accumulate in place in float32 on the statistics' device (only the
 upper block triangle of the symmetric ``H``) and are folded into float64 sums every
-``FLUSH_TOKENS`` tokens.
+``FLUSH_TOKENS`` tokens (float64 because the sums run over up to millions of tokens). Memory:
+the two float64 sums and two float32 accumulators, ``24 d^2`` bytes, plus ``d^2`` while folding.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import torch
 
 FLUSH_TOKENS = 8192
 _H_PANELS = 4
+_FLUSH_PANELS = 8
 
 
 def token_rows(a: np.ndarray, mask: np.ndarray | None) -> np.ndarray:
@@ -45,9 +47,9 @@ class GroupStats:
         self.in_features = d
         self.device = torch.device(device)
         self._H = torch.zeros(d, d, dtype=torch.float64, device=self.device)
-        self._G = torch.zeros_like(self._H)
         self._H32 = torch.zeros(d, d, dtype=torch.float32, device=self.device)
-        self._G32 = torch.zeros_like(self._H32)
+        self._G: torch.Tensor | None = None  # made at the first mismatched batch
+        self._G32: torch.Tensor | None = None
         self._pending = 0
         self._same: bool | None = None  # X is X~ for every batch (nothing quantized upstream)
         self.tokens = 0
@@ -73,6 +75,9 @@ class GroupStats:
         for i in range(0, d, width):  # upper block triangle of H
             self._H32[i : i + width, i:].addmm_(xq[:, i : i + width].T, xq[:, i:])
         if not same:
+            if self._G32 is None:
+                self._G = torch.zeros_like(self._H)
+                self._G32 = torch.zeros_like(self._H32)
             self._G32.addmm_(self._tokens(x, mask).T, xq)
         self.tokens += xq.shape[0]
         self._pending += xq.shape[0]
@@ -80,10 +85,12 @@ class GroupStats:
             self._flush()
 
     def _flush(self) -> None:
-        self._H += self._H32.double()
-        self._G += self._G32.double()
-        self._H32.zero_()
-        self._G32.zero_()
+        for total, part in ((self._H, self._H32), (self._G, self._G32)):
+            if total is not None and part is not None:
+                rows = -(-part.shape[0] // _FLUSH_PANELS)
+                for i in range(0, part.shape[0], rows):  # a float64 temporary of 1/8 of part
+                    total[i : i + rows] += part[i : i + rows].double()
+                part.zero_()
         self._pending = 0
 
     def _tokens(self, a: np.ndarray, mask: np.ndarray | None) -> torch.Tensor:
@@ -93,12 +100,36 @@ class GroupStats:
         return torch.from_numpy(np.ascontiguousarray(rows, dtype=np.float32)).to(self.device)
 
     def finalize(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(H, G)``, float64 ``[d, d]``, normalised by the token count."""
+        """``(H, G)`` ``[d, d]``, normalised by the token count: ``H`` float64, ``G`` float32
+        (it only enters products with the float32 working weight; the same tensor as ``H``
+        when nothing upstream is quantized).
+
+        The statistics are handed over: the sums become ``H`` and ``G`` in place (the widest
+        temporary is a quarter of ``H``), so finalizing needs no memory beyond the sums'.
+        """
         if self.tokens == 0:
             raise ValueError("no calibration tokens were added")
         self._flush()
-        del self._H32, self._G32
-        # Every entry on or above the diagonal lies in a computed block: mirror the upper triangle.
-        H = (torch.triu(self._H) + torch.triu(self._H, 1).T) / self.tokens
-        G = H.clone() if self._same else self._G / self.tokens
-        return H, G
+        H, G = self._H, self._G
+        # hand the sums over: this object keeps nothing of them (finalize ends its use)
+        self._H = self._H32 = torch.empty(0)
+        self._G = self._G32 = None
+        _mirror_upper(H)
+        H.div_(self.tokens)
+        if G is None or self._same:
+            return H, H
+        G32 = G.div_(self.tokens).to(torch.float32)
+        del G
+        return H, G32
+
+
+def _mirror_upper(H: torch.Tensor) -> None:
+    """Copy the upper triangle of a square ``H`` onto its lower one, in place, a block of rows
+    at a time (every entry on or above the diagonal lies in a computed block of ``add``)."""
+    d = H.shape[0]
+    width = -(-d // _H_PANELS)
+    for i in range(0, d, width):
+        j = min(i + width, d)
+        block = H[i:j, i:j]
+        block.copy_(torch.triu(block) + torch.triu(block, 1).T)
+        H[j:, i:j] = H[i:j, j:].T

@@ -98,9 +98,9 @@ def staging_folder(output: str | os.PathLike) -> Iterator[Path]:
     tmp = Path(tempfile.mkdtemp(prefix=f".{output.name}.", suffix=".tmp", dir=output.parent))
     try:
         yield tmp
-    finally:
+    finally:  # after placing, ``staged_output`` removed it already (signals held)
         old = tmp / "old"
-        if not (old.is_dir() and any(old.iterdir())):
+        if tmp.exists() and not (old.is_dir() and any(old.iterdir())):
             shutil.rmtree(tmp, ignore_errors=True)
 
 

@@ -37,7 +37,8 @@ from qronos_onnx.ir.signature import LLMSignature, detect_signature
 from qronos_onnx.ir.stages import plan_stages
 from qronos_onnx.ir.targets import Skipped, Target, TargetGroup, require_targets
 from qronos_onnx.ir.values import constant, tensor_shape
-from qronos_onnx.quant import Grid, QuantizedWeight, rtn_codes, solve
+from qronos_onnx.quant import Grid, QuantizedWeight, SolveInfo, rtn_codes, solve
+from qronos_onnx.quant.problem import SecondMoments
 from qronos_onnx.scheme import Scheme
 from qronos_onnx.weights import stored_layout, weight_matrix
 
@@ -180,14 +181,14 @@ class CalibrateSolvePass(ir.passes.InPlacePass):
         if not self.scheme.needs_statistics:
             run_info = CalibrationRun()  # RTN needs no data: no calibration at all
             for group in groups:
-                self._solve(model, group, None, None, results)
+                self._solve(model, group, None, results)
         else:
             _warn_if_too_few_tokens(
                 groups, self.samples, detect_signature(model), self.scheme.solver.algorithm
             )
             stages = plan_stages(model, groups)
             calibrator = TwoStreamCalibrator(model, stages, self.samples, self.calibration)
-            run_info = calibrator.run(lambda g, H, G: self._solve(model, g, H, G, results))
+            run_info = calibrator.run(lambda g, m: self._solve(model, g, m, results))
         for result in results:
             ref, err = run_info.output_error.get(result.target.node, (None, None))
             result.output_ref, result.output_err = ref, err
@@ -208,29 +209,36 @@ class CalibrateSolvePass(ir.passes.InPlacePass):
         self,
         model: ir.Model,
         group: TargetGroup,
-        H: torch.Tensor | None,
-        G: torch.Tensor | None,
+        moments: SecondMoments | None,
         results: list[TargetResult],
     ) -> dict[str, np.ndarray]:
         """Solve the group's targets, each set sharing a grid as one stacked weight (rows are
-        independent), and return their dequantized weights in the stored layout. ``H is None``:
-        round to nearest, no statistics."""
+        independent), and return their dequantized weights in the stored layout. ``moments``
+        (owned; freed by the last stack's solve) ``None``: round to nearest, no statistics."""
         by_grid: dict[Grid, list[Target]] = {}
         for target in group.targets:
             by_grid.setdefault(self.scheme.grid_for(target), []).append(target)
+        seen = None
+        if self.observer is not None and moments is not None:
+            assert moments.H is not None and moments.G is not None
+            seen = moments.H.clone(), moments.G.clone()
         solved, new = {}, []
-        for grid, targets in by_grid.items():
-            weights, stacked = self._solve_stack(model, targets, grid, H, G)
+        stacks = list(by_grid.items())
+        for i, (grid, targets) in enumerate(stacks):
+            shared = moments
+            if moments is not None and i < len(stacks) - 1:  # later stacks need them too
+                shared = SecondMoments(moments.H, moments.G)
+            weights, stacked = self._solve_stack(model, targets, grid, shared)
             solved.update(weights)
             new.extend(stacked)
         order = {t.node: i for i, t in enumerate(group.targets)}
         new.sort(key=lambda r: order[r.target.node])
         results.extend(new)
-        if self.observer is not None and H is not None and G is not None:
-            self.observer(group, H, G, new)
+        if self.observer is not None and seen is not None:
+            self.observer(group, *seen, new)
         return solved
 
-    def _solve_stack(self, model, targets, grid, H, G):
+    def _solve_stack(self, model, targets, grid, moments):
         """One stacked solve: ``({weight: stored-layout dequantized weight}, results)``."""
         tensors = [model.graph.initializers[t.weight].const_value for t in targets]
         W = torch.cat(
@@ -240,16 +248,33 @@ class CalibrateSolvePass(ir.passes.InPlacePass):
         W = W.to(device)
         opts = self.scheme.solver
         t0 = time.perf_counter()
-        if H is None:  # RTN without calibration
+        if moments is None:  # RTN without calibration
             q = solve("rtn", W, grid=grid, name=targets[0].name)
             cross_rtn = quad_rtn = torch.zeros(W.shape[0])
         else:
-            H, G = H.to(device), G.to(device)
+            moments.H = moments.H.to(device)
+            moments.G = moments.G.to(device)
+            report = {}
+
+            def rtn_terms(weight, scales, zero_points):
+                # The RTN error of the report, per row: tr(W G Q^T) and tr(Q H Q^T), taken
+                # before the solver frees H and G. Products in float32 (half the time of
+                # float64; ~1e-6 relative), row sums in float64. In stage mode the measured
+                # reference is W X~ (see TargetResult), so the cross term is H's.
+                rtn = QuantizedWeight(
+                    rtn_codes(W, grid, scales, zero_points),
+                    scales,
+                    zero_points,
+                    grid,
+                    SolveInfo("rtn"),
+                ).dequantize()
+                cross = moments.H if self.calibration.reference == "stage" else moments.G
+                report["cross"] = _row_dots(W.float() @ cross.float(), rtn)
+                report["quad"] = _row_dots(rtn @ moments.H.float(), rtn)
+
             q = solve(
                 opts.algorithm,
                 W,
-                H,
-                G,
                 grid=grid,
                 act_order=opts.act_order,
                 damping=opts.damping,
@@ -257,16 +282,10 @@ class CalibrateSolvePass(ir.passes.InPlacePass):
                 variant=opts.variant,
                 magr=opts.magr,
                 name=targets[0].name,
+                moments=moments,
+                on_grid=rtn_terms,
             )
-            # The RTN error of the report, per row: tr(W G Q^T) and tr(Q H Q^T). Products in
-            # float32 (half the time of float64; ~1e-6 relative), row sums in float64. In stage
-            # mode the measured reference is W X~ (see TargetResult), so the cross term is H's.
-            rtn = QuantizedWeight(
-                rtn_codes(W, grid, q.scales, q.zero_points), q.scales, q.zero_points, grid, q.info
-            ).dequantize()
-            cross = H if self.calibration.reference == "stage" else G
-            cross_rtn = _row_dots(W.float() @ cross.float(), rtn)
-            quad_rtn = _row_dots(rtn @ H.float(), rtn)
+            cross_rtn, quad_rtn = report["cross"], report["quad"]
         seconds = time.perf_counter() - t0
         q = QuantizedWeight(
             q.codes.cpu(),

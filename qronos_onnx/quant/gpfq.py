@@ -27,6 +27,7 @@ def gpfq(problem: LayerProblem, solver_block: int) -> Tensor:
     """
     if problem.G is None:
         raise ValueError("gpfq needs G = X X~^T / n")
+    assert problem.H is not None
     dtype = problem.weight.dtype
     H = problem.H.to(dtype)
     target = problem.weight @ torch.triu(problem.G.to(dtype))

@@ -77,7 +77,7 @@ def gptq(
     Returns:
         codes ``[C, d]`` in solve order (floats), the damping used, and the damping retries.
     """
-    U, lam, retries = inverse_factor(problem.H, lam, name)
+    U, lam, retries = inverse_factor(problem.take_h(), lam, name, problem.weight.dtype)
     W = problem.weight.clone()
     W[:, problem.dead] = 0
     codes, _ = gptq_sweep(W, U, problem.cols, solver_block)

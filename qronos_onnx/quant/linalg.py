@@ -32,7 +32,7 @@ def largest_eigenvalue(H: Tensor, iterations: int = 30, seed: int = 0) -> float:
     scale = float(H.abs().max())
     if scale == 0:
         return 0.0
-    A = H.to(torch.float32) / scale  # a damping scale needs no more precision
+    A = H.to(torch.float32, copy=True).div_(scale)  # a damping scale needs no more precision
     v = torch.rand(H.shape[0], generator=torch.Generator().manual_seed(seed)).to(H.device)
     for _ in range(iterations):
         v = A @ v
@@ -40,34 +40,44 @@ def largest_eigenvalue(H: Tensor, iterations: int = 30, seed: int = 0) -> float:
     return float(v @ (A @ v)) * scale
 
 
-def inverse_factor(H: Tensor, lam: float, name: str = "layer") -> tuple[Tensor, float, int]:
+def inverse_factor(
+    H: Tensor, lam: float, name: str = "layer", dtype: torch.dtype = torch.float64
+) -> tuple[Tensor, float, int]:
     """Upper Cholesky factor ``U`` of ``(H + lam I)^-1``, so that ``(H + lam I)^-1 = U^T U``.
 
     ``U[i:, i:]`` is then also the factor of the inverse of the trailing block
     ``(H + lam I)[i:, i:]``, which is what GPTQ's column loop uses at step ``i``.
-    Factorised in float64. When the factorisation fails, ``lam`` is raised tenfold (from at
-    least ``1e-6 * mean(diag H)``) up to ``MAX_DAMPING_RETRIES`` times, with a warning each time.
+    Factorised in float64 (a Gram matrix of millions of tokens is too ill-conditioned for
+    float32); ``U`` is returned in ``dtype``. When the factorisation fails, ``lam`` is raised
+    tenfold (from at least ``1e-6 * mean(diag H)``) up to ``MAX_DAMPING_RETRIES`` times, with a
+    warning each time.
+
+    Memory: a caller that passes the last reference to ``H`` has it freed here; then at most
+    two ``[d, d]`` float64 matrices and ``U`` live at once (docs/memory.md).
 
     Returns:
         ``(U, lam_used, retries)``.
     Raises:
         FactorizationError: no damping worked; nothing has been modified.
     """
-    H = H.to(torch.float64)
-    diag = torch.diagonal(H)
+    # With J the reversal permutation and J (H + lam I) J = L L^T, the upper factor of the
+    # inverse is U = J L^-1 J: one Cholesky and one triangular inverse.
+    damped = H.to(torch.float64).flip(0, 1)
+    del H
+    diag = torch.diagonal(damped).clone()
     floor = 1e-6 * float(diag.abs().mean()) or 1e-6
-    reversed_H = H.flip(0, 1)
     for retries in range(MAX_DAMPING_RETRIES + 1):
-        # With J the reversal permutation and J (H + lam I) J = L L^T, the upper factor of the
-        # inverse is U = J L^-1 J: one Cholesky and one triangular inverse.
-        damped = reversed_H.clone()
-        damped.diagonal().add_(lam)
+        torch.diagonal(damped).copy_(diag + lam)
         L, info = torch.linalg.cholesky_ex(damped)
-        del damped
         if int(info) == 0:
-            U = _lower_inverse(L).flip(0, 1)
-            if math.isfinite(float(U.sum())):
+            del damped
+            U = _flipped_lower_inverse(L, dtype)
+            if U is not None:
                 return U, lam, retries
+            # An inverse too large for float64 (rare): J H J again from the factor, its
+            # diagonal exact (set at the next try), the rest to rounding.
+            damped = L @ L.T
+        del L
         if retries == MAX_DAMPING_RETRIES:
             break
         new_lam = max(10.0 * lam, floor)
@@ -80,21 +90,27 @@ def inverse_factor(H: Tensor, lam: float, name: str = "layer") -> tuple[Tensor, 
     raise FactorizationError(f"{name}: no damping up to lam={lam:.3g} made H factorisable")
 
 
-def _lower_inverse(L: Tensor, panels: int = 8) -> Tensor:
-    """Inverse of a lower-triangular ``[d, d]`` matrix, one column panel at a time.
+def _flipped_lower_inverse(L: Tensor, dtype: torch.dtype, panels: int = 8) -> Tensor | None:
+    """``J L^-1 J`` in ``dtype`` for a lower-triangular float64 ``L`` ``[d, d]`` (``J`` the
+    reversal), one column panel of ``L^-1`` at a time; ``None`` if it is not finite.
 
     Column panel ``[p, q)`` of ``L^-1`` is zero above row ``p``, so each panel is a triangular
-    solve with the trailing block ``L[p:, p:]``: about half the work of ``solve(L, I)``.
+    solve with the trailing block ``L[p:, p:]``: about half the work of ``solve(L, I)``. Each
+    panel goes into the result as soon as it is solved (flipped, in ``dtype``), so no float64
+    inverse is ever whole.
     """
     d = L.shape[0]
-    inv = torch.zeros_like(L)
+    out = torch.zeros_like(L, dtype=dtype)  # the layout of L (column-major from LAPACK)
     width = max(1, -(-d // panels))
     for p in range(0, d, width):
         q = min(p + width, d)
         rhs = torch.zeros(d - p, q - p, dtype=L.dtype, device=L.device)
         rhs.diagonal().fill_(1.0)  # columns p:q of the identity, rows p:
-        inv[p:, p:q] = torch.linalg.solve_triangular(L[p:, p:], rhs, upper=False)
-    return inv
+        block = torch.linalg.solve_triangular(L[p:, p:], rhs, upper=False)
+        if not math.isfinite(float(block.sum())):
+            return None
+        out[: d - p, d - q : d - p] = block.flip(0, 1)
+    return out
 
 
 def times_upper_t(R: Tensor, U: Tensor, panels: int = 8) -> Tensor:

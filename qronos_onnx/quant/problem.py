@@ -38,13 +38,35 @@ class SolveSettings:
 
 
 @dataclass
+class SecondMoments:
+    """One layer's statistics handed to ``solve``: ``H`` ``[d, d]`` and ``G`` ``[d, d]`` or
+    ``None`` (``G`` may be the same tensor as ``H``).
+
+    ``owned``: nothing else refers to the tensors, so the solver may change them in place and
+    free each as soon as it no longer needs it (``take``); the widest solve then holds about
+    three ``[d, d]`` float64 matrices (docs/memory.md). Not owned: they are left as they are.
+    """
+
+    H: Tensor | None
+    G: Tensor | None = None
+    owned: bool = False
+
+    def take(self) -> tuple[Tensor | None, Tensor | None]:
+        """``(H, G)``, leaving this holder empty."""
+        H, G = self.H, self.G
+        self.H = self.G = None
+        return H, G
+
+
+@dataclass
 class LayerProblem:
     """A layer with its columns in the order a sequential solver visits them.
 
     Attributes:
         weight: ``[C, d]`` copy of the original weight in solve order, in the working dtype
             (float32, or float64 when the input weight is float64).
-        H: ``[d, d]`` float64 in solve order; dead columns (``diag(H) == 0``) have ``H_jj = 1``.
+        H: ``[d, d]`` float64 in solve order; dead columns (``diag(H) == 0``) have ``H_jj = 1``;
+            ``None`` once a solver has taken it (``take_h``).
         G: ``[d, d]`` in solve order in the working dtype (it only enters products with the
             weight), or ``None``.
         dead: ``[d]`` bool, dead columns in solve order.
@@ -53,7 +75,7 @@ class LayerProblem:
     """
 
     weight: Tensor
-    H: Tensor
+    H: Tensor | None
     G: Tensor | None
     dead: Tensor
     order: Tensor
@@ -63,8 +85,7 @@ class LayerProblem:
     def build(
         cls,
         weight: Tensor,
-        H: Tensor,
-        G: Tensor | None,
+        moments: SecondMoments,
         grid: Grid,
         scales: Tensor,
         zero_points: Tensor | None,
@@ -72,14 +93,20 @@ class LayerProblem:
         name: str = "layer",
     ) -> LayerProblem:
         """Order columns (by decreasing ``diag(H)`` under act-order) and fix dead columns
-        (``name`` is used in warnings)."""
+        (``name`` is used in warnings). Takes ``moments`` (``moments.H`` must be set)."""
         work = torch.float64 if weight.dtype == torch.float64 else torch.float32
         device = weight.device
+        owned = moments.owned
+        H, G = moments.take()
+        assert H is not None
         H = H.to(device=device, dtype=torch.float64)
+        if G is not None:  # before H's dead columns are changed (G may be H)
+            G = G.to(device=device, dtype=work, copy=G is H)
         d = H.shape[0]
         dead = torch.diagonal(H) == 0
         if bool(dead.any()):
-            H = H.clone()
+            if not owned:
+                H = H.clone()
             H[dead, dead] = 1.0
             n_dead = int(dead.sum())
             warnings.warn(
@@ -88,8 +115,7 @@ class LayerProblem:
                 SolverWarning,
                 stacklevel=4,
             )
-        G = None if G is None else G.to(device=device, dtype=work)
-        if act_order:
+        if act_order:  # each copy replaces its source (freed when owned)
             order = torch.argsort(torch.diagonal(H), descending=True, stable=True)
             H = H[order[:, None], order]
             G = None if G is None else G[order[:, None], order]
@@ -103,6 +129,13 @@ class LayerProblem:
             order=order,
             cols=ColumnGrid.expand(grid, scales, zero_points, order, work),
         )
+
+    def take_h(self) -> Tensor:
+        """``H``, leaving the problem without it (a solver that factorises ``H`` frees it)."""
+        H = self.H
+        assert H is not None, "H was already taken"
+        self.H = None
+        return H
 
     def unpermute(self, codes: Tensor) -> Tensor:
         """Codes ``[C, d]`` in solve order -> original column order."""

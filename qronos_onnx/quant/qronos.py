@@ -45,9 +45,11 @@ def qronos(
     """
     if problem.G is None:
         raise ValueError("qronos needs G = X X~^T / n")
-    U, lam, retries = inverse_factor(problem.H, lam, name)
+    assert problem.H is not None
+    h0 = problem.H[0].clone()  # row 1 of H in the paper's 1-based indices (step variant)
     w, G = problem.weight, problem.G
-    U = U.to(w.dtype)
+    U, lam, retries = inverse_factor(problem.take_h(), lam, name, w.dtype)
+    h0 = h0.to(w.dtype)
     if variant == "ls":
         Y = _refit(w, G, U, lam, first=0, dead=problem.dead)
         codes, _ = gptq_sweep(torch.zeros_like(w), U, problem.cols, solver_block, Y=Y)
@@ -55,7 +57,6 @@ def qronos(
     if variant != "step":
         raise ValueError(f"variant must be 'step' or 'ls', got {variant!r}")
     codes = torch.empty_like(w)
-    h0 = problem.H[0].to(w.dtype)  # row 1 of H in the paper's 1-based indices
     p1 = (w @ G[:, 0] - w[:, 1:] @ h0[1:]) / h0[0]
     codes[:, 0], q1 = problem.cols.round(p1, 0)
     U1 = U[1:, 1:]

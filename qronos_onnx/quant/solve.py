@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import warnings
+from collections.abc import Callable
 
 import torch
 from torch import Tensor
@@ -13,8 +14,11 @@ from qronos_onnx.registry import DAMPING, SOLVERS
 from .grid import Grid, quantize
 from .linalg import FactorizationError, SolverWarning, largest_eigenvalue
 from .magr import magr as reduce_magnitudes
-from .problem import LayerProblem, SolveSettings, Variant
+from .problem import LayerProblem, SecondMoments, SolveSettings, Variant
 from .weight import QuantizedWeight, SolveInfo
+
+#: ``on_grid(weight [C, d], scales, zero_points)``: see ``solve``.
+GridHook = Callable[[Tensor, Tensor, Tensor | None], None]
 
 
 def solve(
@@ -30,6 +34,8 @@ def solve(
     variant: Variant = "step",
     magr: float | None = None,
     name: str = "layer",
+    moments: SecondMoments | None = None,
+    on_grid: GridHook | None = None,
 ) -> QuantizedWeight:
     """Quantize one layer's weight onto ``grid``.
 
@@ -52,6 +58,10 @@ def solve(
             per group of the grid) keeping its output on ``H``, before the grid is fitted and
             the solver runs; needs ``H``. ``None``: off.
         name: used in warnings and logs.
+        moments: ``H`` and ``G`` in a holder instead of ``H`` and ``G``; when it is ``owned``,
+            the solver frees them as it goes (see ``SecondMoments``).
+        on_grid: called as ``on_grid(weight, scales, zero_points)`` once the grid is fitted,
+            before the solver (and before an owned ``moments`` is freed).
     Returns:
         The codes, frozen grid parameters and a ``SolveInfo``. Runs on ``weight``'s device; the
         working copy is float32 (float64 for a float64 weight) and factorisations are float64.
@@ -60,12 +70,17 @@ def solve(
     if algorithm not in SOLVERS:
         raise ValueError(f"unknown algorithm {algorithm!r}; choose one of {', '.join(SOLVERS)}")
     solver = SOLVERS[algorithm]
+    if moments is None:
+        moments = SecondMoments(H, G)
+    H, G = moments.H, moments.G
     _check_inputs(solver.name, solver.needs_h, solver.needs_g, weight, H, G)
     if magr is not None:
         if H is None:
             raise ValueError("MagR needs H ([in, in])")
         weight = reduce_magnitudes(weight, H, magr, grid.group_size)
     scales, zero_points = grid.fit(weight)
+    if on_grid is not None:
+        on_grid(weight, scales, zero_points)
     if not solver.needs_h:
         return QuantizedWeight(
             rtn_codes(weight, grid, scales, zero_points),
@@ -74,10 +89,7 @@ def solve(
             grid,
             SolveInfo(algorithm),
         )
-
     assert H is not None  # _check_inputs: a solver that needs H has it
-    problem = LayerProblem.build(weight, H, G, grid, scales, zero_points, act_order, name)
-    n_dead = int(problem.dead.sum())
     lam = 0.0
     if solver.damping is not None:
         rel = solver.damping if damping is None else float(damping)
@@ -89,7 +101,11 @@ def solve(
             if solver.damping_reference == "mean_diag"
             else largest_eigenvalue(H64)
         )
+        del H64
         lam = rel * ref
+    H = G = None  # the problem takes them from ``moments``
+    problem = LayerProblem.build(weight, moments, grid, scales, zero_points, act_order, name)
+    n_dead = int(problem.dead.sum())
     settings = SolveSettings(solver_block, variant, name)
     try:
         codes, lam, retries = solver.function()(problem, lam, settings)
