@@ -196,3 +196,26 @@ def test_what_is_kept_between_stages_does_not_grow_with_depth(tmp_path):
     assert len(kept[1]) > len(kept[0])
     assert max(kept[1]) == max(kept[0])
     assert kept[0][-1] == kept[1][-1] == 0  # all freed at the end
+
+
+def test_freed_heap_memory_is_returned_to_the_system():
+    """Blocks below glibc's mmap threshold stay resident after ``free`` when a live block sits
+    above them; ``return_freed_memory`` (run after every stage) gives them back."""
+    from qronos_onnx.calibration.heap import _malloc_trim, return_freed_memory
+
+    if _malloc_trim() is None:
+        pytest.skip("not glibc")
+
+    def rss_anon():
+        with open("/proc/self/status") as f:
+            return next(int(line.split()[1]) for line in f if line.startswith("RssAnon:")) * 1024
+
+    big = np.ones(2**19)  # a 4 MB block, freed: glibc raises its mmap threshold to 4 MB
+    del big
+    blocks = [np.ones(2**15) for _ in range(1600)]  # 1600 x 256 KB, now below the threshold
+    keep = blocks[-1]
+    del blocks
+    before = rss_anon()
+    return_freed_memory()
+    assert before - rss_anon() > 200 * 2**20
+    assert keep.sum() == 2**15

@@ -49,6 +49,7 @@ from qronos_onnx.ir.targets import TargetGroup
 from qronos_onnx.ir.values import constant
 from qronos_onnx.quant.problem import SecondMoments
 
+from .heap import return_freed_memory
 from .session import make_session, run_session
 from .stats import GroupStats, token_rows
 from .store import BoundaryStore, StoreUse
@@ -238,6 +239,7 @@ class TwoStreamCalibrator:
                     del moments
                     self.run_info.seconds["solve"] += time.perf_counter() - t0
                 self._free(store, stage)
+                return_freed_memory()
                 self.run_info.kept.append(store.use.in_memory + store.use.on_disk)
             self.run_info.store = store.use
         return self.run_info
