@@ -219,3 +219,31 @@ def test_freed_heap_memory_is_returned_to_the_system():
     return_freed_memory()
     assert before - rss_anon() > 200 * 2**20
     assert keep.sum() == 2**15
+
+
+def test_a_float16_model_keeps_float16_activations_on_disk_and_runs(
+    tiny_models, tmp_path, monkeypatch
+):
+    """A float16 model end to end under a budget that spills: every activation kept between
+    stages is float16 (as ONNX Runtime computed it, half the bytes of float32), and the
+    written model runs in ONNX Runtime with finite float16 logits."""
+    from qronos_onnx.calibration.store import BoundaryStore
+
+    kept = set()
+    put = BoundaryStore.put
+
+    def spy(self, key, window, array):
+        kept.add(array.dtype)
+        return put(self, key, window, array)
+
+    monkeypatch.setattr(BoundaryStore, "put", spy)
+    path = tiny_models("fp16")
+    outcome, _, samples = quantize_observed(
+        path, tmp_path / "q", max_memory=4096, spill_dir=tmp_path / "spill"
+    )
+    assert kept == {np.dtype(np.float16)}
+    assert outcome[1].run_info.store.peak_on_disk > 0
+    session = ort.InferenceSession(str(tmp_path / "q" / "q.onnx"))
+    feeds = {k: v for k, v in samples[0].items() if k in {i.name for i in session.get_inputs()}}
+    logits = session.run(["logits"], feeds)[0]
+    assert logits.dtype == np.float16 and np.isfinite(logits).all()
