@@ -1,11 +1,13 @@
 """The two-stream calibration engine against brute-force full-model captures."""
 
 from collections import Counter
+from pathlib import Path
 
 import numpy as np
 import onnx
 import onnxruntime as ort
 import pytest
+import torch
 from onnx import numpy_helper
 
 from qronos_onnx.calibration.runner import CalibrationOptions
@@ -116,8 +118,6 @@ def test_output_holds_exactly_the_dequantized_weights(tiny_models, tmp_path):
 
 
 def test_stacked_group_solve_equals_separate_solves():
-    import torch
-
     from qronos_onnx.quant import solve
 
     torch.manual_seed(0)
@@ -161,7 +161,6 @@ def test_a_small_memory_budget_spills_and_changes_nothing(tiny_models, tmp_path,
     """With a budget of a few kilobytes the activations kept between stages go to files and the
     statistics are accumulated one window at a time: the statistics and codes are those of the
     unbounded run, to the bit (the sums are added in the same order)."""
-    import torch
 
     path = tiny_models("kv")
     free, seen_free, _ = quantize_observed(path, tmp_path / "free", reference)
@@ -247,3 +246,17 @@ def test_a_float16_model_keeps_float16_activations_on_disk_and_runs(
     feeds = {k: v for k, v in samples[0].items() if k in {i.name for i in session.get_inputs()}}
     logits = session.run(["logits"], feeds)[0]
     assert logits.dtype == np.float16 and np.isfinite(logits).all()
+
+
+def test_solved_codes_are_held_in_file_backed_memory(tiny_models, tmp_path):
+    """Every solved layer's codes live in a memory-mapped scratch file until the output is
+    written (file-backed pages, not the process's heap), and they survive the removal of the
+    scratch folder at the end of the pass."""
+    outcome, _, _ = quantize_observed(tiny_models("kv"), tmp_path / "q")
+    results = outcome[1].results
+    maps = Path("/proc/self/maps").read_text()
+    mapped = [line for line in maps.splitlines() if "/codes (deleted)" in line]
+    assert mapped, "no codes file is mapped"
+    for r in results:  # readable, and the values the dequantized weight was made of
+        codes = r.weight.codes
+        assert codes.dtype == torch.uint8 and int(codes.max()) < 2**r.weight.grid.bits

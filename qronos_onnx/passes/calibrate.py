@@ -16,10 +16,12 @@ what the calibration run did. The pass keeps no state of its own: it can run aga
 
 from __future__ import annotations
 
+import tempfile
 import time
 import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 import onnx_ir as ir
@@ -33,6 +35,7 @@ from qronos_onnx.calibration.runner import (
 )
 from qronos_onnx.calibration.stats import token_rows
 from qronos_onnx.errors import CalibrationWarning
+from qronos_onnx.files.scratch import ScratchArrays
 from qronos_onnx.ir.signature import LLMSignature, detect_signature
 from qronos_onnx.ir.stages import plan_stages
 from qronos_onnx.ir.targets import Skipped, Target, TargetGroup, require_targets
@@ -176,19 +179,28 @@ class CalibrateSolvePass(ir.passes.InPlacePass):
         require_targets(model, *self.scheme.select(model))
 
     def call(self, model: ir.Model) -> SolveResult:
+        folder = self.calibration.spill_dir
+        if folder is not None:
+            Path(folder).mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryDirectory(prefix="qronos_", dir=folder) as tmp:
+            # every solved layer's codes, memory-mapped until the output is written (the maps
+            # outlive the folder)
+            return self._call(model, ScratchArrays(Path(tmp) / "codes"))
+
+    def _call(self, model: ir.Model, codes: ScratchArrays) -> SolveResult:
         groups, skipped = self.scheme.select(model)
         results: list[TargetResult] = []
         if not self.scheme.needs_statistics:
             run_info = CalibrationRun()  # RTN needs no data: no calibration at all
             for group in groups:
-                self._solve(model, group, None, results)
+                self._solve(model, group, None, results, codes)
         else:
             _warn_if_too_few_tokens(
                 groups, self.samples, detect_signature(model), self.scheme.solver.algorithm
             )
             stages = plan_stages(model, groups)
             calibrator = TwoStreamCalibrator(model, stages, self.samples, self.calibration)
-            run_info = calibrator.run(lambda g, m: self._solve(model, g, m, results))
+            run_info = calibrator.run(lambda g, m: self._solve(model, g, m, results, codes))
         for result in results:
             ref, err = run_info.output_error.get(result.target.node, (None, None))
             result.output_ref, result.output_err = ref, err
@@ -211,6 +223,7 @@ class CalibrateSolvePass(ir.passes.InPlacePass):
         group: TargetGroup,
         moments: SecondMoments | None,
         results: list[TargetResult],
+        codes: ScratchArrays,
     ) -> dict[str, np.ndarray]:
         """Solve the group's targets, each set sharing a grid as one stacked weight (rows are
         independent), and return their dequantized weights in the stored layout. ``moments``
@@ -228,7 +241,7 @@ class CalibrateSolvePass(ir.passes.InPlacePass):
             shared = moments
             if moments is not None and i < len(stacks) - 1:  # later stacks need them too
                 shared = SecondMoments(moments.H, moments.G)
-            weights, stacked = self._solve_stack(model, targets, grid, shared)
+            weights, stacked = self._solve_stack(model, targets, grid, shared, codes)
             solved.update(weights)
             new.extend(stacked)
         order = {t.node: i for i, t in enumerate(group.targets)}
@@ -238,8 +251,9 @@ class CalibrateSolvePass(ir.passes.InPlacePass):
             self.observer(group, *seen, new)
         return solved
 
-    def _solve_stack(self, model, targets, grid, moments):
-        """One stacked solve: ``({weight: stored-layout dequantized weight}, results)``."""
+    def _solve_stack(self, model, targets, grid, moments, codes):
+        """One stacked solve: ``({weight: stored-layout dequantized weight}, results)``; the
+        codes are kept in ``codes`` (memory-mapped)."""
         tensors = [model.graph.initializers[t.weight].const_value for t in targets]
         W = torch.cat(
             [weight_matrix(x, t.transposed, t.name) for x, t in zip(tensors, targets, strict=False)]
@@ -288,7 +302,7 @@ class CalibrateSolvePass(ir.passes.InPlacePass):
             cross_rtn, quad_rtn = report["cross"], report["quad"]
         seconds = time.perf_counter() - t0
         q = QuantizedWeight(
-            q.codes.cpu(),
+            torch.from_numpy(codes.keep(q.codes.cpu().numpy())),
             q.scales.cpu(),
             None if q.zero_points is None else q.zero_points.cpu(),
             q.grid,
