@@ -260,3 +260,23 @@ def test_solved_codes_are_held_in_file_backed_memory(tiny_models, tmp_path):
     for r in results:  # readable, and the values the dequantized weight was made of
         codes = r.weight.codes
         assert codes.dtype == torch.uint8 and int(codes.max()) < 2**r.weight.grid.bits
+
+
+def test_a_wide_stack_solved_in_blocks_of_rows_gives_the_same_codes(
+    tiny_models, tmp_path, monkeypatch
+):
+    """Rows are independent: a stack solved a few rows at a time (what bounds a 131,072-row
+    lm_head's solve) gives the codes, scales and report terms of the stack solved whole."""
+    from qronos_onnx.passes import calibrate
+
+    path = tiny_models("kv")
+    whole, _, _ = quantize_observed(path, tmp_path / "whole")
+    monkeypatch.setattr(calibrate, "ROW_BLOCK_BYTES", 4 * 64 * 24)  # 24 rows of 64 inputs
+    assert len(calibrate.row_blocks(128, 64)) == 6
+    blocked, _, _ = quantize_observed(path, tmp_path / "blocked")
+    pairs = zip(whole[1].results, blocked[1].results, strict=True)
+    for a, b in pairs:
+        assert torch.equal(a.weight.codes, b.weight.codes), a.target.name
+        assert torch.equal(a.weight.scales, b.weight.scales)
+        assert a.cross_rtn == pytest.approx(b.cross_rtn, rel=1e-6)
+        assert a.quad_rtn == pytest.approx(b.quad_rtn, rel=1e-6)

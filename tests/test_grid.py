@@ -159,3 +159,29 @@ def test_all_zero_group_stays_zero_with_a_nonzero_scale(symmetric):
     q = solve("rtn", w, grid=Grid(bits=4, group_size=16, symmetric=symmetric))
     assert bool((q.scales != 0).all())
     assert bool((q.dequantize()[0, :16] == 0).all())
+
+
+@pytest.mark.parametrize("symmetric", [False, True])
+def test_dequantize_by_blocks_of_rows_equals_numpy(monkeypatch, symmetric):
+    """``QuantizedWeight.dequantize`` works a block of rows at a time (a 131,072-row lm_head
+    would otherwise expand to several float copies): the result is numpy's
+    ``(codes - zero) * scale`` per group, exactly, whatever the block size."""
+    from qronos_onnx.quant import weight as weight_module
+    from qronos_onnx.quant.weight import QuantizedWeight, SolveInfo
+
+    grid = Grid(bits=4, group_size=16, symmetric=symmetric)
+    rng = np.random.default_rng(0)
+    codes = rng.integers(0, 16, (50, 64)).astype(np.uint8)
+    scales = rng.random((50, 4)).astype(np.float32) + 0.1
+    zeros = None if symmetric else rng.integers(0, 16, (50, 4)).astype(np.float32)
+    z = np.repeat(zeros, 16, axis=1) if zeros is not None else np.zeros((50, 64), np.float32)
+    expected = (codes.astype(np.float32) - z) * np.repeat(scales, 16, axis=1)
+    q = QuantizedWeight(
+        torch.from_numpy(codes),
+        torch.from_numpy(scales),
+        None if zeros is None else torch.from_numpy(zeros),
+        grid,
+        SolveInfo("rtn"),
+    )
+    monkeypatch.setattr(weight_module, "_DEQUANTIZE_BLOCK_BYTES", 4 * 64 * 7)  # 7 rows
+    np.testing.assert_array_equal(q.dequantize().numpy(), expected)

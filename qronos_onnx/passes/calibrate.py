@@ -123,6 +123,19 @@ def _warn_if_too_few_tokens(
     warnings.warn(msg, CalibrationWarning, stacklevel=3)
 
 
+#: A stack of more float32 weight bytes than this is solved in blocks of rows, so that the
+#: solver's weight-sized buffers (about seven of them) hold one block: a 131,072 x 4,096
+#: lm_head in one piece peaked at 16.4 GB (benchmarks/RESULTS.md).
+ROW_BLOCK_BYTES = 256 << 20
+
+
+def row_blocks(rows: int, columns: int) -> list[tuple[int, int]]:
+    """``[(start, stop), ...]`` covering ``rows`` in blocks of at most ``ROW_BLOCK_BYTES`` of
+    float32 ``[rows, columns]`` (one block when it fits)."""
+    step = max(1, ROW_BLOCK_BYTES // (4 * columns))
+    return [(a, min(a + step, rows)) for a in range(0, rows, step)]
+
+
 def _row_dots(a: torch.Tensor, b: torch.Tensor, rows: int = 1024) -> torch.Tensor:
     """Per-row dot products of two ``[C, d]`` tensors, summed in float64, on the CPU: ``[C]``.
 
@@ -260,7 +273,6 @@ class CalibrateSolvePass(ir.passes.InPlacePass):
         )
         device = torch_device(self.calibration.device)
         W = W.to(device)
-        opts = self.scheme.solver
         t0 = time.perf_counter()
         if moments is None:  # RTN without calibration
             q = solve("rtn", W, grid=grid, name=targets[0].name)
@@ -268,38 +280,7 @@ class CalibrateSolvePass(ir.passes.InPlacePass):
         else:
             moments.H = moments.H.to(device)
             moments.G = moments.G.to(device)
-            report = {}
-
-            def rtn_terms(weight, scales, zero_points):
-                # The RTN error of the report, per row: tr(W G Q^T) and tr(Q H Q^T), taken
-                # before the solver frees H and G. Products in float32 (half the time of
-                # float64; ~1e-6 relative), row sums in float64. In stage mode the measured
-                # reference is W X~ (see TargetResult), so the cross term is H's.
-                rtn = QuantizedWeight(
-                    rtn_codes(W, grid, scales, zero_points),
-                    scales,
-                    zero_points,
-                    grid,
-                    SolveInfo("rtn"),
-                ).dequantize()
-                cross = moments.H if self.calibration.reference == "stage" else moments.G
-                report["cross"] = _row_dots(W.float() @ cross.float(), rtn)
-                report["quad"] = _row_dots(rtn @ moments.H.float(), rtn)
-
-            q = solve(
-                opts.algorithm,
-                W,
-                grid=grid,
-                act_order=opts.act_order,
-                damping=opts.damping,
-                solver_block=opts.solver_block,
-                variant=opts.variant,
-                magr=opts.magr,
-                name=targets[0].name,
-                moments=moments,
-                on_grid=rtn_terms,
-            )
-            cross_rtn, quad_rtn = report["cross"], report["quad"]
+            q, cross_rtn, quad_rtn = self._solve_rows(W, grid, moments, targets[0].name)
         seconds = time.perf_counter() - t0
         q = QuantizedWeight(
             torch.from_numpy(codes.keep(q.codes.cpu().numpy())),
@@ -326,6 +307,50 @@ class CalibrateSolvePass(ir.passes.InPlacePass):
                 part.dequantize(), target.transposed, tensor.dtype.numpy()
             )
         return solved, new
+
+    def _solve_rows(self, W, grid, moments, name):
+        """Solve ``W`` ``[C, d]`` from ``moments`` (owned), a block of ``row_block(C, d)`` rows
+        at a time (rows are independent; the solver's weight-sized buffers then hold one
+        block), with the report's RTN terms per row: ``(q, cross_rtn [C], quad_rtn [C])``."""
+        opts = self.scheme.solver
+        parts, cross, quad = [], [], []
+        blocks = row_blocks(*W.shape)
+        for i, (a, b) in enumerate(blocks):
+            Wb = W[a:b]
+
+            def rtn_terms(weight, scales, zero_points, Wb=Wb):
+                # The RTN error of the report, per row: tr(W G Q^T) and tr(Q H Q^T), taken
+                # before the solver frees H and G. Products in float32 (half the time of
+                # float64; ~1e-6 relative), row sums in float64. In stage mode the measured
+                # reference is W X~ (see TargetResult), so the cross term is H's.
+                rtn = QuantizedWeight(
+                    rtn_codes(Wb, grid, scales, zero_points),
+                    scales,
+                    zero_points,
+                    grid,
+                    SolveInfo("rtn"),
+                ).dequantize()
+                ref = moments.H if self.calibration.reference == "stage" else moments.G
+                cross.append(_row_dots(Wb.float() @ ref.float(), rtn))
+                quad.append(_row_dots(rtn @ moments.H.float(), rtn))
+
+            last = i == len(blocks) - 1  # the last block may free the statistics
+            parts.append(
+                solve(
+                    opts.algorithm,
+                    Wb,
+                    grid=grid,
+                    act_order=opts.act_order,
+                    damping=opts.damping,
+                    solver_block=opts.solver_block,
+                    variant=opts.variant,
+                    magr=opts.magr,
+                    name=name,
+                    moments=moments if last else SecondMoments(moments.H, moments.G),
+                    on_grid=rtn_terms,
+                )
+            )
+        return QuantizedWeight.stack(parts), torch.cat(cross), torch.cat(quad)
 
     @staticmethod
     def _write(model: ir.Model, result: TargetResult) -> None:

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
 from .grid import Grid, dequantize
+
+_DEQUANTIZE_BLOCK_BYTES = 64 << 20
 
 
 @dataclass(frozen=True)
@@ -58,15 +61,38 @@ class QuantizedWeight:
         return out_features, in_features
 
     def dequantize(self) -> Tensor:
-        """``[C, d]`` float32: ``(codes - zero_point) * scale`` of each entry's group."""
-        scale, zero = self.grid.entry_params(
-            self.scales, self.zero_points, self.codes.shape[1], torch.float32
-        )
-        return dequantize(self.codes.to(torch.float32), scale, zero)
+        """``[C, d]`` float32: ``(codes - zero_point) * scale`` of each entry's group.
+
+        A block of rows at a time, so that the per-entry scales and float codes it expands to
+        stay small next to the result for any ``C``."""
+        C, d = self.codes.shape
+        out = torch.empty(C, d, dtype=torch.float32, device=self.codes.device)
+        step = max(1, _DEQUANTIZE_BLOCK_BYTES // (4 * max(d, 1)))
+        for a in range(0, C, step):
+            part = self.rows(a, min(a + step, C))
+            scale, zero = self.grid.entry_params(part.scales, part.zero_points, d, torch.float32)
+            out[a : a + step] = dequantize(part.codes.to(torch.float32), scale, zero)
+        return out
 
     def rows(self, start: int, stop: int) -> QuantizedWeight:
         """Output channels ``start:stop`` (rows are solved independently)."""
         zp = None if self.zero_points is None else self.zero_points[start:stop]
         return QuantizedWeight(
             self.codes[start:stop], self.scales[start:stop], zp, self.grid, self.info
+        )
+
+    @staticmethod
+    def stack(parts: Sequence[QuantizedWeight]) -> QuantizedWeight:
+        """Blocks of rows of one solve, stacked (the inverse of ``rows``; the first block's
+        ``info``: the blocks share the statistics, so their damping and retries)."""
+        if len(parts) == 1:
+            return parts[0]
+        first = parts[0]
+        zps = [p.zero_points for p in parts]
+        return QuantizedWeight(
+            torch.cat([p.codes for p in parts]),
+            torch.cat([p.scales for p in parts]),
+            None if first.zero_points is None else torch.cat(zps),  # type: ignore[arg-type]
+            first.grid,
+            first.info,
         )
