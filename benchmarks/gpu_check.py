@@ -20,46 +20,20 @@ import re
 import shutil
 import subprocess
 import sys
-import threading
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from scale import build, status
+from scale import build, measure
 
 
-def gpu_memory(pid: int) -> int | None:
-    """Bytes of GPU memory ``pid`` uses (``nvidia-smi``), or ``None`` without one."""
+def gpu_memory(pid: int) -> dict[str, int]:
+    """``{"gpu": bytes of GPU memory pid uses}`` (``nvidia-smi``); empty without one."""
     if shutil.which("nvidia-smi") is None:
-        return None
+        return {}
     query = ["nvidia-smi", "--query-compute-apps=pid,used_memory", "--format=csv,noheader,nounits"]
     out = subprocess.run(query, check=False, capture_output=True, text=True).stdout
     used = [int(m) for p, m in re.findall(r"(\d+),\s*(\d+)", out) if int(p) == pid]
-    return sum(used) * 2**20 if used else 0
-
-
-def run(cmd: list[str], device: str) -> dict:
-    t0 = time.perf_counter()
-    child = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    peak: dict[str, int] = {}
-
-    def sample():
-        while child.poll() is None:
-            for key, value in status(child.pid).items():
-                peak[key] = max(peak.get(key, 0), value)
-            if device == "cuda":
-                used = gpu_memory(child.pid)
-                if used is not None:
-                    peak["gpu"] = max(peak.get("gpu", 0), used)
-            time.sleep(0.5 if device == "cuda" else 0.1)
-
-    sampler = threading.Thread(target=sample, daemon=True)
-    sampler.start()
-    _, err = child.communicate()
-    sampler.join()
-    if child.returncode:
-        raise SystemExit(f"optimize failed ({child.returncode}):\n{err[-3000:]}")
-    return {"seconds": time.perf_counter() - t0, **peak}
+    return {"gpu": sum(used) * 2**20}
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -82,7 +56,7 @@ def main(argv: list[str] | None = None) -> dict:
     cmd = [sys.executable, "-m", "qronos_onnx.cli", "optimize", str(model), "-o", str(output)]
     cmd += ["--w4", "--calib-windows", str(args.windows), "--seqlen", str(args.seqlen)]
     cmd += ["--device", args.device, "--force", "-q"]
-    peak = run(cmd, args.device)
+    peak = measure(cmd, gpu_memory, every=0.5) if args.device == "cuda" else measure(cmd)
     report = json.loads(output.with_suffix(".report.json").read_text())
     calibration = report["calibration"]
     per_layer: dict[str, float] = collections.defaultdict(float)
@@ -92,10 +66,10 @@ def main(argv: list[str] | None = None) -> dict:
     summary = {
         "device": args.device,
         "providers": calibration.get("providers"),
-        "peak_gpu_bytes": peak.get("gpu"),
-        "peak_host_anon_bytes": peak.get("RssAnon"),
-        "peak_host_file_bytes": peak.get("RssFile"),
-        "seconds": round(peak["seconds"], 1),
+        "peak_gpu_bytes": peak.get("peak_gpu"),
+        "peak_host_anon_bytes": peak.get("peak_RssAnon"),
+        "peak_host_file_bytes": peak.get("peak_RssFile"),
+        "seconds": peak["seconds"],
         "calibration_seconds": calibration.get("seconds"),
         "solve_seconds_per_layer": {k: round(v, 2) for k, v in per_layer.items()},
     }

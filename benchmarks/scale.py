@@ -21,6 +21,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -71,17 +72,21 @@ def status(pid: int) -> dict[str, int]:
     return values
 
 
-def measure(cmd: list[str]) -> dict:
-    """Run ``cmd``; peak RssAnon, RssFile and VmRSS sampled every 0.1 s, and the time."""
+def measure(
+    cmd: list[str], more: Callable[[int], dict[str, int]] | None = None, every: float = 0.1
+) -> dict:
+    """Run ``cmd``; its time and the peak of RssAnon, RssFile and VmRSS (and of whatever
+    ``more(pid)`` samples too) every ``every`` seconds, as ``peak_<name>`` in bytes."""
     t0 = time.perf_counter()
     child = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     peak: dict[str, int] = {}
 
     def sample():
         while child.poll() is None:
-            for key, value in status(child.pid).items():
+            values = {**status(child.pid), **(more(child.pid) if more else {})}
+            for key, value in values.items():
                 peak[key] = max(peak.get(key, 0), value)
-            time.sleep(0.1)
+            time.sleep(every)
 
     sampler = threading.Thread(target=sample, daemon=True)
     sampler.start()
