@@ -88,14 +88,18 @@ def _read_plan(tmp: Path) -> dict | None:
         return None
 
 
+def _new_staging_dir(output: Path) -> Path:
+    """A new ``.OUT.onnx.<random>.tmp`` beside ``output`` (the name ``recover`` looks for)."""
+    return Path(tempfile.mkdtemp(prefix=f".{output.name}.", suffix=".tmp", dir=output.parent))
+
+
 @contextmanager
 def staging_folder(output: str | os.PathLike) -> Iterator[Path]:
     """The run's staging folder beside ``output`` (``.OUT.onnx.<random>.tmp``; its folder
     exists), for what the run writes while it works (activations beyond its memory budget) and
     then for ``staged_output``. Removed at the end, unless it keeps previous files that could
     not be put back (its ``old/``: the error said so); after SIGKILL, ``recover`` removes it."""
-    output = Path(output)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{output.name}.", suffix=".tmp", dir=output.parent))
+    tmp = _new_staging_dir(Path(output))
     try:
         yield tmp
     finally:  # after placing, ``staged_output`` removed it already (signals held)
@@ -133,7 +137,7 @@ def staged_output(
     try:
         parent.mkdir(parents=True, exist_ok=True)
         if tmp is None:
-            tmp = Path(tempfile.mkdtemp(prefix=f".{output.name}.", suffix=".tmp", dir=parent))
+            tmp = _new_staging_dir(output)
         (tmp / "new").mkdir()
         (tmp / "old").mkdir()
         yield tmp / "new"
