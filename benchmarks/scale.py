@@ -98,6 +98,19 @@ def measure(
     return {"seconds": seconds, **{f"peak_{k}": v for k, v in peak.items()}}
 
 
+def _commit() -> str:
+    """The code measured: HEAD's short hash, ``+`` when the tree has changes."""
+
+    def git(*args: str) -> str:
+        return subprocess.run(
+            ["git", *args], cwd=ROOT, capture_output=True, check=True
+        ).stdout.decode()
+
+    return git("rev-parse", "--short", "HEAD").strip() + (
+        "+" if git("status", "--porcelain").strip() else ""
+    )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--hidden", type=int, default=4096)
@@ -123,6 +136,7 @@ def main() -> None:
     cmd += ["--force", "-q"] + (["--max-memory", args.max_memory] if args.max_memory else [])
     cmd += args.extra
     row = {
+        "commit": _commit(),
         "model": name,
         "file_bytes": sum(p.stat().st_size for p in model.parent.iterdir()),
         "preset": args.preset,

@@ -71,8 +71,8 @@ def build_relative(out_dir: str | Path, family: str, kv_cache: bool = True, seed
     (``gemma2``'s sandwich norms, q/k norms, alternating sliding and full attention, the
     embedding scaled by ``sqrt(64)``; and Gemma-3-270M's two properties that matter for
     rotations: norm scales spread up to tens, and a massive residual channel, ``MASSIVE``,
-    that every pre-norm damps to (near) zero) or ``"fp16"`` (the Llama in float16). Returns
-    the model path."""
+    that every pre-norm damps to (near) zero), ``"fp16"`` or ``"bf16"`` (the Llama in float16,
+    bfloat16). Returns the model path."""
     from transformers import (
         Gemma2Config,
         Gemma2ForCausalLM,
@@ -116,6 +116,8 @@ def build_relative(out_dir: str | Path, family: str, kv_cache: bool = True, seed
         _massive_channel(model)
     elif family == "fp16":
         model = LlamaForCausalLM(config()).half()
+    elif family == "bf16":
+        model = LlamaForCausalLM(config()).to(torch.bfloat16)
     else:
         raise ValueError(f"unknown family {family!r}")
     path = export_causal_lm(model.eval(), out_dir / "model.onnx", kv_cache)

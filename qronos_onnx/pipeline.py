@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import tempfile
 import time
 import warnings
 from collections.abc import Callable, Iterator, Sequence
@@ -34,12 +35,15 @@ import onnx_ir as ir
 
 from .calibration.data import calibration_samples
 from .calibration.runner import CalibrationOptions, CalibrationRun
+from .calibration.session import require_runnable_dtype
 from .errors import CalibrationWarning, RecipeWarning, RotationWarning
 from .export import exported_checkpoint, resolve_model
+from .files.scratch import ScratchArrays
 from .formats.base import Format
 from .ir.model_io import load_model
 from .ir.signature import detect_signature
 from .ir.targets import Skipped, require_targets
+from .ir.values import keep_constants_in
 from .options import WIKI_VITAL, Options
 from .passes.act_quant import InsertActQuantPass
 from .passes.calibrate import CalibrateSolvePass, Observer, SolveResult, TargetResult
@@ -145,54 +149,56 @@ def _run(model_path, options, scheme, notes, writer, data, observer, t0) -> Repo
     messages: list[str] = []
     with writer.reserve(), recording(messages):
         model = load_model(model_path)
-        detect_signature(model)
-        if scheme.lm_head != "skip":
-            run_passes(model, [UntieLmHeadPass(scheme.include, scheme.exclude)])
-        require_targets(model, *scheme.select(model))
-        if options.rotate != "none":
-            refuse_layer_norms(model)
-        samples: list[dict] = []
-        if options.needs_data:
-            source = options.calib_data if data is None else data
-            samples = calibration_samples(
-                model_path,
-                detect_signature(model),
-                source,
-                options.calib_windows,
-                options.seqlen,
-                options.tokenizer,
+        with constants_on_disk(model, writer.scratch):
+            detect_signature(model)
+            require_runnable_dtype(model, options.device)
+            if scheme.lm_head != "skip":
+                run_passes(model, [UntieLmHeadPass(scheme.include, scheme.exclude)])
+            require_targets(model, *scheme.select(model))
+            if options.rotate != "none":
+                refuse_layer_norms(model)
+            samples: list[dict] = []
+            if options.needs_data:
+                source = options.calib_data if data is None else data
+                samples = calibration_samples(
+                    model_path,
+                    detect_signature(model),
+                    source,
+                    options.calib_windows,
+                    options.seqlen,
+                    options.tokenizer,
+                )
+            rotation = None
+            if options.rotate != "none":
+                rotation = rotate_model(model, model_path, samples, options)
+            groups, skipped = scheme.select(model)
+            # (after the data: an error there says all there is, in one line)
+            scheme.warn_mismatches([t for g in groups for t in g.targets], skipped)
+            calibration = CalibrationOptions(
+                reference=options.reference,
+                device=options.device,
+                progress=options.progress,
+                max_memory=memory_budget(options.max_memory),
+                spill_dir=writer.scratch,
             )
-        rotation = None
-        if options.rotate != "none":
-            rotation = rotate_model(model, model_path, samples, options)
-        groups, skipped = scheme.select(model)
-        # (after the data: an error there says all there is, in one line)
-        scheme.warn_mismatches([t for g in groups for t in g.targets], skipped)
-        calibration = CalibrationOptions(
-            reference=options.reference,
-            device=options.device,
-            progress=options.progress,
-            max_memory=memory_budget(options.max_memory),
-            spill_dir=writer.scratch,
-        )
-        rewrite = get_format(options.format).rewrite_pass(options)
-        solved = quantize(model, scheme, samples, calibration, rewrite, observer)
+            rewrite = get_format(options.format).rewrite_pass(options)
+            solved = quantize(model, scheme, samples, calibration, rewrite, observer)
 
-        def make_report(files: list[Path]) -> Report:
-            return build_report(
-                model_path,
-                writer.output,
-                files,
-                solved,
-                options.format,
-                options.non_defaults(),
-                notes,
-                messages,
-                time.perf_counter() - t0,
-                rotation,
-            )
+            def make_report(files: list[Path]) -> Report:
+                return build_report(
+                    model_path,
+                    writer.output,
+                    files,
+                    solved,
+                    options.format,
+                    options.non_defaults(),
+                    notes,
+                    messages,
+                    time.perf_counter() - t0,
+                    rotation,
+                )
 
-        return writer.write(model, make_report)
+            return writer.write(model, make_report)
 
 
 def memory_budget(gigabytes: float | None) -> int:
@@ -211,12 +217,28 @@ def memory_budget(gigabytes: float | None) -> int:
 def rotate_model(
     model: ir.Model, original: Path, samples: Sequence[dict], options: Options
 ) -> RotationReport:
-    """Fold the norms and apply the rotations ``options`` name to ``model`` in memory
+    """Fold the norms and apply the rotations ``options`` name to ``model`` in place
     (``passes/rotate.py``), then check it against the ``original`` file on the first
     calibration sample (``passes/rotation_check.py``: a ``QronosError`` when they disagree)."""
     log = apply_rotations(model, options.rotate, options.rotate_sites, options.rotate_seed)
     (check,) = run_passes(model, [RotationCheckPass(original, samples, log, options.device)])
     return RotationReport.of(log, check.check, options.rotate_seed)  # type: ignore[attr-defined]
+
+
+@contextlib.contextmanager
+def constants_on_disk(model: ir.Model, scratch: Path | None) -> Iterator[None]:
+    """Keep the large constants the run writes into ``model`` (rotated weights, packed codes)
+    in memory-mapped files under ``scratch`` (the run's staging folder; the system's
+    temporary folder when ``None``), unlinked at once: file-backed pages, not the process's
+    heap, until the output is written (``ir.values.keep_constants_in``)."""
+    if scratch is not None:
+        scratch.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix="qronos_constants_", dir=scratch) as folder:
+        keep_constants_in(model.graph, ScratchArrays(Path(folder) / "constant"))
+        try:
+            yield
+        finally:
+            keep_constants_in(model.graph, None)
 
 
 def quantize_model(

@@ -7,9 +7,8 @@ def tiny_models(tmp_path_factory):
 
     Variants: ``"nokv"`` (no cache inputs), ``"kv"`` (KV-cache inputs), ``"untied"``
     (a separate lm_head weight), and with a KV cache the relatives ``"gemma"``, ``"gemma2"``,
-    ``"gemma3"`` and ``"fp16"`` (``tiny_llama.build_relative``). All have 2 layers, hidden 64,
-    grouped-query
-    attention (4 heads, 2 KV heads), a byte-level tokenizer.
+    ``"gemma3"``, ``"fp16"`` and ``"bf16"`` (``tiny_llama.build_relative``). All have 2
+    layers, hidden 64, grouped-query attention (4 heads, 2 KV heads), a byte-level tokenizer.
     """
     from models import tiny_llama
 
@@ -18,7 +17,7 @@ def tiny_models(tmp_path_factory):
     def get(variant: str):
         if variant not in built:
             out = tmp_path_factory.mktemp(f"tiny_{variant}")
-            if variant in ("gemma", "gemma2", "gemma3", "fp16"):
+            if variant in ("gemma", "gemma2", "gemma3", "fp16", "bf16"):
                 built[variant] = tiny_llama.build_relative(out, variant)
             else:
                 built[variant] = tiny_llama.build(

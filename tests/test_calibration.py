@@ -1,5 +1,6 @@
 """The two-stream calibration engine against brute-force full-model captures."""
 
+import re
 from collections import Counter
 from pathlib import Path
 
@@ -250,13 +251,19 @@ def test_a_float16_model_keeps_float16_activations_on_disk_and_runs(
 
 def test_solved_codes_are_held_in_file_backed_memory(tiny_models, tmp_path):
     """Every solved layer's codes live in a memory-mapped scratch file until the output is
-    written (file-backed pages, not the process's heap), and they survive the removal of the
-    scratch folder at the end of the pass."""
-    outcome, _, _ = quantize_observed(tiny_models("kv"), tmp_path / "q")
+    written (file-backed pages, not the process's heap), one file per stack, unlinked at once
+    (nothing is left on disk), and they survive the removal of the scratch folder."""
+    spill = tmp_path / "spill"
+    outcome, _, _ = quantize_observed(tiny_models("kv"), tmp_path / "q", spill_dir=spill)
     results = outcome[1].results
-    maps = Path("/proc/self/maps").read_text()
-    mapped = [line for line in maps.splitlines() if "/codes (deleted)" in line]
-    assert mapped, "no codes file is mapped"
+    maps = "\n".join(m for m in Path("/proc/self/maps").read_text().splitlines() if str(spill) in m)
+    mapped = {
+        line.split()[-2]
+        for line in maps.splitlines()
+        if re.search(r"/codes\.\d+ \(deleted\)", line)
+    }
+    # one file per solved stack: q/k/v, o, gate/up and down in each of the 2 layers
+    assert len(mapped) == 4 * 2, "not one mapped codes file per solved stack"
     for r in results:  # readable, and the values the dequantized weight was made of
         codes = r.weight.codes
         assert codes.dtype == torch.uint8 and int(codes.max()) < 2**r.weight.grid.bits
@@ -280,3 +287,51 @@ def test_a_wide_stack_solved_in_blocks_of_rows_gives_the_same_codes(
         assert torch.equal(a.weight.scales, b.weight.scales)
         assert a.cross_rtn == pytest.approx(b.cross_rtn, rel=1e-6)
         assert a.quad_rtn == pytest.approx(b.quad_rtn, rel=1e-6)
+
+
+@pytest.mark.parametrize("reference", ["network", "stage"])
+def test_stages_run_through_io_binding_give_the_same_statistics(
+    tiny_models, tmp_path, reference, monkeypatch
+):
+    """The GPU path (``calibration/bound.py``: weights bound once per stage, the statistics'
+    inputs handed to torch through DLPack), run on CPU: the statistics and codes of the plain
+    runs, to the bit, with the group inputs reaching the statistics as torch tensors."""
+    from qronos_onnx.calibration import bound
+
+    handed = []
+    run = bound.BoundRun.run
+
+    def counting(self, *args, **kwargs):
+        outputs = run(self, *args, **kwargs)
+        handed.extend(type(v) for v in outputs.values())
+        return outputs
+
+    monkeypatch.setattr(bound.BoundRun, "run", counting)
+    path = tiny_models("kv")
+    plain, seen_plain, _ = quantize_observed(path, tmp_path / "plain", reference)
+    assert not handed
+    bound_run, seen_bound, _ = quantize_observed(
+        path, tmp_path / "bound", reference, io_binding=True
+    )
+    assert torch.Tensor in handed and np.ndarray in handed
+    for (_, H1, G1, _), (_, H2, G2, _) in zip(seen_plain, seen_bound, strict=True):
+        np.testing.assert_array_equal(H1, H2)
+        np.testing.assert_array_equal(G1, G2)
+    codes_plain, codes_bound = _codes(plain), _codes(bound_run)
+    assert all(torch.equal(codes_plain[k], codes_bound[k]) for k in codes_plain)
+    assert bound_run[1].run_info.output_error == plain[1].run_info.output_error
+
+
+def test_a_bfloat16_model_is_refused_on_cpu_before_any_work(tiny_models, tmp_path, capsys):
+    """ONNX Runtime's CPU provider has no bfloat16 kernels: a bfloat16 model is refused in one
+    line that names the ways out, before any calibration, and nothing is written."""
+    from qronos_onnx.cli import main
+
+    path = tiny_models("bf16")
+    out = tmp_path / "out"
+    out.mkdir()
+    assert main(["optimize", str(path), "-o", str(out / "q.onnx"), "--device", "cpu"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "bfloat16" in err and "--device cuda" in err and "--dtype fp16" in err
+    assert len(err.splitlines()) == 1
+    assert not list(out.iterdir())

@@ -367,3 +367,43 @@ def test_a_format_registered_from_a_test_runs_end_to_end(tiny_models, tmp_path, 
     )
     with pytest.raises(QronosError, match="exists; give force"):
         qronos_onnx.optimize(model, out, format="codes-beside", algo="rtn", group_size=32)
+
+
+@pytest.mark.parametrize("fmt", ["matmulnbits", "qdq"])
+def test_constants_a_run_writes_are_file_backed_until_saved(
+    tiny_models, tmp_path, monkeypatch, fmt
+):
+    """In an optimize run, every constant the run writes into the model (packed codes, scales,
+    zero points; the rotated weights) is a memory-mapped array of an unlinked file when the
+    output is saved, not a heap array, so the packed model does not accumulate in memory; the
+    output is the same as a run that keeps them in memory."""
+    from qronos_onnx.ir import values
+
+    saved = []  # per run: initializer name -> memory-mapped
+    save = Format.save
+
+    def inspecting(self, model, path):
+        written = [v for v in model.graph.initializers.values() if v.const_value is not None]
+        saved.append(
+            {
+                v.name: isinstance(v.const_value.raw, np.memmap)
+                for v in written
+                if not isinstance(v.const_value, ir.ExternalTensor)
+            }
+        )
+        return save(self, model, path)
+
+    monkeypatch.setattr(Format, "save", inspecting)
+    model = tiny_models("kv")
+    common = {"calib_windows": 2, "seqlen": 64, "format": fmt, "rotate": "hadamard"}
+    for keep_min in (0, 1 << 62):  # every constant kept on disk, then none
+        monkeypatch.setattr(values, "KEEP_MIN_BYTES", keep_min)
+        qronos_onnx.optimize(model, tmp_path / str(keep_min) / "q.onnx", "w4", **common)
+    on_disk, in_memory = saved
+    suffixes = ("_Q4", "_scales", "_q", "_scale")  # MatMulNBits' and QDQ's names
+    quantized = [n for n in on_disk if n.endswith(suffixes)]
+    assert quantized and all(on_disk[n] for n in quantized)
+    assert not any(in_memory.values())
+    outputs = [load_model(tmp_path / k / "q.onnx") for k in ("0", str(1 << 62))]
+    for a, b in zip(*(sorted(m.graph.initializers.items()) for m in outputs), strict=True):
+        assert a[0] == b[0] and np.array_equal(a[1].const_value.numpy(), b[1].const_value.numpy())

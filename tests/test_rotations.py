@@ -16,11 +16,14 @@ import torch
 import qronos_onnx
 from qronos_onnx.cli import main
 from qronos_onnx.errors import QronosError, RotationWarning
+from qronos_onnx.files.scratch import ScratchArrays
+from qronos_onnx.ir import stages, values
 from qronos_onnx.ir.model_io import load_model, write_model
 from qronos_onnx.ir.norms import find_norms, fuse_decomposed_norms
 from qronos_onnx.ir.online_hadamard import insert_online_hadamard, is_online_hadamard
 from qronos_onnx.ir.signature import detect_signature
 from qronos_onnx.ir.targets import readable_name
+from qronos_onnx.ir.values import keep_constants_in
 from qronos_onnx.passes import rotation_check
 from qronos_onnx.passes.rotate import FoldNormScalesPass, apply_rotations
 from qronos_onnx.passes.rotation_check import RotationCheckPass
@@ -209,25 +212,49 @@ def test_the_self_check_names_the_first_tensor_that_diverges(tiny_models, tmp_pa
         run_passes(model, [RotationCheckPass(path, samples, log)])
 
 
-def test_the_self_check_writes_nothing_unless_the_model_is_too_large(tiny_models, monkeypatch):
-    """ONNX Runtime gets the original and the rotated model from memory, the original's weights
-    read from its own files (no copy of either model is written); past ``IN_MEMORY_BYTES`` of
-    in-memory weights, from a temporary copy. Both measure the same error."""
+def test_rotated_weights_are_file_backed_and_the_check_serializes_none(
+    tiny_models, tmp_path, monkeypatch
+):
+    """Rotated into a constant store, every rotated weight is a memory-mapped array whose file
+    is already unlinked; the self-check feeds both models' weights from where they lie (the
+    session protobufs hold no weight) and measures the error that whole-model sessions on
+    saved copies measure (the reference)."""
+    monkeypatch.setattr(values, "KEEP_MIN_BYTES", 0)  # the tiny weights are kept too
     path = tiny_models("kv")
-    assert path.with_name(path.name + ".data").is_file()  # the original has external data
-    saved = []
-    save = ir.save
-    monkeypatch.setattr(ir, "save", lambda model, p, **kw: (saved.append(p), save(model, p, **kw)))
-    errors = []
-    for in_memory_bytes, saves in ((1 << 30, 0), (0, 2)):
-        monkeypatch.setattr(rotation_check, "IN_MEMORY_BYTES", in_memory_bytes)
-        saved.clear()
-        model = load_model(path)
-        log = apply_rotations(model)
-        (check,) = run_passes(model, [RotationCheckPass(path, feeds(path, 1, 64), log)])
-        assert len(saved) == saves
-        errors.append(check.check.error)
-    assert 0 < errors[0] < 1e-5 and errors[0] == pytest.approx(errors[1], rel=1e-6)
+    model = load_model(path)
+    store = ScratchArrays(tmp_path / "scratch" / "weight")
+    keep_constants_in(model.graph, store)
+    log = apply_rotations(model)
+    keep_constants_in(model.graph, None)
+    mapped = [
+        v for v in model.graph.initializers.values() if isinstance(v.const_value.raw, np.memmap)
+    ]
+    assert len(mapped) >= 4 * 3 and store.bytes >= sum(v.const_value.nbytes for v in mapped)
+    assert not list((tmp_path / "scratch").iterdir())  # unlinked: nothing left on disk
+
+    monkeypatch.setattr(stages, "FED_CONSTANT_BYTES", 0)  # every constant fed
+    embedded = []  # bytes of weights inside each session's protobuf
+    make = rotation_check.make_session
+
+    def recording_make(proto, *args, **kwargs):
+        embedded.append(sum(t.ByteSize() for t in proto.graph.initializer))
+        return make(proto, *args, **kwargs)
+
+    monkeypatch.setattr(rotation_check, "make_session", recording_make)
+    samples = feeds(path, 1, 64)
+    (check,) = run_passes(model, [RotationCheckPass(path, samples, log)])
+    assert embedded == [0, 0]  # the original, then the rotated model
+
+    ir.save(model, tmp_path / "rotated.onnx", external_data="rotated.onnx.data")
+    logits = []
+    for file in (path, tmp_path / "rotated.onnx"):
+        session = ort.InferenceSession(str(file))
+        names = {i.name for i in session.get_inputs()}
+        logits.append(
+            session.run(["logits"], {k: v for k, v in samples[0].items() if k in names})[0]
+        )
+    reference = np.linalg.norm(logits[1].astype(np.float64) - logits[0]) / np.linalg.norm(logits[0])
+    assert 0 < check.check.error < 1e-5 and check.check.error == pytest.approx(reference, rel=1e-3)
 
 
 def test_a_residual_reader_that_is_not_a_norm_skips_r1_and_stays_exact(tiny_models, tmp_path):

@@ -2,6 +2,7 @@
 
 import numpy as np
 import pytest
+import torch
 
 from qronos_onnx.calibration import stats as stats_mod
 from qronos_onnx.calibration.stats import GroupStats, token_rows
@@ -48,3 +49,18 @@ def test_token_rows_reads_the_new_tokens_of_a_mask_over_a_kv_cache():
     np.testing.assert_array_equal(token_rows(a, mask), expected)
     np.testing.assert_array_equal(token_rows(a, mask[:, 2:]), expected)  # no cache
     np.testing.assert_array_equal(token_rows(a, None), a.reshape(-1, 4))
+
+
+def test_torch_activations_with_padding_give_the_numpy_statistics():
+    """Group inputs handed over as torch tensors (a bound stage run) count the same tokens
+    and give the same sums as host arrays, padding left out alike."""
+    rng = np.random.default_rng(3)
+    x = rng.standard_normal((2, 5, 8)).astype(np.float32)
+    xq = x + 0.1 * rng.standard_normal(x.shape).astype(np.float32)
+    mask = np.array([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1]], dtype=np.int64)
+    host, device = GroupStats(8), GroupStats(8)
+    host.add(x, xq, mask)
+    device.add(torch.from_numpy(x), torch.from_numpy(xq), mask)
+    assert host.tokens == device.tokens == 8
+    for a, b in zip(host.finalize(), device.finalize(), strict=True):
+        assert torch.equal(a, b)

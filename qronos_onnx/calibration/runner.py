@@ -49,8 +49,9 @@ from qronos_onnx.ir.targets import TargetGroup
 from qronos_onnx.ir.values import constant
 from qronos_onnx.quant.problem import SecondMoments
 
+from .bound import BoundRun
 from .heap import return_freed_memory
-from .session import make_session, run_session
+from .session import CUDA, make_session, run_session
 from .stats import GroupStats, token_rows
 from .store import BoundaryStore, StoreUse
 
@@ -77,6 +78,9 @@ class CalibrationOptions:
             ``None``: no bound (nothing is written to disk).
         spill_dir: where activations beyond ``max_memory`` go (a folder of the run's); without
             one, a temporary folder.
+        io_binding: run stages through ONNX Runtime's I/O binding (``calibration/bound.py``:
+            weights placed on the device once per stage, the statistics' inputs handed to
+            torch on the device); ``None``: when the stage runs on CUDA.
     """
 
     reference: Reference = "network"
@@ -86,6 +90,7 @@ class CalibrationOptions:
     profile: bool = False
     max_memory: int | None = None
     spill_dir: str | os.PathLike | None = None
+    io_binding: bool | None = None
 
     def __post_init__(self) -> None:
         if self.reference not in ("network", "stage"):
@@ -257,6 +262,8 @@ class TwoStreamCalibrator:
         fed = fed_constants(self.model, stage)
         float_consts = {n: constant(self.model.graph.initializers[n]).numpy() for n in fed}
         quant_consts = {**float_consts, **{w: self._quant_weights[w] for w in stage.weights}}
+        bound = self._bound(session, stage, float_consts, quant_consts)
+        on_device = self._statistics_only(stage)
         keep = self.options.reference == "network"
         batch: list[tuple] = []  # (x, x_quant, mask) of windows not yet in the statistics
         batch_bytes = 0
@@ -267,16 +274,20 @@ class TwoStreamCalibrator:
                 if session is None:
                     break
                 feeds = {n: self._lookup(store, side, n, s) for n in stage.inputs}
-                feeds.update(quant_consts if side == "quant" else float_consts)
                 t0 = time.perf_counter()
                 what = f"the stage of {_label(stage)} ({_STREAM[side]}, sample {s})"
-                outputs = dict(
-                    zip(
-                        stage.run_outputs,
-                        run_session(session, stage.run_outputs, feeds, what),
-                        strict=False,
+                consts = "quant" if side == "quant" else "float"
+                if bound is not None:
+                    outputs = bound.run(consts, stage.run_outputs, feeds, on_device, what)
+                else:
+                    feeds.update(quant_consts if consts == "quant" else float_consts)
+                    outputs = dict(
+                        zip(
+                            stage.run_outputs,
+                            run_session(session, stage.run_outputs, feeds, what),
+                            strict=False,
+                        )
                     )
-                )
                 self.run_info.seconds["stages"] += time.perf_counter() - t0
                 self.run_info.session_runs += 1
                 for name in stage.outputs:
@@ -313,6 +324,31 @@ class TwoStreamCalibrator:
         if session is not None and self.options.profile:
             self._count_node_runs(session)
         return stats
+
+    def _bound(self, session, stage: Stage, float_consts: dict, quant_consts: dict):
+        """A ``BoundRun`` of the stage's session with both streams' constants on its device,
+        when the stages run through I/O binding; else ``None``."""
+        if session is None:
+            return None
+        binding = self.options.io_binding
+        if binding is None:
+            binding = session.get_providers()[0] == CUDA
+        if not binding:
+            return None
+        bound = BoundRun(session)
+        bound.bind_constants("float", float_consts)
+        bound.bind_constants("quant", quant_consts)
+        return bound
+
+    def _statistics_only(self, stage: Stage) -> set[str]:
+        """Outputs only the statistics read (the group input and the value it quantizes,
+        unless kept between stages, measured, or observed for a static scale): a bound run
+        hands them to torch on the device."""
+        if stage.group is None:
+            return set()
+        names = {n for n in (stage.group.input, stage.group.source) if n is not None}
+        other = {*stage.outputs, *(v for _, v in stage.target_outputs)}
+        return {n for n in names if n not in other and not self._scales_of(n)}
 
     def _float_keeps(self, name: str, network: bool) -> bool:
         """Whether the float stream's value ``name`` is kept for later stages: never a
@@ -395,7 +431,8 @@ class TwoStreamCalibrator:
         t0 = time.perf_counter()
         for s_x, (x, x_quant, mask) in enumerate(batch):
             for label, a in (("float", x), ("quantized", x_quant)):
-                if not np.isfinite(a).all():
+                finite = torch.isfinite(a) if isinstance(a, torch.Tensor) else np.isfinite(a)
+                if not finite.all():
                     raise QronosError(
                         f"NaN or Inf in the calibration activations of the {label} network at "
                         f"{group.input!r} (input of {group.targets[0].name}), window {s_x}: "

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
+from collections.abc import Iterator, Mapping
 
 import numpy as np
 import onnx
+import onnx_ir as ir
 import onnxruntime as ort
 from onnxruntime.capi import onnxruntime_pybind11_state as _ort_state
 
@@ -40,6 +43,24 @@ def providers(device: str = "auto") -> list[str]:
     if device != "auto":
         raise QronosError(f"device must be auto, cpu or cuda, got {device!r}")
     return [CUDA, CPU] if CUDA in available else [CPU]
+
+
+def require_runnable_dtype(model: ir.Model, device: str = "auto") -> None:
+    """Refuse a bfloat16 model when the run has only ONNX Runtime's CPU provider, which has
+    no bfloat16 kernels (MatMul, Add, Mul, Sigmoid, ReduceMax: NOT_IMPLEMENTED in 1.32): the
+    calibration could not run it, nor could the quantized model run there.
+
+    Raises:
+        QronosError: naming the way out (CUDA, or a float16/float32 export).
+    """
+    values = [*model.graph.inputs, *model.graph.outputs, *model.graph.initializers.values()]
+    if CUDA in providers(device) or not any(v.dtype == ir.DataType.BFLOAT16 for v in values):
+        return
+    raise QronosError(
+        "the model computes in bfloat16, which ONNX Runtime's CPU provider cannot run: "
+        "quantize it with onnxruntime-gpu and --device cuda, or export it in float16 or "
+        "float32 (qronos-onnx export --dtype fp16)"
+    )
 
 
 def make_session(
@@ -90,13 +111,21 @@ def make_session(
 def run_session(
     session: ort.InferenceSession, outputs: list[str], feeds: dict[str, np.ndarray], what: str
 ) -> list[np.ndarray]:
-    """``session.run(outputs, feeds)``; an ONNX Runtime failure becomes a ``QronosError`` that
-    names ``what`` was running and the feed shapes (a window longer than the model supports and
-    a lack of memory both end here)."""
+    """``session.run(outputs, feeds)``; an ONNX Runtime failure becomes a ``QronosError``
+    (``ort_errors_as_qronos``)."""
     run_options = ort.RunOptions()
     run_options.log_severity_level = _LOG_FATAL
-    try:
+    with ort_errors_as_qronos(what, feeds):
         return session.run(outputs, feeds, run_options)
+
+
+@contextlib.contextmanager
+def ort_errors_as_qronos(what: str, feeds: Mapping[str, np.ndarray]) -> Iterator[None]:
+    """An ONNX Runtime failure in the block becomes a ``QronosError`` that names ``what`` was
+    running and the feed shapes (a window longer than the model supports and a lack of memory
+    both end here)."""
+    try:
+        yield
     except _ORT_ERRORS as err:
         shapes = ", ".join(
             f"{k} {list(np.shape(v))}"

@@ -10,17 +10,23 @@ the two float64 sums and two float32 accumulators, ``24 d^2`` bytes, plus ``d^2`
 
 from __future__ import annotations
 
+from typing import TypeVar
+
 import numpy as np
 import torch
+
+#: A numpy array or a torch tensor (``token_rows`` returns what it is given).
+Array = TypeVar("Array", np.ndarray, torch.Tensor)
 
 FLUSH_TOKENS = 8192
 _H_PANELS = 4
 _FLUSH_PANELS = 8
 
 
-def token_rows(a: np.ndarray, mask: np.ndarray | None) -> np.ndarray:
+def token_rows(a: Array, mask: Array | None) -> Array:
     """Activation ``[..., seq, d]`` as ``[tokens, d]`` rows, keeping only the tokens where
-    ``mask`` (an attention mask ``[..., past + seq]``) is non-zero.
+    ``mask`` (an attention mask ``[..., past + seq]``) is non-zero (numpy or torch, both
+    alike).
 
     A mask longer than ``seq`` also covers a KV cache: its last ``seq`` columns are the tokens
     of ``a``. Without a mask, or with one that does not match ``a``, every row is kept.
@@ -34,7 +40,7 @@ def token_rows(a: np.ndarray, mask: np.ndarray | None) -> np.ndarray:
         and mask.shape[-1] > a.shape[-2]
     ):
         mask = mask[..., -a.shape[-2] :]
-    if mask is not None and mask.size == rows.shape[0]:
+    if mask is not None and int(np.prod(mask.shape)) == rows.shape[0]:
         rows = rows[mask.reshape(-1) != 0]
     return rows
 
@@ -54,7 +60,12 @@ class GroupStats:
         self._same: bool | None = None  # X is X~ for every batch (nothing quantized upstream)
         self.tokens = 0
 
-    def add(self, x: np.ndarray, x_quant: np.ndarray, mask: np.ndarray | None = None) -> None:
+    def add(
+        self,
+        x: np.ndarray | torch.Tensor,
+        x_quant: np.ndarray | torch.Tensor,
+        mask: np.ndarray | None = None,
+    ) -> None:
         """Add one batch.
 
         Args:
@@ -93,11 +104,16 @@ class GroupStats:
                 part.zero_()
         self._pending = 0
 
-    def _tokens(self, a: np.ndarray, mask: np.ndarray | None) -> torch.Tensor:
+    def _tokens(self, a: np.ndarray | torch.Tensor, mask: np.ndarray | None) -> torch.Tensor:
+        """Rows of ``a`` (host numpy, or a torch tensor on any device) as float32 on the
+        statistics' device."""
         if a.shape[-1] != self.in_features:
             raise ValueError(f"activation has {a.shape[-1]} features, expected {self.in_features}")
-        rows = token_rows(a, mask)
-        return torch.from_numpy(np.ascontiguousarray(rows, dtype=np.float32)).to(self.device)
+        if isinstance(a, torch.Tensor):
+            keep = None if mask is None else torch.from_numpy(np.asarray(mask)).to(a.device)
+            return token_rows(a, keep).to(self.device, torch.float32).contiguous()
+        rows = np.ascontiguousarray(token_rows(a, mask), dtype=np.float32)
+        return torch.from_numpy(rows).to(self.device)
 
     def finalize(self) -> tuple[torch.Tensor, torch.Tensor]:
         """``(H, G)`` ``[d, d]``, normalised by the token count: ``H`` float64, ``G`` float32

@@ -356,6 +356,22 @@ def stage_model(model: ir.Model, stage: Stage, input_types: dict[str, np.dtype])
     return proto
 
 
+def graph_stage(model: ir.Model, outputs: list[str]) -> Stage:
+    """The whole graph as one stage computing ``outputs``: ``stage_model`` then builds it with
+    its large constants as graph inputs, fed at run time (a whole-model run that serializes no
+    weight and lets ONNX Runtime copy or pre-pack none)."""
+    nodes = list(model.graph)
+    read = {name_of(v) for n in nodes for v in n.inputs if v is not None}
+    return Stage(
+        0,
+        nodes,
+        shared=False,
+        inputs=[name_of(v) for v in model.graph.inputs if name_of(v) in read],
+        constants=[n for n in model.graph.initializers if n in read],
+        outputs=list(outputs),
+    )
+
+
 def fed_constants(model: ir.Model, stage: Stage) -> list[str]:
     """Constants of ``stage`` that are fed at run time (not embedded), target weights first."""
     big = [

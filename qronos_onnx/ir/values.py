@@ -11,6 +11,8 @@ from __future__ import annotations
 import numpy as np
 import onnx_ir as ir
 
+from qronos_onnx.files.scratch import ScratchArrays
+
 
 def name_of(item: ir.Value | ir.Node | None) -> str:
     """The name of a value or node: a graph names its values and nodes when they are added
@@ -93,9 +95,38 @@ def add_initializer(
     while name in graph.initializers:
         i += 1
         name = f"{base}_{i}"
-    value = ir.Value(name=name, const_value=ir.Tensor(array, dtype=dtype, name=name))
+    value = ir.Value(name=name, const_value=ir.Tensor(kept(graph, array), dtype=dtype, name=name))
     graph.register_initializer(value)
     return value
+
+
+#: ``graph.meta`` key: the ``ScratchArrays`` that new constants are kept in.
+CONSTANT_STORE = "qronos.constant_store"
+#: Smaller constants stay in memory (a file and a map each would cost more than they hold).
+KEEP_MIN_BYTES = 1 << 16
+
+
+def keep_constants_in(graph: ir.Graph, store: ScratchArrays | None) -> None:
+    """Keep the constants written to ``graph`` from now on (``add_initializer``,
+    ``weights.write_constant``) in ``store``, memory-mapped: file-backed pages, not the
+    process's heap. ``None``: in memory again."""
+    if store is None:
+        graph.meta.pop(CONSTANT_STORE, None)
+    else:
+        graph.meta[CONSTANT_STORE] = store
+
+
+def constant_store(graph: ir.Graph, nbytes: int) -> ScratchArrays | None:
+    """Where a new constant of ``nbytes`` is kept: ``graph``'s store when it has one and the
+    constant is at least ``KEEP_MIN_BYTES``; ``None``: in memory."""
+    store = graph.meta.get(CONSTANT_STORE)
+    return store if nbytes >= KEEP_MIN_BYTES else None
+
+
+def kept(graph: ir.Graph, array: np.ndarray) -> np.ndarray:
+    """``array`` as ``graph`` keeps new constants (``constant_store``)."""
+    store = constant_store(graph, array.nbytes)
+    return array if store is None else store.keep(array)
 
 
 def drop_unused(graph: ir.Graph, name: str) -> None:

@@ -29,6 +29,7 @@ the results for the report.
 
 from __future__ import annotations
 
+import functools
 import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -57,7 +58,12 @@ from qronos_onnx.ir.values import constant, dtype_of, name_of, shared_initialize
 from qronos_onnx.passes.chain import run_passes
 from qronos_onnx.quant.hadamard import Rotation, hadamard_orders, random_hadamard
 from qronos_onnx.registry import ROTATION_SITES, rotation_generator
-from qronos_onnx.weights import from_torch, read_layer, to_torch, write_constant, write_layer
+from qronos_onnx.weights import (
+    to_torch,
+    transform_constant,
+    transform_layer,
+    write_constant,
+)
 
 #: The largest Kronecker factor of an online Hadamard (a dense ``[k, k]`` MatMul per factor).
 MAX_ONLINE_FACTOR = 256
@@ -208,7 +214,7 @@ class FoldNormScalesPass(ir.passes.InPlacePass):
                 continue
             g = torch.from_numpy(np.broadcast_to(gamma, (layer_features(readers[0])[0],)).copy())
             for node in readers:
-                write_layer(model, node, read_layer(node) * g)
+                transform_layer(model, node, g.mul)  # W diag(g)
             ones = shared_initializer(
                 model, f"qronos.ones.{g.numel()}", np.ones(g.numel()), _scale_dtype(norm.scale)
             )
@@ -284,12 +290,12 @@ class RotateResidualPass(ir.passes.InPlacePass):
             return result
         before = _model_bytes(model)
         q = self.generator(stream.d_model, self.seed)
-        table = _own_table(model, stream)
-        table.const_value = _tensor(q.apply(to_torch(constant(table)).double()), table)
+        _untranspose_table(model, stream)
+        transform_constant(model, stream.embedding, 0, q.apply)  # copy-on-write: its own table
         for node in stream.readers:
-            write_layer(model, node, q.apply(read_layer(node)))
+            transform_layer(model, node, q.apply)
         for writer in stream.writers:
-            write_layer(model, writer.node, q.apply(read_layer(writer.node).T).T)
+            transform_layer(model, writer.node, q.apply, along="out")
             if writer.bias is not None and writer.bias_node is not None:
                 index = list(writer.bias_node.inputs).index(writer.bias)
                 bias = to_torch(constant(writer.bias)).double()
@@ -336,9 +342,9 @@ def _check_folded(stream: ResidualStream) -> None:
             raise NotRotatable(f"the scale of {norm.node.name} could not be folded")
 
 
-def _own_table(model: ir.Model, stream: ResidualStream) -> ir.Value:
-    """The embedding table as an initializer that only the embedding reads (a copy when it
-    is shared, or read through a Transpose: ONNX Runtime GenAI's tied lm_head)."""
+def _untranspose_table(model: ir.Model, stream: ResidualStream) -> None:
+    """Give the embedding its table as an initializer when it reads it through a Transpose
+    (ONNX Runtime GenAI's tied lm_head)."""
     gather = stream.embedding
     data = gather.inputs[0]
     assert data is not None
@@ -346,26 +352,21 @@ def _own_table(model: ir.Model, stream: ResidualStream) -> ir.Value:
     if producer is not None:  # a Transpose of the lm_head's weight
         source = constant(producer.inputs[0])
         write_constant(model, gather, 0, to_torch(source).T.contiguous(), source.dtype)
-    elif len(data.uses()) > 1:
-        write_constant(model, gather, 0, to_torch(constant(data)), constant(data).dtype)
     if producer is not None and not producer.outputs[0].uses():
         source_value = producer.inputs[0]
         model.graph.remove(producer, safe=True)
         if source_value is not None and not source_value.uses() and source_value.name:
             model.graph.initializers.pop(source_value.name, None)
-    table = gather.inputs[0]
-    assert table is not None
-    return table
-
-
-def _tensor(t: torch.Tensor, like: ir.Value) -> ir.Tensor:
-    dtype = constant(like).dtype
-    return ir.Tensor(from_torch(t, dtype), dtype=dtype, name=like.name)
 
 
 def _apply_last(q: Rotation, t: torch.Tensor) -> torch.Tensor:
     """``t Q`` for a bias of any rank whose last axis has ``Q``'s order."""
     return q.apply(t.reshape(-1, q.n)).reshape(t.shape)
+
+
+def _per_head(h: Rotation, x: torch.Tensor) -> torch.Tensor:
+    """``x`` ``[k, heads * h.n]`` with ``h`` applied to each head's slice of the last axis."""
+    return h.apply(x.reshape(x.shape[0], -1, h.n)).reshape(x.shape)
 
 
 def _relation(q: Rotation) -> Relation:
@@ -404,15 +405,12 @@ class RotateHeadsPass(ir.passes.InPlacePass):
                 result.skip("R2", f"{pair.v_proj.name}: features not a multiple of {hd}")
                 continue
             h = rotations.setdefault(hd, self.generator(hd, (self.seed + 1) % (1 << 64)))
-            w = read_layer(pair.v_proj)
-            block = w[first:end].reshape(-1, hd, w.shape[1]).transpose(1, 2)
-            w[first:end] = h.apply(block).transpose(1, 2).reshape(end - first, -1)
-            write_layer(model, pair.v_proj, w)
+            relation = _head_relation(h, first, end)
+            transform_layer(model, pair.v_proj, relation, along="out")
             if pair.v_bias is not None:
                 self._rotate_bias(model, pair, h)
-            o = read_layer(pair.o_proj)
-            write_layer(model, pair.o_proj, h.apply(o.reshape(o.shape[0], -1, hd)).reshape(o.shape))
-            result.relations[name_of(pair.v_proj.outputs[0])] = _head_relation(h, first, end)
+            transform_layer(model, pair.o_proj, functools.partial(_per_head, h))
+            result.relations[name_of(pair.v_proj.outputs[0])] = relation
             rotated.append(pair)
         if rotated:
             sizes = ", ".join(map(str, sorted(rotations)))
@@ -498,7 +496,7 @@ class OnlineHadamardPass(ir.passes.InPlacePass):
                 )
                 continue
             rotations[n] = m
-            write_layer(model, node, m.apply(read_layer(node)))
+            transform_layer(model, node, m.apply)
             x = node.inputs[0]
             assert x is not None
             factors = [f.numpy() for f in m.factors]

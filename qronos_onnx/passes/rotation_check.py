@@ -1,7 +1,10 @@
 """The rotations' self-check: the rotated float model must compute what the original computes.
 
-``RotationCheckPass`` runs the original model (from its file) and the rotated one (in memory)
-through ONNX Runtime on calibration tokens and compares the logits:
+``RotationCheckPass`` runs the original model and the rotated one through ONNX Runtime, one
+after the other, on calibration tokens, and compares the logits. Each runs as one session whose
+weights are fed from where they lie (the original's memory-mapped file, the rotated weights'
+scratch file: ``passes/rotate.py``), so the check holds one session's activations and no copy
+of either model. The logits must agree:
 ``||logits' - logits|| / ||logits||`` over every position must stay within ``TOLERANCE`` of the
 model's float type. When it does not, the run stops with one line naming the first tensor
 (in graph order) that diverges, found by comparing every layer output and residual value,
@@ -16,7 +19,6 @@ input before and after (``max |x|``, the RMS, and the outlier ratio, the mean ov
 from __future__ import annotations
 
 import os
-import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,12 +29,14 @@ import torch
 
 from qronos_onnx.calibration.session import make_session, run_session
 from qronos_onnx.errors import QronosError
+from qronos_onnx.files.scratch import release_pages
 from qronos_onnx.ir.model_io import load_model
 from qronos_onnx.ir.online_hadamard import hadamard_source
 from qronos_onnx.ir.residual import is_layer
 from qronos_onnx.ir.signature import detect_signature
+from qronos_onnx.ir.stages import fed_constants, graph_stage, stage_model
 from qronos_onnx.ir.targets import find_targets, readable_name
-from qronos_onnx.ir.values import dtype_of, name_of
+from qronos_onnx.ir.values import constant, dtype_of, name_of
 
 from .rotate import RotationLog
 
@@ -44,9 +48,6 @@ TOLERANCE = {ir.DataType.FLOAT: 1e-4, ir.DataType.FLOAT16: 2e-2, ir.DataType.BFL
 #: keeps every layer output).
 CHECK_TOKENS = 256
 DIAGNOSIS_TOKENS = 16
-#: In-memory weights up to this size are given to ONNX Runtime in the serialized model (the
-#: protobuf limit is 2 GB); a larger model is saved to a temporary folder first.
-IN_MEMORY_BYTES = 1 << 30
 
 
 @dataclass(frozen=True)
@@ -186,38 +187,17 @@ def _output(model: ir.Model, name: str) -> ir.Value:
 
 
 def _run(model: ir.Model, names: list[str], feed: dict, device: str, what: str) -> list[np.ndarray]:
-    """Run ``model`` with ``names`` as extra outputs."""
-    values = {v.name: v for n in model.graph for v in n.outputs}
-    extra = [values[n] for n in names if n in values and not values[n].is_graph_output()]
-    model.graph.outputs.extend(extra)
-    try:
-        with tempfile.TemporaryDirectory(prefix="qronos_check_") as tmp:
-            session = _session(model, Path(tmp), device, what)
-            inputs = {i.name for i in session.get_inputs()}
-            return run_session(session, names, {k: v for k, v in feed.items() if k in inputs}, what)
-    finally:
-        for _ in extra:
-            model.graph.outputs.pop()
-
-
-def _session(model: ir.Model, tmp: Path, device: str, what: str):
-    """A session for ``model``: from memory when its in-memory weights fit in one protobuf
-    (``IN_MEMORY_BYTES``) and its other weights are in one folder's files at relative locations,
-    which are read where they are (the original model is never copied); else saved with its
-    weights to ``tmp`` (ONNX Runtime refuses absolute locations, which hard-linked data files
-    get: ``model_io``)."""
-    values = model.graph.initializers.values()
-    tensors = [v.const_value for v in values if v.const_value is not None]
-    external = [t for t in tensors if isinstance(t, ir.ExternalTensor)]
-    in_memory = sum(t.nbytes for t in tensors if not isinstance(t, ir.ExternalTensor))
-    folders = {Path(t.base_dir) for t in external}
-    in_place = len(folders) <= 1 and not any(os.path.isabs(t.location) for t in external)
-    if in_memory <= IN_MEMORY_BYTES and in_place:
-        proto = ir.serde.serialize_model(model)
-        return make_session(proto, device, what=what, external_data_dir=next(iter(folders), None))
-    path = tmp / "model.onnx"
-    ir.save(model, path, external_data="model.onnx.data")
-    return make_session(str(path), device, what=what)
+    """``names`` computed by ``model`` in one session whose large constants are fed from
+    where they are (the original's memory-mapped file, the rotated weights' scratch file):
+    nothing is serialized or copied, and nothing outlives the run."""
+    stage = graph_stage(model, names)
+    proto = stage_model(model, stage, {n: np.asarray(feed[n]).dtype for n in stage.inputs})
+    session = make_session(proto, device, what=what)
+    fed = {n: constant(model.graph.initializers[n]).numpy() for n in fed_constants(model, stage)}
+    outputs = run_session(session, names, {**{n: feed[n] for n in stage.inputs}, **fed}, what)
+    for array in fed.values():  # read once: the weights' pages need not stay resident
+        release_pages(array)
+    return outputs
 
 
 def _relative_error(x: np.ndarray, ref: np.ndarray) -> float:
