@@ -16,7 +16,7 @@ from qronos_onnx.errors import QronosError
 from qronos_onnx.ir.model_io import load_model
 from qronos_onnx.ir.signature import detect_signature
 from qronos_onnx.ir.stages import plan_stages
-from qronos_onnx.ir.targets import find_targets
+from qronos_onnx.ir.targets import find_targets, readable_name
 from qronos_onnx.quant import Grid
 from qronos_onnx.scheme import Scheme, SolverOptions
 from tests.helpers import full_model_capture, gram, random_samples, rel, solve_file, solved_weights
@@ -335,3 +335,39 @@ def test_a_bfloat16_model_is_refused_on_cpu_before_any_work(tiny_models, tmp_pat
     assert "bfloat16" in err and "--device cuda" in err and "--dtype fp16" in err
     assert len(err.splitlines()) == 1
     assert not list(out.iterdir())
+
+
+def test_recomputing_the_mlp_input_keeps_less_and_changes_nothing(tiny_models, tmp_path):
+    """With ``recompute_wide`` the intermediate-wide down_proj input is computed again in the
+    next stage instead of kept for every window: the statistics, codes and output errors are
+    those of the run that keeps it, to the bit; no value wider than the hidden size crosses a
+    stage boundary; less is kept; and (counted by ONNX Runtime's profiler) exactly the nodes
+    from gate/up to down_proj's input run twice as often, all else as often as before."""
+    path = tiny_models("kv")
+    common = {"profile": True, "optimize_graph": False}
+    keep, seen_keep, _ = quantize_observed(path, tmp_path / "k", recompute_wide=False, **common)
+    again, seen_again, _ = quantize_observed(path, tmp_path / "r", recompute_wide=True, **common)
+    for (_, H1, G1, _), (_, H2, G2, _) in zip(seen_keep, seen_again, strict=True):
+        np.testing.assert_array_equal(H1, H2)
+        np.testing.assert_array_equal(G1, G2)
+    codes_keep, codes_again = _codes(keep), _codes(again)
+    assert all(torch.equal(codes_keep[k], codes_again[k]) for k in codes_keep)
+    assert keep[1].run_info.output_error == again[1].run_info.output_error
+    assert max(again[1].run_info.kept) < max(keep[1].run_info.kept)
+
+    model = load_model(path)
+    groups, _ = find_targets(model)
+    hidden = min(g.in_features for g in groups)
+    values = {v.name: v for n in model.graph for v in n.outputs}
+    for stage in plan_stages(model, groups, recompute_wide=True):
+        assert all(values[n].shape[-1] == hidden for n in stage.inputs if n in values)
+    runs_keep, runs_again = keep[1].run_info.node_runs, again[1].run_info.node_runs
+    assert runs_keep.keys() == runs_again.keys()
+    twice = {n for n in runs_keep if runs_again[n] == 2 * runs_keep[n]}
+    assert all(runs_again[n] == runs_keep[n] for n in runs_keep if n not in twice)
+    mlp = {
+        n.name
+        for n in model.graph
+        if "mlp" in readable_name(n) and "down_proj" not in readable_name(n)
+    }
+    assert twice and twice <= mlp

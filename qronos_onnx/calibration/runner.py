@@ -78,6 +78,11 @@ class CalibrationOptions:
             ``None``: no bound (nothing is written to disk).
         spill_dir: where activations beyond ``max_memory`` go (a folder of the run's); without
             one, a temporary folder.
+        recompute_wide: compute an MLP's intermediate-wide down_proj input again in the next
+            stage instead of keeping it for every window (``ir.stages.plan_stages``: gate/up
+            run twice per window, the numbers are the same); ``None``: when keeping it in both
+            streams would take more than half of ``max_memory``. Network reference only
+            (``recomputes_wide``).
         io_binding: run stages through ONNX Runtime's I/O binding (``calibration/bound.py``:
             weights placed on the device once per stage, the statistics' inputs handed to
             torch on the device); ``None``: when the stage runs on CUDA.
@@ -91,10 +96,23 @@ class CalibrationOptions:
     max_memory: int | None = None
     spill_dir: str | os.PathLike | None = None
     io_binding: bool | None = None
+    recompute_wide: bool | None = None
 
     def __post_init__(self) -> None:
         if self.reference not in ("network", "stage"):
             raise QronosError(f"reference must be 'network' or 'stage', got {self.reference!r}")
+
+    def recomputes_wide(self, tokens: int, widest: int) -> bool:
+        """Whether wide group inputs are recomputed (``recompute_wide``) for ``tokens``
+        calibration tokens and a widest group input of ``widest`` features. Never with
+        ``reference="stage"``: its float stage reads the quantized stream's inputs, so a
+        recomputed value would be made with float weights from them, not what it was."""
+        if self.reference == "stage":
+            return False
+        if self.recompute_wide is not None:
+            return self.recompute_wide
+        kept = 2 * tokens * widest * 4  # both streams, float32 at most
+        return self.max_memory is not None and kept > self.max_memory // 2
 
 
 @dataclass
@@ -179,6 +197,8 @@ class TwoStreamCalibrator:
         self._quant_weights: dict[str, np.ndarray] = {}
         self._ranges: dict[str, StaticRange] = {}  # static scale -> its source's range so far
         self._last_use = last_uses(self.stages)
+        # a target weight's solved values live until the last stage that runs its layer
+        self._weight_last_use = {w: st.index for st in self.stages for w in st.weights}
         self._sources = {
             s.group.input: s.group.source
             for s in self.stages
@@ -206,7 +226,8 @@ class TwoStreamCalibrator:
             for where in ("float", "quant"):
                 store.drop((where, name))
         for name in stage.weights:
-            self._quant_weights.pop(name, None)
+            if self._weight_last_use[name] == stage.index:
+                self._quant_weights.pop(name, None)
 
     # -- running -----------------------------------------------------------------------
 

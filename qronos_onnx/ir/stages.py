@@ -58,6 +58,8 @@ class Stage:
             network reads the value before quantization).
         target_outputs: ``(target node, output value)`` of the targets computed here: both
             streams' outputs are compared to measure each layer's output error.
+        recomputed: the nodes an earlier stage runs too, run again here so that the wide
+            value they make is not kept for every window (``plan_stages(recompute_wide=True)``).
     """
 
     index: int
@@ -72,6 +74,7 @@ class Stage:
     act_scales: list[str] = field(default_factory=list)
     quant_only: bool = False
     target_outputs: list[tuple[str, str]] = field(default_factory=list)
+    recomputed: set[ir.Node] = field(default_factory=set)
 
     @property
     def run_outputs(self) -> list[str]:
@@ -80,8 +83,15 @@ class Stage:
         return list(dict.fromkeys(names))
 
 
-def plan_stages(model: ir.Model, groups: list[TargetGroup]) -> list[Stage]:
+def plan_stages(
+    model: ir.Model, groups: list[TargetGroup], recompute_wide: bool = False
+) -> list[Stage]:
     """Order ``groups`` by where their input is computed and cut the graph into stages.
+
+    With ``recompute_wide``, a group input wider than what its stage reads from earlier stages
+    (an MLP's intermediate-wide down_proj input, computed from the hidden-wide gate/up input)
+    is not kept between stages: the one later stage that reads it computes it again from those
+    narrower values (gate/up run twice per window; the values are the same).
 
     Raises:
         QronosError: a control-flow node (If/Loop/Scan) lies on the path of a group input.
@@ -116,11 +126,55 @@ def plan_stages(model: ir.Model, groups: list[TargetGroup]) -> list[Stage]:
         nodes = _ancestors_of_nodes(tail, computed) | set(tail)
         stages.append(Stage(len(stages), sorted(nodes, key=order.__getitem__), shared=False))
     _wire(stages, weight_names, dependent)
+    if recompute_wide and _recompute_wide_inputs(stages, values, order):
+        for stage in stages:
+            stage.inputs, stage.constants, stage.outputs = [], [], []
+            stage.observed, stage.weights = [], []
+        _wire(stages, weight_names, dependent)
     for stage in stages:
         stage.target_outputs = [
-            (name_of(n), name_of(n.outputs[0])) for n in stage.nodes if n.name in target_nodes
+            (name_of(n), name_of(n.outputs[0]))
+            for n in stage.nodes
+            if n.name in target_nodes and n not in stage.recomputed
         ]
     return stages
+
+
+def _recompute_wide_inputs(
+    stages: list[Stage], values: dict[str, ir.Value], order: dict[ir.Node, int]
+) -> bool:
+    """Move the computation of each wide group input into the one later stage that reads it
+    (see ``plan_stages``); returns whether any moved. Only for a weight-only group (no
+    activation quantizer on its input) whose stage and reader are plain two-stream stages, and
+    whose input is wider than the sum of the boundary values its stage reads."""
+    moved = False
+    for i, stage in enumerate(stages):
+        group = stage.group
+        if group is None or group.source is not None or stage.shared or stage.act_scales:
+            continue
+        readers = [later for later in stages[i + 1 :] if group.input in later.inputs]
+        if len(readers) != 1 or readers[0].quant_only or readers[0].act_scales:
+            continue
+        boundary = [n for n in stage.inputs if values[n].producer() is not None]
+        widths = [_features(values[n]) for n in boundary]
+        if not boundary or any(w is None for w in widths):
+            continue
+        if sum(w for w in widths if w is not None) >= group.in_features:
+            continue
+        again = _ancestors(values[group.input], set()) & set(stage.nodes)
+        reader = readers[0]
+        reader.nodes = sorted(set(reader.nodes) | again, key=order.__getitem__)
+        reader.recomputed |= again
+        moved = True
+    return moved
+
+
+def _features(value: ir.Value) -> int | None:
+    """The static size of a value's last axis, if known."""
+    shape = value.shape
+    if shape is None or len(shape) == 0 or not isinstance(shape[-1], int):
+        return None
+    return shape[-1]
 
 
 def _parts(
@@ -239,7 +293,7 @@ def _wire(stages: list[Stage], weight_names: set[str], dependent: set[ir.Node]) 
     produced_in: dict[str, int] = {}
     for stage in stages:
         for node in stage.nodes:
-            if node in dependent:
+            if node in dependent and node not in stage.recomputed:
                 for out in node.outputs:
                     produced_in[name_of(out)] = stage.index
     for stage in stages:

@@ -208,10 +208,11 @@ class CalibrateSolvePass(ir.passes.InPlacePass):
             for group in groups:
                 self._solve(model, group, None, results, codes)
         else:
-            _warn_if_too_few_tokens(
-                groups, self.samples, detect_signature(model), self.scheme.solver.algorithm
-            )
-            stages = plan_stages(model, groups)
+            signature = detect_signature(model)
+            _warn_if_too_few_tokens(groups, self.samples, signature, self.scheme.solver.algorithm)
+            tokens = sum(int(np.size(s[signature.input_ids])) for s in self.samples)
+            widest = max(g.in_features for g in groups)
+            stages = plan_stages(model, groups, self.calibration.recomputes_wide(tokens, widest))
             calibrator = TwoStreamCalibrator(model, stages, self.samples, self.calibration)
             run_info = calibrator.run(lambda g, m: self._solve(model, g, m, results, codes))
         for result in results:
