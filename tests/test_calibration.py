@@ -157,6 +157,17 @@ def _codes(outcome):
     return {r.target.name: r.weight.codes for r in outcome[1].results}
 
 
+def assert_same_run(a, b) -> None:
+    """Two ``quantize_observed`` runs gave the same statistics and codes, to the bit."""
+    (outcome_a, seen_a, _), (outcome_b, seen_b, _) = a, b
+    for (_, H1, G1, _), (_, H2, G2, _) in zip(seen_a, seen_b, strict=True):
+        np.testing.assert_array_equal(H1, H2)
+        np.testing.assert_array_equal(G1, G2)
+    codes_a, codes_b = _codes(outcome_a), _codes(outcome_b)
+    assert codes_a.keys() == codes_b.keys()
+    assert all(torch.equal(codes_a[k], codes_b[k]) for k in codes_a)
+
+
 @pytest.mark.parametrize("reference", ["network", "stage"])
 def test_a_small_memory_budget_spills_and_changes_nothing(tiny_models, tmp_path, reference):
     """With a budget of a few kilobytes the activations kept between stages go to files and the
@@ -164,22 +175,18 @@ def test_a_small_memory_budget_spills_and_changes_nothing(tiny_models, tmp_path,
     unbounded run, to the bit (the sums are added in the same order)."""
 
     path = tiny_models("kv")
-    free, seen_free, _ = quantize_observed(path, tmp_path / "free", reference)
+    free_run = quantize_observed(path, tmp_path / "free", reference)
     spill = tmp_path / "spill"
-    tight, seen_tight, samples = quantize_observed(
+    tight_run = quantize_observed(
         path, tmp_path / "tight", reference, max_memory=4096, spill_dir=spill
     )
+    free, tight, samples = free_run[0], tight_run[0], tight_run[2]
     run = tight[1].run_info
     assert run.store.peak_on_disk > 0 and run.store.peak_in_memory <= 4096
     assert run.stats_batches == [len(samples)] * 8  # one window per batch
     assert free[1].run_info.stats_batches == [1] * 8
     assert free[1].run_info.store.peak_on_disk == 0
-    for (_, H1, G1, _), (_, H2, G2, _) in zip(seen_free, seen_tight, strict=True):
-        np.testing.assert_array_equal(H1, H2)
-        np.testing.assert_array_equal(G1, G2)
-    codes_free, codes_tight = _codes(free), _codes(tight)
-    assert codes_free.keys() == codes_tight.keys()
-    assert all(torch.equal(codes_free[k], codes_tight[k]) for k in codes_free)
+    assert_same_run(free_run, tight_run)
     assert not list((spill / "activations").iterdir())  # every file removed at its last use
 
 
@@ -308,17 +315,12 @@ def test_stages_run_through_io_binding_give_the_same_statistics(
 
     monkeypatch.setattr(bound.BoundRun, "run", counting)
     path = tiny_models("kv")
-    plain, seen_plain, _ = quantize_observed(path, tmp_path / "plain", reference)
+    plain_run = quantize_observed(path, tmp_path / "plain", reference)
     assert not handed
-    bound_run, seen_bound, _ = quantize_observed(
-        path, tmp_path / "bound", reference, io_binding=True
-    )
+    bound_run = quantize_observed(path, tmp_path / "bound", reference, io_binding=True)
     assert torch.Tensor in handed and np.ndarray in handed
-    for (_, H1, G1, _), (_, H2, G2, _) in zip(seen_plain, seen_bound, strict=True):
-        np.testing.assert_array_equal(H1, H2)
-        np.testing.assert_array_equal(G1, G2)
-    codes_plain, codes_bound = _codes(plain), _codes(bound_run)
-    assert all(torch.equal(codes_plain[k], codes_bound[k]) for k in codes_plain)
+    assert_same_run(plain_run, bound_run)
+    plain, bound_run = plain_run[0], bound_run[0]
     assert bound_run[1].run_info.output_error == plain[1].run_info.output_error
 
 
@@ -345,13 +347,10 @@ def test_recomputing_the_mlp_input_keeps_less_and_changes_nothing(tiny_models, t
     from gate/up to down_proj's input run twice as often, all else as often as before."""
     path = tiny_models("kv")
     common = {"profile": True, "optimize_graph": False}
-    keep, seen_keep, _ = quantize_observed(path, tmp_path / "k", recompute_wide=False, **common)
-    again, seen_again, _ = quantize_observed(path, tmp_path / "r", recompute_wide=True, **common)
-    for (_, H1, G1, _), (_, H2, G2, _) in zip(seen_keep, seen_again, strict=True):
-        np.testing.assert_array_equal(H1, H2)
-        np.testing.assert_array_equal(G1, G2)
-    codes_keep, codes_again = _codes(keep), _codes(again)
-    assert all(torch.equal(codes_keep[k], codes_again[k]) for k in codes_keep)
+    keep_run = quantize_observed(path, tmp_path / "k", recompute_wide=False, **common)
+    again_run = quantize_observed(path, tmp_path / "r", recompute_wide=True, **common)
+    assert_same_run(keep_run, again_run)
+    keep, again = keep_run[0], again_run[0]
     assert keep[1].run_info.output_error == again[1].run_info.output_error
     assert max(again[1].run_info.kept) < max(keep[1].run_info.kept)
 
