@@ -43,6 +43,7 @@ import torch
 from tqdm.auto import tqdm
 
 from qronos_onnx.errors import QronosError
+from qronos_onnx.files.scratch import release_pages
 from qronos_onnx.ir.act_quant import ACT_SCALE, StaticRange
 from qronos_onnx.ir.stages import Stage, fed_constants, last_uses, stage_model
 from qronos_onnx.ir.targets import TargetGroup
@@ -344,6 +345,8 @@ class TwoStreamCalibrator:
             self.run_info.output_error[node] = (ref / tokens, err / tokens)
         if session is not None and self.options.profile:
             self._count_node_runs(session)
+        for array in float_consts.values():  # the input weights' pages need not stay resident
+            release_pages(array)
         return stats
 
     def _bound(self, session, stage: Stage, float_consts: dict, quant_consts: dict):
