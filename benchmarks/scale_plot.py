@@ -6,7 +6,7 @@ tokens, anonymous (the process's own) and resident (with the file-backed pages) 
         [--out benchmarks/scale.png]
 
 Only rows that name the commit they measured are drawn (the streaming engine's; older rows
-are the code before it).
+are the code before it), the last of each setting.
 """
 
 from __future__ import annotations
@@ -38,10 +38,14 @@ def main() -> None:
     import matplotlib.pyplot as plt
 
     rows = [json.loads(line) for line in args.results.read_text().splitlines() if line.strip()]
-    rows = [r for r in rows if r.get("commit")]
+    latest = {}  # one point per setting: its last measurement
+    for r in rows:
+        if r.get("commit"):
+            key = (r["model"], r["preset"], r["windows"] * r["seqlen"], r["max_memory"])
+            latest[key] = r
     by_depth: dict[tuple, list] = defaultdict(list)
     by_tokens: dict[tuple, list] = defaultdict(list)
-    for r in rows:
+    for r in latest.values():
         shape, layers = _shape(r["model"])
         tokens = r["windows"] * r["seqlen"]
         budget = r["max_memory"] or "default"

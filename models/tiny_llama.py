@@ -146,11 +146,14 @@ def _massive_channel(model: torch.nn.Module) -> None:
         model.model.norm.weight[MASSIVE] = -1.0
 
 
-def build_checkpoint(out_dir: str | Path, layers: int = 2, seed: int = 0) -> Path:
+def build_checkpoint(
+    out_dir: str | Path, layers: int = 2, seed: int = 0, untied: bool = False
+) -> Path:
     """A random tiny Llama as a Hugging Face checkpoint (the input of ``qronos-onnx export``
     and of ONNX Runtime GenAI's model builder): vocabulary 256 bytes + 4 specials (``<s>``,
     ``</s>``, ``<pad>``, ``<unk>``), weights with a wider spread than a fresh initialisation so
-    that greedy generation does not repeat one token. Returns ``out_dir``."""
+    that greedy generation does not repeat one token; ``untied``: a separate lm_head weight.
+    Returns ``out_dir``."""
     from tokenizers import AddedToken
     from transformers import PreTrainedTokenizerFast
 
@@ -169,6 +172,7 @@ def build_checkpoint(out_dir: str | Path, layers: int = 2, seed: int = 0) -> Pat
     torch.manual_seed(seed)
     cfg = config(
         layers,
+        untied,
         vocab_size=VOCAB + len(specials),
         initializer_range=0.3,
         bos_token_id=VOCAB,
@@ -210,7 +214,7 @@ def main() -> None:
     )
     args = ap.parse_args()
     if args.checkpoint:
-        print(build_checkpoint(args.out_dir, args.layers))
+        print(build_checkpoint(args.out_dir, args.layers, untied=args.untied))
     else:
         print(build(args.out_dir, args.layers, args.kv_cache, args.untied))
 

@@ -22,6 +22,7 @@ contracts that keep no state: each returns its results. The input model is never
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import tempfile
 import time
@@ -45,7 +46,7 @@ from .ir.signature import detect_signature
 from .ir.targets import Skipped, require_targets
 from .ir.values import keep_constants_in
 from .options import WIKI_VITAL, Options
-from .passes.act_quant import InsertActQuantPass
+from .passes.act_quant import InsertActQuantPass, KernelActQuant
 from .passes.calibrate import CalibrateSolvePass, Observer, SolveResult, TargetResult
 from .passes.chain import run_passes
 from .passes.lm_head import UntieLmHeadPass
@@ -181,8 +182,18 @@ def _run(model_path, options, scheme, notes, writer, data, observer, t0) -> Repo
                 max_memory=memory_budget(options.max_memory),
                 spill_dir=writer.scratch,
             )
-            rewrite = get_format(options.format).rewrite_pass(options)
-            solved = quantize(model, scheme, samples, calibration, rewrite, observer)
+            fmt = get_format(options.format)
+            rewrite = fmt.rewrite_pass(options)
+            solved = quantize(
+                model,
+                scheme,
+                samples,
+                calibration,
+                rewrite,
+                observer,
+                functools.partial(fmt.kernel_act_quant, options),
+            )
+            notes = [*notes, *getattr(rewrite, "notes", [])]  # how the format wrote layers
 
             def make_report(files: list[Path]) -> Report:
                 return build_report(
@@ -255,8 +266,13 @@ def quantize_model(
     weights), whose options (``accuracy_level``) come from ``options``."""
     if scheme.lm_head != "skip":
         run_passes(model, [UntieLmHeadPass(scheme.include, scheme.exclude)])
-    rewrite = None if fmt is None else get_format(fmt).rewrite_pass(options or Options())
-    return quantize(model, scheme, samples, calibration, rewrite, observer)
+    if fmt is None:
+        return quantize(model, scheme, samples, calibration, None, observer)
+    options = options or Options()
+    written = get_format(fmt)
+    kernel = functools.partial(written.kernel_act_quant, options)
+    rewrite = written.rewrite_pass(options)
+    return quantize(model, scheme, samples, calibration, rewrite, observer, kernel)
 
 
 def quantize(
@@ -266,13 +282,14 @@ def quantize(
     calibration: CalibrationOptions | None = None,
     rewrite: ir.passes.PassBase | None = None,
     observer: Observer | None = None,
+    kernel: KernelActQuant | None = None,
 ) -> Quantized:
-    """Activation quantizers, calibrate and solve, and the format's ``rewrite`` (``None``:
-    leave the fake-quantized float weights), on a model whose lm_head is untied when it is
-    quantized."""
+    """Activation quantizers (the scheme's, then what the format's ``kernel`` does to a
+    layer's input), calibrate and solve, and the format's ``rewrite`` (``None``: leave the
+    fake-quantized float weights), on a model whose lm_head is untied when it is quantized."""
     calibration = calibration or CalibrationOptions()
     passes: list[ir.passes.PassBase] = [
-        InsertActQuantPass(scheme),
+        InsertActQuantPass(scheme, kernel),
         CalibrateSolvePass(scheme, samples, calibration, observer),
     ]
     if rewrite is not None:

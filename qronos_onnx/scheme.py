@@ -41,8 +41,12 @@ class SolverOptions:
     magr: float | None = None
 
 
-#: The lm_head grid under ``lm_head="int8"``.
-LM_HEAD_INT8 = Grid(bits=8, group_size=None, symmetric=True)
+#: The lm_head grid of each ``lm_head`` policy: int4 in blocks of 32 (what ONNX Runtime
+#: GenAI's builder writes, and its int8-activation kernel runs fast), int8 per channel.
+LM_HEAD_GRIDS = {
+    "int4": Grid(bits=4, group_size=32, symmetric=True),
+    "int8": Grid(bits=8, group_size=None, symmetric=True),
+}
 
 
 @dataclass(frozen=True)
@@ -52,9 +56,10 @@ class Scheme:
     Attributes:
         grid: the weight grid of every target.
         solver: how layers are solved.
-        lm_head: ``skip`` (the layer computing the logits stays float) or ``int8`` (int8 per
-            output channel, and int8 activations when ``act_quant`` is set; a tied lm_head
-            gets its own weight first).
+        lm_head: ``skip`` (the layer computing the logits stays float), ``int4`` or
+            ``int8`` (its grid in ``LM_HEAD_GRIDS``, and at least int8 activations when
+            ``act_quant`` is set; a tied lm_head gets its own weight first, and the format
+            may store the embedding from it).
         include: when given, only targets matching one of these are quantized.
         exclude: targets left in float. Patterns are globs, or regexes written ``re:PATTERN``,
             matched against readable and node names.
@@ -64,7 +69,7 @@ class Scheme:
 
     grid: Grid = field(default_factory=lambda: Grid(bits=4, group_size=128))
     solver: SolverOptions = field(default_factory=SolverOptions)
-    lm_head: Literal["skip", "int8"] = "skip"
+    lm_head: Literal["skip", "int4", "int8"] = "skip"
     include: tuple[str, ...] = ()
     exclude: tuple[str, ...] = ()
     overrides: tuple[tuple[str, Grid], ...] = ()
@@ -112,7 +117,7 @@ class Scheme:
     def grids(self) -> list[Grid]:
         """Every grid a layer may get (the main grid, the overrides', the lm_head's)."""
         grids = [self.grid, *(g for _, g in self.overrides)]
-        return grids + ([LM_HEAD_INT8] if self.lm_head != "skip" else [])
+        return grids + ([LM_HEAD_GRIDS[self.lm_head]] if self.lm_head != "skip" else [])
 
     @property
     def needs_statistics(self) -> bool:
@@ -137,12 +142,11 @@ class Scheme:
         )
 
     def grid_for(self, target: Target) -> Grid:
-        """The grid of one target: int8 per channel for the lm_head (policy ``int8``), else
-        the first override whose pattern matches, else ``grid``; per channel where its groups
-        are larger than the target's rows (``Grid.for_features``)."""
-        if target.lm_head:
-            return LM_HEAD_INT8
-        return self.requested_grid(target).for_features(target.in_features)
+        """The grid of one target: the lm_head policy's for the lm_head, else the first
+        override whose pattern matches, else ``grid``; per channel where its groups are
+        larger than the target's rows (``Grid.for_features``)."""
+        grid = LM_HEAD_GRIDS[self.lm_head] if target.lm_head else self.requested_grid(target)
+        return grid.for_features(target.in_features)
 
     def requested_grid(self, target: Target) -> Grid:
         """The grid the scheme names for a (non-lm_head) target: the first override whose
@@ -177,7 +181,7 @@ class Scheme:
             if not any(matches([pattern], *n) for n in names):
                 example = f" (names look like {names[0][0]!r})" if names else ""
                 head = (
-                    "; the lm_head's grid is set by the lm_head policy (int8 per channel)"
+                    "; the lm_head's grid is set by the lm_head policy (--lm-head)"
                     if option == "override" and any(matches([pattern], *n) for n in heads)
                     else ""
                 )

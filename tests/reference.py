@@ -150,3 +150,19 @@ def mismatched_problem(seed: int, C: int = 24, d: int = 48, n: int = 4000, noise
 def stats(X: np.ndarray, Xq: np.ndarray):
     n = X.shape[1]
     return Xq @ Xq.T / n, X @ Xq.T / n
+
+
+def mlas_int8_blocks(x, block):
+    """MLAS ``QuantizeARow_CompInt8`` (x86) from its source, dequantized: rows of ``K`` in
+    blocks of ``block`` padded with zeros, ``q = round_half_even(x * (127 / max|x|))``, the
+    block's scale ``max|x| / 127``, float32 throughout."""
+    k = x.shape[-1]
+    padded = -(-k // block) * block
+    rows = np.zeros((x.size // k, padded), np.float32)
+    rows[:, :k] = x.reshape(-1, k)
+    blocks = rows.reshape(len(rows), -1, block)
+    peak = np.abs(blocks).max(-1, keepdims=True)
+    with np.errstate(divide="ignore"):
+        inverse = np.where(peak > 0, np.float32(127) / peak, np.float32(0)).astype(np.float32)
+    y = np.rint(blocks * inverse) * (peak / np.float32(127))
+    return y.reshape(len(rows), padded)[:, :k].reshape(x.shape)

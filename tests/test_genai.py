@@ -15,6 +15,7 @@ from qronos_onnx.cli import main
 from qronos_onnx.ir.model_io import load_model
 from qronos_onnx.ir.packing import NBitsTensors, from_matmulnbits
 from qronos_onnx.ir.signature import detect_signature
+from tests.reference import mlas_int8_blocks
 
 og = pytest.importorskip("onnxruntime_genai")
 
@@ -33,7 +34,8 @@ def generate(model_dir, tokens=6):
     """Greedy tokens from ONNX Runtime GenAI after ``PROMPT``."""
     model = og.Model(str(model_dir))
     params = og.GeneratorParams(model)
-    params.set_search_options(max_length=len(PROMPT) + tokens, do_sample=False)
+    length = len(PROMPT) + tokens  # no stop at an end token: the models are random
+    params.set_search_options(max_length=length, min_length=length, do_sample=False)
     generator = og.Generator(model, params)
     generator.append_tokens(PROMPT)
     out = []
@@ -46,12 +48,17 @@ def generate(model_dir, tokens=6):
 def teacher_forced_argmax(model_path, tokens):
     """The most likely next token at every position of ``PROMPT + tokens``, computed by plain
     ONNX Runtime on the whole sequence at once (an empty cache): what greedy decoding must
-    have produced."""
+    have produced. The end token is left out where ``genai_config.json`` names one, as
+    ``generate``'s ``min_length`` keeps GenAI from choosing it."""
     signature = detect_signature(load_model(model_path))
     ids = np.array([PROMPT + tokens[:-1]], np.int64)
     session = ort.InferenceSession(str(model_path), providers=["CPUExecutionProvider"])
-    logits = session.run(["logits"], signature.feed(ids))[0][0]
-    return [int(t) for t in logits[len(PROMPT) - 1 :].argmax(-1)]
+    logits = session.run(["logits"], signature.feed(ids))[0][0][len(PROMPT) - 1 :]
+    config = model_path.parent / "genai_config.json"
+    if config.is_file():
+        eos = json.loads(config.read_text())["model"].get("eos_token_id")
+        logits[:, np.asarray([] if eos is None else eos, np.int64).reshape(-1)] = -np.inf
+    return [int(t) for t in logits.argmax(-1)]
 
 
 def test_builder_models_are_read(builder_model, capsys):
@@ -70,7 +77,8 @@ def test_builder_models_are_read(builder_model, capsys):
 
 def test_a_builder_model_quantized_runs_in_genai(builder_model, tmp_path, corpus):
     """--w4 on the builder's model: the report names the q/k/v parts of the fused projection,
-    one layer computes exactly numpy's A @ dequant(B), and the output directory (with its own
+    one layer computes numpy's int8 blocks of A (accuracy_level 4) @ dequant(B), the
+    embedding reads the lm_head's codes, and the output directory (with its own
     genai_config.json) loads in ONNX Runtime GenAI, whose greedy tokens are the argmax of
     the written model's own logits."""
     out = tmp_path / "q"
@@ -106,14 +114,18 @@ def test_a_builder_model_quantized_runs_in_genai(builder_model, tmp_path, corpus
     session = ort.InferenceSession(proto.SerializeToString(), providers=["CPUExecutionProvider"])
     feed = detect_signature(load_model(out / "model.onnx")).feed(np.array([PROMPT]))
     a, y = session.run([node.input[0], node.output[0]], feed)
-    np.testing.assert_allclose(y, a @ weight.T, rtol=1e-4, atol=1e-4 * np.abs(y).max())
+    assert attrs["accuracy_level"] == 4
+    blocks = mlas_int8_blocks(a, group).astype(np.float64)
+    np.testing.assert_allclose(y, blocks @ weight.T, rtol=1e-4, atol=1e-4 * np.abs(y).max())
+    assert "GatherBlockQuantized" in {n.op_type for n in proto.graph.node}
     tokens = generate(out)
     assert len(tokens) == 6 and tokens == teacher_forced_argmax(out / "model.onnx", tokens)
 
 
 def test_an_int8_lm_head_of_a_builder_model(builder_model, tmp_path, corpus):
-    """--lm-head int8 unties the builder's shared weight: the embedding keeps the float table,
-    the lm_head gets its own int8 copy, and GenAI still runs the result."""
+    """--lm-head int8 on the builder's shared weight: the lm_head int8 per channel (one block
+    of 64), the embedding a GatherBlockQuantized of the same codes (no float table, no
+    Transpose), and GenAI still runs the result."""
     out = tmp_path / "q"
     assert (
         main(
@@ -132,7 +144,9 @@ def test_an_int8_lm_head_of_a_builder_model(builder_model, tmp_path, corpus):
         == 0
     )
     ops = [n.op_type for n in onnx.load(str(out / "model.onnx")).graph.node]
-    assert ops.count("MatMulNBits") == 11 and "Transpose" in ops  # embedding: float table
+    assert ops.count("MatMulNBits") == 11 and "GatherBlockQuantized" in ops
+    inits = onnx.load(str(out / "model.onnx")).graph.initializer
+    assert not [t.name for t in inits if sorted(t.dims) == [64, 260]]  # no float table left
     assert len(generate(out)) == 6
 
 
@@ -179,7 +193,7 @@ def test_an_optimum_export_finds_its_tokenizer_above_it(tmp_path, corpus):
         genai_config=True,
         progress=False,
     )
-    assert report.totals.targets == 14
+    assert report.totals.targets == 15  # 2 x 7 layers and the lm_head
     assert (out.parent / "tokenizer.json").read_bytes() == (fixture / "tokenizer.json").read_bytes()
     result = qronos_onnx.evaluate(
         out,
@@ -189,7 +203,9 @@ def test_an_optimum_export_finds_its_tokenizer_above_it(tmp_path, corpus):
         seqlen=64,
         progress=False,
     )
-    assert result.top1_agreement > 0.5
+    # int4 embedding and lm_head of a random 64-wide model cost it most of that (0.85 with
+    # them float)
+    assert result.top1_agreement > 0.3
     assert len(generate(out.parent)) == 6
 
 

@@ -216,9 +216,9 @@ def test_nodes_without_unique_names_are_quantized_like_named_ones(tiny_models, t
     for label, path in (("named", source), ("renamed", tmp_path / "model.onnx")):
         out = tmp_path / f"{label}.onnx"
         report = write(path, out, report=None, data=samples, algo="qronos", bits=3)
-        assert report.totals.targets == 14
+        assert report.totals.targets == 15
         q = onnx.load(str(out))
-        assert sum(n.op_type == "MatMulNBits" for n in q.graph.node) == 14
+        assert sum(n.op_type == "MatMulNBits" for n in q.graph.node) == 15
         session = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"])
         outputs[label] = session.run(["logits"], samples[0])[0]
     np.testing.assert_array_equal(outputs["named"], outputs["renamed"])

@@ -29,6 +29,7 @@ DOCUMENTED = {
         "act_bits": 4,
         "act_clip": 0.8,
         "rotate": "hadamard",
+        "lm_head": "skip",
     },
     "w8a8": {
         "bits": 7,
@@ -39,6 +40,7 @@ DOCUMENTED = {
         "act_symmetric": False,
         "format": "qdq",
         "rotate": "hadamard",
+        "lm_head": "skip",
     },
 }
 
@@ -74,7 +76,7 @@ EVERYTHING = {
     "exclude": (("*down*",), ["--exclude", "*down*"]),
     "overrides": (("*k_proj=bits:8",), ["--override", "*k_proj=bits:8"]),
     "format": ("qdq", ["--format", "qdq"]),
-    "accuracy_level": (4, ["--accuracy-level", "4"]),
+    "accuracy_level": (1, ["--accuracy-level", "1"]),
     "calib_data": ("text.txt", ["--calib-data", "text.txt"]),
     "calib_windows": (8, ["--calib-windows", "8"]),
     "seqlen": (128, ["--seqlen", "128"]),
@@ -124,6 +126,7 @@ def test_a_recipe_maps_one_to_one_to_flags(tmp_path):
         "scale_search": "mse",
         "act_clip": 0.8,
         "rotate": "hadamard",
+        "lm_head": "skip",
         "progress": False,
     }
 

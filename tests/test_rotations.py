@@ -446,9 +446,9 @@ def test_the_command_line_reports_the_rotations(tiny_models, tmp_path, capsys):
     report = json.loads(out.with_suffix(".report.json").read_text())
     assert [a["name"] for a in report["rotation"]["applied"]] == ["R2", "R4"]
     assert report["rotation"]["skipped"][0]["name"] == "R1"
-    # one input range per layer group: q/k/v, o_proj, gate/up, down_proj per layer (the tied
-    # lm_head stays tied: without R1 nothing needs it untied, and it is no layer group)
-    assert len(report["rotation"]["inputs"]) == 2 * 4
+    # one input range per layer group: q/k/v, o_proj, gate/up, down_proj per layer, and the
+    # lm_head (quantized by default)
+    assert len(report["rotation"]["inputs"]) == 2 * 4 + 1
 
 
 @pytest.mark.parametrize("sites", [("R4",), ("R1", "R2")])

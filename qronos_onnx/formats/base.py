@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:
     import onnx_ir as ir
 
+    from qronos_onnx.ir.act_quant import ActQuant
     from qronos_onnx.options import Options
     from qronos_onnx.quant import Grid
 
@@ -40,6 +41,13 @@ class Format(ABC):
         """Refuse the grids it cannot hold (``QronosError``, before any work); return notes
         for the report (how the grids are stored)."""
         return []
+
+    def kernel_act_quant(self, options: Options, grid: Grid, in_features: int) -> ActQuant | None:
+        """What the runtime's kernel does to the input of a layer written with ``grid``
+        (``None``: nothing). The quantized calibration stream computes it, so that the solver
+        corrects the error it makes; ``rewrite_pass`` takes those nodes out again (the kernel
+        does it)."""
+        return None
 
     @abstractmethod
     def rewrite_pass(self, options: Options) -> ir.passes.PassBase:

@@ -15,6 +15,7 @@ from collections.abc import Sequence
 import onnx_ir as ir
 
 from qronos_onnx.errors import QronosError
+from qronos_onnx.ir.act_quant import ActQuant, bypass_kernel_quantizer
 from qronos_onnx.ir.packing import block_size_for, container_bits, to_matmulnbits
 from qronos_onnx.ir.values import add_initializer, constant, drop_unused
 from qronos_onnx.options import Options
@@ -22,14 +23,21 @@ from qronos_onnx.passes.calibrate import quantized_nodes
 from qronos_onnx.quant import Grid
 
 from .base import Format
+from .embedding import quantize_embedding
+
+#: What MLAS's int8-activation kernel (``accuracy_level`` 4) takes on every x86 CPU.
+INT8_KERNEL_BITS = (4, 8)
+INT8_KERNEL_BLOCKS = (16, 32, 64, 128, 256)
 
 
 class ToMatMulNBitsPass(ir.passes.InPlacePass):
     """Replace every solved MatMul/Gemm by a ``com.microsoft.MatMulNBits`` node.
 
     Args:
-        accuracy_level: MatMulNBits' ``accuracy_level`` attribute (0-4; e.g. 4 lets the CPU
-            kernel quantize A to int8); ``None`` leaves it unset.
+        accuracy_level: MatMulNBits' ``accuracy_level`` attribute: 1-3 written on every
+            node; 4 (int8 blocks of A) on the nodes whose input the quantized stream
+            quantized the kernel's way (``MatMulNBits.kernel_act_quant``), whose simulating
+            nodes are removed; 0 or ``None``: unset.
 
     Requires: solved target nodes carry their codes (``passes.calibrate``).
     Ensures: no solved target is left as a float MatMul/Gemm.
@@ -38,10 +46,13 @@ class ToMatMulNBitsPass(ir.passes.InPlacePass):
     def __init__(self, accuracy_level: int | None = None):
         super().__init__()
         self.accuracy_level = accuracy_level
+        self.notes: list[str] = []  # what the report says about how layers were written
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         graph = model.graph
         nodes = quantized_nodes(model)
+        lm_head = None
+        int8_inputs = 0
         for node, target, q in nodes:
             grid = q.grid
             weight = constant(graph.initializers[target.weight])
@@ -75,7 +86,10 @@ class ToMatMulNBitsPass(ir.passes.InPlacePass):
                     f"{target.out_features} values to become a MatMulNBits bias"
                 )
             attrs = {"K": t.K, "N": t.N, "bits": t.bits, "block_size": t.block_size}
-            if self.accuracy_level is not None:
+            if bypass_kernel_quantizer(graph, node):
+                attrs["accuracy_level"] = 4
+                int8_inputs += 1
+            elif self.accuracy_level in (1, 2, 3):
                 attrs["accuracy_level"] = self.accuracy_level
             new = ir.node(
                 "MatMulNBits",
@@ -92,6 +106,17 @@ class ToMatMulNBitsPass(ir.passes.InPlacePass):
             drop_unused(graph, target.weight)
             if bias is not None and constant(bias).shape != (target.out_features,):
                 bias.const_value = ir.Tensor(constant(bias).numpy().reshape(-1), name=bias.name)
+            if target.lm_head:
+                lm_head = (new, grid)
+        if int8_inputs:
+            self.notes.append(
+                f"accuracy_level 4 on {int8_inputs} of {len(nodes)} MatMulNBits: ONNX Runtime's "
+                "CPU kernel quantizes their input to int8 blocks, as the calibration did"
+            )
+        if lm_head is not None:
+            how = quantize_embedding(model, *lm_head)
+            if how is not None:
+                self.notes.append(how)
         if nodes:
             model.opset_imports.setdefault("com.microsoft", 1)
         return ir.passes.PassResult(model, modified=bool(nodes))
@@ -122,6 +147,17 @@ class MatMulNBits(Format):
                     "takes 2, 4 and 8 bits); the file is that much larger"
                 )
         return notes
+
+    def kernel_act_quant(self, options: Options, grid: Grid, in_features: int) -> ActQuant | None:
+        """At ``accuracy_level`` 4, the kernel's int8 blocks of the input where it has them."""
+        block = block_size_for(grid.group_size, in_features)
+        if (
+            options.accuracy_level == 4
+            and container_bits(grid.bits) in INT8_KERNEL_BITS
+            and block in INT8_KERNEL_BLOCKS
+        ):
+            return ActQuant(8, "block", block=block)
+        return None
 
     def rewrite_pass(self, options: Options) -> ir.passes.PassBase:
         return ToMatMulNBitsPass(options.accuracy_level)

@@ -14,6 +14,14 @@ sees exactly the activations the deployed model computes.
   ONNX Runtime runs with integer kernels; other widths the same arithmetic as above with a
   constant scale. Below opset 19, where ``QuantizeLinear`` takes only float32, half-precision
   activations are cast around it.
+- ``granularity="block"`` (dynamic, symmetric, 8 bits): what ONNX Runtime's CPU
+  ``MatMulNBits`` does to its input at ``accuracy_level`` 4 (MLAS ``CompInt8``, the same on
+  AVX2, AVX-512 and VNNI): each row of ``K`` values in blocks of ``block`` (the weight's block
+  size; the last one padded with zeros), ``s = max|x| / 127`` per block in float32,
+  ``x -> round_half_even(x * (127 / max|x|)) * s`` (a block of zeros stays zero). Only the
+  quantized calibration stream runs it: the kernel does it in the written model, so the format
+  removes these nodes when it writes the layer (``KERNEL_INPUT`` on the output names the value
+  the kernel reads).
 """
 
 from __future__ import annotations
@@ -26,9 +34,19 @@ import numpy as np
 import onnx_ir as ir
 
 from .targets import ACT_QUANT_SOURCE, TargetGroup
+from .values import drop_unused, name_of
 
 #: ``Value.meta`` key on a static activation scale initializer: its ``StaticScale``.
 ACT_SCALE = "qronos.act_scale"
+#: ``Value.meta`` key on a kernel quantizer's output (``granularity="block"``): the
+#: quantizer's first node, whose first input is the value the kernel itself reads (a node, not
+#: the value: a rewrite may replace that value), for the format to reconnect.
+KERNEL_INPUT = "qronos.kernel_input"
+#: The int8 range of ``granularity="block"`` (MLAS: ``scale = max|x| / 127``).
+_INT8_LEVELS = 127
+#: The block peak's floor in ``127 / max|x|``: a block of zeros times a finite factor stays
+#: zero (1 / float32's tiny would overflow to inf, and 0 * inf is NaN).
+_PEAK_FLOOR = np.float32(1e-36)
 
 
 @dataclass(frozen=True)
@@ -36,23 +54,32 @@ class ActQuant:
     """An activation quantizer.
 
     Attributes:
-        bits: 2..8.
-        granularity: ``token`` (dynamic per-token scale) or ``tensor`` (static, calibrated).
+        bits: 2..8 (8 for ``block``).
+        granularity: ``token`` (dynamic per-token scale), ``tensor`` (static, calibrated) or
+            ``block`` (a kernel's dynamic int8 blocks along the input features).
         symmetric: signed codes and no zero point (``token`` is always symmetric).
         clip: the scale covers ``clip`` times the range (each token's ``max|x|``, or the
             calibrated range of a static scale); ``0 < clip <= 1``, values beyond saturate.
+        block: values per block (``block`` granularity only).
     """
 
     bits: int = 4
-    granularity: Literal["token", "tensor"] = "token"
+    granularity: Literal["token", "tensor", "block"] = "token"
     symmetric: bool = True
     clip: float = 1.0
+    block: int = 0
 
     def __post_init__(self) -> None:
         if not 2 <= self.bits <= 8:
             raise ValueError(f"activation bits must be 2..8, got {self.bits}")
-        if self.granularity not in ("token", "tensor"):
-            raise ValueError(f"granularity must be 'token' or 'tensor', got {self.granularity!r}")
+        if self.granularity not in ("token", "tensor", "block"):
+            raise ValueError(
+                f"granularity must be 'token', 'tensor' or 'block', got {self.granularity!r}"
+            )
+        if (self.granularity == "block") != (self.block > 0):
+            raise ValueError("a block size goes with granularity='block', and only with it")
+        if self.granularity == "block" and (self.bits != 8 or not self.symmetric or self.clip != 1):
+            raise ValueError("granularity='block' is the kernel's int8: 8 bits, symmetric, clip 1")
         if not self.symmetric and (self.granularity == "token" or self.bits != 8):
             raise ValueError("asymmetric activations need granularity='tensor' and 8 bits")
         if not 0 < self.clip <= 1:
@@ -114,7 +141,7 @@ def insert_act_quant(
     source = next(v for v in _all_values(model) if v.name == group.input)
     np_type = dtype.numpy()
     opset = model.opset_imports.get("", 1)
-    prefix = f"{group.input}_aq"
+    prefix = f"{group.input}_{'kq' if spec.granularity == 'block' else 'aq'}"
 
     def const(suffix: str, array) -> ir.Value:
         name = f"{prefix}_{suffix}"
@@ -129,7 +156,16 @@ def insert_act_quant(
         nodes.append(node)
         return node.outputs[0]
 
-    if spec.granularity == "tensor" and spec.bits == 8:
+    def peak(x: ir.Value) -> ir.Value:
+        """``max |x|`` over the last axis, kept."""
+        if opset >= 18:
+            return add("ReduceMax", [add("Abs", [x]), const("axes", np.array([-1], np.int64))])
+        return add("ReduceMax", [add("Abs", [x])], axes=[-1], keepdims=1)
+
+    if spec.granularity == "block":
+        k = group.targets[0].in_features
+        out = _kernel_blocks(source, k, spec.block, dtype, const, add, peak)
+    elif spec.granularity == "tensor" and spec.bits == 8:
         zp_type = np.int8 if spec.symmetric else np.uint8
         # QuantizeLinear takes float16/bfloat16 input from opset 19 on: before, go via float32.
         widen = np_type != np.float32 and opset < 19
@@ -146,15 +182,10 @@ def insert_act_quant(
             scale = const("scale", np.array(1.0, np_type))
             scale.meta[ACT_SCALE] = StaticScale(spec, group.input, None)
         else:
-            magnitude = add("Abs", [source])
-            if opset >= 18:
-                peak = add(
-                    "ReduceMax", [magnitude, const("axes", np.array([-1], np.int64))], keepdims=1
-                )
-            else:
-                peak = add("ReduceMax", [magnitude], axes=[-1], keepdims=1)
             # s = clip * max|x| / qmax, as one constant divisor
-            raw = add("Div", [peak, const("qmax", np.array(spec.qmax / spec.clip, np_type))])
+            raw = add(
+                "Div", [peak(source), const("qmax", np.array(spec.qmax / spec.clip, np_type))]
+            )
             tiny = ml_dtypes.finfo(np_type).tiny  # numpy's finfo knows no bfloat16
             scale = add("Max", [raw, const("tiny", np.array(tiny, np_type))])
         rounded = add("Round", [add("Div", [source, scale])])
@@ -168,7 +199,9 @@ def insert_act_quant(
         )
         out = add("Mul", [clipped, scale])
     out.name = prefix
-    out.meta[ACT_QUANT_SOURCE] = group.input
+    out.meta[ACT_QUANT_SOURCE] = group.source or group.input  # the float value, through chains
+    if spec.granularity == "block":
+        out.meta[KERNEL_INPUT] = nodes[0]
     producer = source.producer()
     if producer is None:
         graph.insert_before(next(iter(graph)), nodes)
@@ -177,6 +210,62 @@ def insert_act_quant(
     for target in group.targets:
         graph.node(target.node).replace_input_with(0, out)
     return out
+
+
+def bypass_kernel_quantizer(graph: ir.Graph, node: ir.Node) -> bool:
+    """Make ``node`` read what the kernel reads instead of a kernel quantizer's output
+    (``KERNEL_INPUT``), and remove the quantizer once nothing reads it. Returns whether
+    ``node`` read one."""
+    value = node.inputs[0]
+    if value is None or KERNEL_INPUT not in value.meta:
+        return False
+    node.replace_input_with(0, value.meta[KERNEL_INPUT].inputs[0])
+    stack = [value.producer()]
+    while stack:
+        dead = stack.pop()
+        if dead is None or dead.graph is not graph:
+            continue
+        if any(out.uses() or out.is_graph_output() for out in dead.outputs):
+            continue
+        inputs = [v for v in dead.inputs if v is not None]
+        graph.remove(dead, safe=True)
+        for v in inputs:
+            if v.is_initializer():
+                drop_unused(graph, name_of(v))
+            else:
+                stack.append(v.producer())
+    return True
+
+
+def _kernel_blocks(source, k, block, dtype, const, add, peak) -> ir.Value:
+    """MLAS's int8 blocks (``granularity="block"``) of ``source`` ``[..., k]``: in float32,
+    on rows of ``k`` padded with zeros to whole blocks, reshaped back."""
+    x = source if dtype == ir.DataType.FLOAT else add("Cast", [source], to=int(ir.DataType.FLOAT))
+    padded = -(-k // block) * block
+    rows = add("Reshape", [x, const("rows", np.array([-1, k], np.int64))])
+    if padded != k:
+        rows = add("Pad", [rows, const("pads", np.array([0, 0, 0, padded - k], np.int64))])
+    shape = np.array([-1, padded // block, block], np.int64)
+    blocks = add("Reshape", [rows, const("blocks", shape)])
+    top = peak(blocks)
+    levels = np.float32(_INT8_LEVELS)
+    # 127 / max|x| (a block of zeros has nothing to scale: any finite factor gives zeros)
+    inverse = add("Div", [const("levels", levels), add("Max", [top, const("floor", _PEAK_FLOOR)])])
+    codes = add("Round", [add("Mul", [blocks, inverse])])
+    y = add("Mul", [codes, add("Div", [top, const("levels_s", levels)])])
+    y = add("Reshape", [y, const("padded", np.array([-1, padded], np.int64))])
+    if padded != k:
+        y = add(
+            "Slice",
+            [
+                y,
+                const("start", np.array([0], np.int64)),
+                const("end", np.array([k], np.int64)),
+                const("axis", np.array([1], np.int64)),
+            ],
+        )
+    y = add("Reshape", [y, add("Shape", [source])])
+    return y if dtype == ir.DataType.FLOAT else add("Cast", [y], to=int(dtype))
 
 
 def _all_values(model: ir.Model):

@@ -251,6 +251,11 @@ def tied_lm_head(
     return None
 
 
+#: ``Node.meta`` key on an lm_head that ``untie_lm_head`` gave its own weight: the embedding
+#: table's name, which that weight equals until a transform (rotations) changes either.
+TIED_TABLE = "qronos.tied_table"
+
+
 def untie_lm_head(
     model: ir.Model, include: Sequence[str] = (), exclude: Sequence[str] = ()
 ) -> bool:
@@ -278,6 +283,7 @@ def untie_lm_head(
     model.graph.register_initializer(untied)
     previous = node.inputs[1]
     node.replace_input_with(1, untied)
+    node.meta[TIED_TABLE] = name_of(source)
     producer = previous.producer() if previous is not None else None
     if producer is not None and not producer.outputs[0].uses():
         model.graph.remove(producer, safe=True)

@@ -53,7 +53,7 @@ from qronos_onnx.ir.residual import (
     residual_stream,
 )
 from qronos_onnx.ir.signature import detect_signature
-from qronos_onnx.ir.targets import tied_lm_head, untie_lm_head
+from qronos_onnx.ir.targets import TIED_TABLE, tied_lm_head, untie_lm_head
 from qronos_onnx.ir.values import constant, dtype_of, name_of, shared_initializer, static_shape
 from qronos_onnx.passes.chain import run_passes
 from qronos_onnx.quant.hadamard import Rotation, hadamard_orders, random_hadamard
@@ -206,6 +206,8 @@ class FoldNormScalesPass(ir.passes.InPlacePass):
         if not self.for_r1 or not _rotatable(model):
             return result
         untie_lm_head(model)
+        for node in model.graph:  # folding and rotating make the two differ
+            node.meta.pop(TIED_TABLE, None)
         _record(model, FOLDED, True)
         for norm in find_norms(model):
             readers = list(norm.output.consumers())
