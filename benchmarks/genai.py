@@ -10,10 +10,12 @@ weights, built here); every quantized row starts from it. Rows:
 - the builder's int4 at its defaults (RTN, block 32, symmetric, ``accuracy_level`` 4, the
   lm_head int4 and the embedding reading it), with ``algo_config=k_quant``, and with its
   mixed precision ``k_quant_mixed`` (the last MatMul and llama.cpp's "mixed layers" in int8);
-- ours at the defaults (``optimize`` with no option), at the builder's grid (group 32
-  symmetric), with ``--lm-head int8``, with ``--accuracy-level 0`` (float activations in the
-  kernel and in the solver), and that last model run at level 4 without having been solved
-  for it (what level 4 costs a solver that does not see it).
+- ours at the defaults (``optimize`` with no option: the builder's grid, int4 symmetric in
+  blocks of 32, with MSE-searched scales), with the builder's range scales, and at the
+  default before this comparison (group 128 asymmetric): as it is, with ``--lm-head int8``,
+  with ``--accuracy-level 0`` (float activations in the kernel and in the solver), and that
+  last model run at level 4 without having been solved for it (what level 4 costs a solver
+  that does not see it).
 
 Perplexity: the README's protocol (40 x 512 test tokens of wiki-vital, 32 x 512 calibration
 tokens), ONNX Runtime. Speed: ONNX Runtime GenAI (CPU, its default threads) generating 128
@@ -40,6 +42,9 @@ MODELS = {
     "tiny": (ROOT / "models" / "tiny-untied-hf", ROOT / "models" / "tiny-untied-genai"),
 }
 
+#: The default grid before issue 24 (int4 asymmetric, group 128, range scales).
+OLD_DEFAULT = {"group_size": 128, "symmetric": False, "scale_search": "minmax"}
+
 #: row -> None (the float model), "builder:EXTRA" (the builder's int4 with extra options), or
 #: optimize() options ("run_at_level_4": written at level 0, then set to 4)
 ROWS = {
@@ -47,11 +52,13 @@ ROWS = {
     "builder int4 (defaults: RTN, block 32, sym)": "builder:",
     "builder int4, algo_config=k_quant": "builder:algo_config=k_quant",
     "builder int4, algo_config=k_quant_mixed": "builder:algo_config=k_quant_mixed",
-    "ours, defaults": {},
-    "ours, the builder's grid (group 32, sym)": {"group_size": 32, "symmetric": True},
-    "ours, --lm-head int8": {"lm_head": "int8"},
-    "ours, --accuracy-level 0": {"accuracy_level": 0},
-    "ours, --accuracy-level 0 run at level 4 (not simulated)": {
+    "ours, defaults (group 32, sym, MSE scales)": {},
+    "ours, minmax scales (the builder's grid and scales)": {"scale_search": "minmax"},
+    "ours, group 128 asym (the earlier default)": OLD_DEFAULT,
+    "ours, group 128 asym, --lm-head int8": {**OLD_DEFAULT, "lm_head": "int8"},
+    "ours, group 128 asym, --accuracy-level 0": {**OLD_DEFAULT, "accuracy_level": 0},
+    "ours, group 128 asym, --accuracy-level 0 run at level 4 (not simulated)": {
+        **OLD_DEFAULT,
         "accuracy_level": 0,
         "run_at_level_4": True,
     },
@@ -206,7 +213,7 @@ def main() -> None:
     for name in ROWS:
         row = cache[name]
         print(
-            f"| {name} | {row['perplexity']:.2f} | {row['size_mb']:.0f} | "
+            f"| {name} | {row['perplexity']:.2f} | {row['size_mb']:.3g} | "
             f"{row['tokens_per_second']:.1f} | {1000 * row['prompt_seconds']:.0f} |"
         )
 

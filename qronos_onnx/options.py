@@ -91,7 +91,7 @@ class Options(Schema):
     # -- the weight grid --------------------------------------------------------------------
     bits: int = option(4, "weight bits", valid=BITS)
     group_size: GroupSize = option(
-        128,
+        32,
         "input features per scale, or 'channel' for one scale per output channel (a group "
         "wider than a layer's input is per channel there)",
         metavar="N|channel",
@@ -105,18 +105,16 @@ class Options(Schema):
         ),
     )
     symmetric: bool = option(
-        False,
+        True,
         "symmetric grid (no zero point) or asymmetric (an integer zero point)",
         takes_value=False,
         switches=(
-            Switch(("--sym",), True, "symmetric weight grid, no zero point"),
-            Switch(
-                ("--asym",), False, "asymmetric weight grid with an integer zero point (default)"
-            ),
+            Switch(("--sym",), True, "symmetric weight grid, no zero point (default)"),
+            Switch(("--asym",), False, "asymmetric weight grid with an integer zero point"),
         ),
     )
     scale_search: Literal["minmax", "mse"] = option(
-        "minmax",
+        "mse",
         "weight scales: the range of each group (minmax), or the shrink of it with the "
         "least squared rounding error (mse)",
     )

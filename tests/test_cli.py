@@ -70,7 +70,7 @@ def test_optimize_eval_inspect(tiny_models, tmp_path, corpus):
         "group_size": None,
         "symmetric": True,
         "narrow_range": False,
-        "scale_search": "minmax",
+        "scale_search": "mse",
     }
     assert grids["model.layers.0.self_attn.q_proj"]["bits"] == 4
     assert (out.parent / "q.onnx.data").is_file() and (out.parent / "tokenizer.json").is_file()

@@ -365,7 +365,8 @@ def test_a_format_registered_from_a_test_runs_end_to_end(tiny_models, tmp_path, 
     assert sorted(codes.files) == sorted(t.name for t in report.targets)
     # the model is the fake-quantized one: RTN codes of the same grid, dequantized
     feed = random_samples(detect_signature(load_model(model)), 1, 16)[0]
-    rtn = Scheme(grid=Grid(bits=4, group_size=32), solver=SolverOptions("rtn"), lm_head="int4")
+    grid = Grid(bits=4, group_size=32, symmetric=True, scale_search="mse")  # the defaults
+    rtn = Scheme(grid=grid, solver=SolverOptions("rtn"), lm_head="int4")
     reference, _ = quantized_tiny(model, rtn)
     written = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"])
     np.testing.assert_allclose(

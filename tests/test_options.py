@@ -20,12 +20,10 @@ from qronos_onnx.schema import fields, meta
 #: The presets as the README documents them (independent of the recipe files).
 DOCUMENTED = {
     "w4": {},
-    "w3": {"bits": 3},
-    "w2": {"bits": 2, "group_size": 32},
+    "w3": {"bits": 3, "group_size": 128, "symmetric": False, "scale_search": "minmax"},
+    "w2": {"bits": 2, "symmetric": False, "scale_search": "minmax"},
     "w4a4": {
         "group_size": "channel",
-        "symmetric": True,
-        "scale_search": "mse",
         "act_bits": 4,
         "act_clip": 0.8,
         "rotate": "hadamard",
@@ -34,7 +32,7 @@ DOCUMENTED = {
     "w8a8": {
         "bits": 7,
         "group_size": "channel",
-        "symmetric": True,
+        "scale_search": "minmax",
         "act_bits": 8,
         "act_granularity": "tensor",
         "act_symmetric": False,
@@ -63,7 +61,7 @@ def test_each_preset_is_its_recipe_file(preset):
 EVERYTHING = {
     "bits": (3, ["--bits", "3"]),
     "group_size": (64, ["--group-size", "64"]),
-    "symmetric": (True, ["--sym"]),
+    "symmetric": (False, ["--asym"]),
     "act_bits": (8, ["--act-bits", "8"]),
     "act_granularity": ("tensor", ["--act-granularity", "tensor"]),
     "act_symmetric": (False, ["--act-asym"]),
@@ -90,7 +88,7 @@ EVERYTHING = {
     "exporter": ("torch", ["--exporter", "torch"]),
     "export_dtype": ("fp16", ["--export-dtype", "fp16"]),
     "keep_float": (True, ["--keep-float"]),
-    "scale_search": ("mse", ["--scale-search", "mse"]),
+    "scale_search": ("minmax", ["--scale-search", "minmax"]),
     "rotate": ("hadamard", ["--rotate", "hadamard"]),
     "rotate_sites": (("R1", "R4"), ["--rotate-sites", "R1", "R4"]),
     "rotate_seed": (7, ["--rotate-seed", "7"]),
@@ -120,10 +118,8 @@ def test_a_recipe_maps_one_to_one_to_flags(tmp_path):
     dump_recipe(from_file, tmp_path / "again.yaml")
     assert options_from(tmp_path / "again.yaml", force=True) == from_file
     # explicit flags override the recipe; none and channel are values too
-    assert parse("--w4a4", "--group-size", "32", "--act-bits", "none").non_defaults() == {
-        "group_size": 32,
-        "symmetric": True,
-        "scale_search": "mse",
+    assert parse("--w4a4", "--group-size", "64", "--act-bits", "none").non_defaults() == {
+        "group_size": 64,
         "act_clip": 0.8,
         "rotate": "hadamard",
         "lm_head": "skip",

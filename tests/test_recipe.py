@@ -23,9 +23,11 @@ from tests.helpers import padded_samples, random_samples
 
 
 def quantize(path, out_dir, data=None, observer=None, **options):
-    """The orchestrator with the file writer (int4 group 32 unless ``options`` say otherwise)
-    on random feeds: ``(report, output, feeds, solved target results)``."""
-    config = Options(**{"bits": 4, "group_size": 32, "progress": False, **options})
+    """The orchestrator with the file writer (int4 asymmetric, group 32, range scales unless
+    ``options`` say otherwise) on random feeds: ``(report, output, feeds, solved target
+    results)``."""
+    grid = {"bits": 4, "group_size": 32, "symmetric": False, "scale_search": "minmax"}
+    config = Options(**{**grid, "progress": False, **options})
     samples = data
     if samples is None and config.needs_data:
         samples = random_samples(detect_signature(load_model(path)))
