@@ -43,7 +43,7 @@ demo: install
 	$(PY) models/smollm2.py
 	@echo "== float model"
 	$(VENV)/bin/qronos-onnx eval $(MODEL)
-	@echo "== quantize: int4, group 128, Qronos"
+	@echo "== quantize: int4, group 32 symmetric, Qronos (int4 lm_head and embedding, int8 activations in the kernel)"
 	$(VENV)/bin/qronos-onnx optimize $(MODEL) -o $(QUANT) --w4 --force
 	@echo "== quantized model (against the float model)"
 	$(VENV)/bin/qronos-onnx eval $(QUANT) --reference $(MODEL)

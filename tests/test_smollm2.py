@@ -35,6 +35,10 @@ def test_qronos_on_smollm2_beats_rtn_and_gptq_at_3_bits(smollm2, tmp_path):
             out,
             bits=3,
             group_size=64,
+            symmetric=False,
+            scale_search="minmax",
+            lm_head="skip",  # the layers' comparison, as measured before the lm_head defaults
+            accuracy_level=0,
             algo=algo,
             calib_windows=8,
             seqlen=512,
