@@ -20,8 +20,8 @@ sees exactly the activations the deployed model computes.
   size; the last one padded with zeros), ``s = max|x| / 127`` per block in float32,
   ``x -> round_half_even(x * (127 / max|x|)) * s`` (a block of zeros stays zero). Only the
   quantized calibration stream runs it: the kernel does it in the written model, so the format
-  removes these nodes when it writes the layer (``KERNEL_INPUT`` on the output names the value
-  the kernel reads).
+  removes these nodes when it writes the layer (``KERNEL_INPUT`` on the output names the
+  quantizer's first node, whose input is what the kernel reads).
 """
 
 from __future__ import annotations
