@@ -136,24 +136,6 @@ def test_calibration_sees_the_kernels_int8_blocks(tiny_models, tmp_path):
     assert rel(H, gram(before, before)) > 1e-4  # the blocks are not the float input
 
 
-def _outputs(model_path, names, feed):
-    proto = onnx.load(str(model_path))
-    for name in names:
-        proto.graph.output.append(onnx.ValueInfoProto(name=name))
-    data_dir = str(model_path.parent)
-    session = ort.InferenceSession(
-        _with_data(proto, data_dir).SerializeToString(), providers=["CPUExecutionProvider"]
-    )
-    return session.run(names, feed)
-
-
-def _with_data(proto, base_dir):
-    from onnx.external_data_helper import load_external_data_for_model
-
-    load_external_data_for_model(proto, base_dir)
-    return proto
-
-
 def _initializers(model_path):
     proto = onnx.load(str(model_path))
     return {
@@ -188,7 +170,8 @@ def test_default_output_quantizes_lm_head_and_embedding(tiny_models, tmp_path, v
     table = table_value.const_value.numpy()
     table = table.T if transposed else table  # [vocab, hidden]
     ids = np.arange(table.shape[0], dtype=np.int64)[None, :]
-    rows = _outputs(out, [gather.output[0]], {"input_ids": ids, **_rest(path, ids)})[0][0]
+    feed = {"input_ids": ids, **_rest(path, ids)}
+    rows = full_model_capture(out, [gather.output[0]], {}, [feed])[gather.output[0]][0][0]
     dequant = _dequantized_rows(inits, lm_head, attrs)
     if variant == "nokv":
         assert any("sharing the lm_head" in note for note in report.notes)
