@@ -145,21 +145,17 @@ def _shown(default) -> str:
 def summary_table(report: Report) -> str:
     """A short, readable summary of the report."""
     rows = [("layer", "shape", "grid", "error rtn", "error", "s")]
-    for t in report.targets:
-        g = t.grid
-        grid = f"{'s' if g['symmetric'] else 'a'}{g['bits']} " + (
-            f"g{g['group_size']}" if g["group_size"] else "ch"
+    rows += [
+        (
+            t.name,
+            "x".join(map(str, t.shape)),
+            _grid_label(t.grid),
+            _pct(t.error_rtn),
+            _pct(t.error),
+            f"{t.solve_seconds:.2f}",
         )
-        rows.append(
-            (
-                t.name,
-                "x".join(map(str, t.shape)),
-                grid,
-                _pct(t.error_rtn),
-                _pct(t.error),
-                f"{t.solve_seconds:.2f}",
-            )
-        )
+        for t in report.targets
+    ]
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=False)) for r in rows]
     tot = report.totals
@@ -170,6 +166,8 @@ def summary_table(report: Report) -> str:
         f"skipped; {tot.input_bytes / 1e6:.1f} MB -> {tot.output_bytes / 1e6:.1f} MB "
         f"in {tot.wall_seconds:.0f} s, peak RSS {tot.peak_rss_mb:.0f} MB"
     )
+    if report.budget is not None:
+        lines.append(budget_line(report.budget))
     if report.rotation is not None:
         r = report.rotation
         applied = ", ".join(a["name"] for a in r.applied) or "none"
@@ -181,6 +179,23 @@ def summary_table(report: Report) -> str:
     lines.extend(f"note: {n}" for n in report.notes)
     lines.append(f"wrote {report.output}")
     return "\n".join(lines)
+
+
+def budget_line(budget: dict) -> str:
+    """One line on a size budget's allocation: the bytes used, and the groups per grid."""
+    chosen = Counter(_grid_label(u["candidates"][u["choice"]]["grid"]) for u in budget["units"])
+    mix = ", ".join(f"{n} x {grid}" for grid, n in sorted(chosen.items()))
+    return (
+        f"budget {budget['bits_per_weight']:g} bits per weight: {budget['used_bytes'] / 1e6:.2f} "
+        f"of {budget['budget_bytes'] / 1e6:.2f} MB for the quantized layers "
+        f"({budget['weighting']} errors); layer groups: {mix}"
+    )
+
+
+def _grid_label(g: dict) -> str:
+    return f"{'s' if g['symmetric'] else 'a'}{g['bits']} " + (
+        f"g{g['group_size']}" if g["group_size"] else "ch"
+    )
 
 
 def _pct(x) -> str:
@@ -214,6 +229,7 @@ def _eval(args: argparse.Namespace) -> int:
 def _inspect(args: argparse.Namespace) -> int:
     from .ir.model_io import load_model
     from .ir.signature import detect_signature
+    from .ir.sizes import stored_weights
     from .ir.stages import plan_stages
     from .ir.targets import find_targets, untie_lm_head
     from .passes.rotate import rotation_plan
@@ -258,6 +274,16 @@ def _inspect(args: argparse.Namespace) -> int:
         if ops[k]
     }
     _print(f"formats present: {formats}")
+    weights = stored_weights(model)
+    if weights:
+        _print(f"quantized weights: {sum(w.bytes for w in weights) / 1e6:.2f} MB stored")
+        kinds: dict[tuple[str, int, int], list[int]] = {}
+        for w in weights:
+            kinds.setdefault((w.op_type, w.bits, w.block), []).append(w.bytes)
+        for (op, bits, block), sizes in sorted(kinds.items()):
+            n, size = len(sizes), sum(sizes)
+            blocks = f"blocks of {block}" if block else "per channel"
+            _print(f"  {n} x {op} {bits}-bit, {blocks}: {size / 1e6:.2f} MB")
     return 0
 
 

@@ -30,7 +30,7 @@ DEFAULT_SEQLEN = 512
 #: The report beside an output; ``{stem}`` is the output's name without ``.onnx``.
 DEFAULT_REPORT = "{stem}.report.json"
 
-PRESETS = ("w4", "w3", "w2", "w4a4", "w8a8")
+PRESETS = ("w4", "w3mix", "w3", "w2", "w4a4", "w8a8")
 DEFAULT_PRESET = "w4"
 
 GroupSize = int | Literal["channel"]
@@ -38,6 +38,15 @@ Device = Literal["auto", "cpu", "cuda"]
 Exporter = Literal["auto", "genai", "torch"]
 ExportDtype = Literal["fp32", "fp16"]
 
+#: The grids a size budget chooses from by default: the widths ONNX Runtime's MatMulNBits
+#: runs (2, 4, 8 bits), from 2.5 to 8.25 stored bits per weight with float32 scales.
+MIX_GRIDS = (
+    "bits:2,group:64,asym",
+    "bits:2,group:32,asym",
+    "bits:4,group:128,asym",
+    "bits:4,group:32,sym",
+    "bits:8,group:128,sym",
+)
 #: Weight and activation widths.
 BITS = Range(2, 8)
 #: Seeds are 64-bit.
@@ -218,6 +227,33 @@ class Options(Schema):
         metavar="PATTERN=SPEC",
         flag="--override",
     )
+    # -- a size budget instead of one grid (qronos_onnx/budget.py) ---------------------------
+    bits_per_weight: float | None = option(
+        None,
+        "a size budget: stored bits per weight of the quantized layers (codes, scales, zero "
+        "points), each layer group's grid chosen from --mix-grids by the error it measures "
+        "(one more calibration run); none: every layer on the one grid",
+        metavar="B|none",
+        valid=Range(1, 32),
+    )
+    mix_grids: tuple[str, ...] = option(
+        MIX_GRIDS,
+        "the grids a size budget chooses from (as --override's: bits:N,group:N|channel,"
+        "sym|asym; the scale search is --scale-search)",
+        metavar="SPEC",
+    )
+    mix_weighting: Literal["relative", "absolute"] = option(
+        "relative",
+        "what a size budget minimises: the sum of each layer's output error relative to its "
+        "output (relative) or of the errors themselves (absolute)",
+    )
+    sensitivity: str | None = option(
+        None,
+        "the report of an earlier --bits-per-weight run of the same model and options: reuse "
+        "its measured errors instead of measuring (another budget in one calibration run)",
+        metavar="REPORT.json",
+        path=True,
+    )
     format: str = option(
         "matmulnbits",
         "output format: " + ", ".join(registry.FORMATS) + " (docs/options.md says what each "
@@ -309,6 +345,14 @@ class Options(Schema):
         check_patterns(self.exclude, "exclude")
         for spec in self.overrides:
             parse_override(spec)
+        for spec in self.mix_grids:
+            parse_grid_fields(spec, f"mix grid {spec!r}")
+        if self.bits_per_weight is not None and not self.mix_grids:
+            raise QronosError("a size budget (bits_per_weight) needs at least one mix grid")
+        if self.sensitivity is not None and self.bits_per_weight is None:
+            raise QronosError(
+                "sensitivity reuses the measurements of a size budget: give bits_per_weight too"
+            )
 
     @property
     def solver(self) -> registry.Solver:
@@ -318,12 +362,14 @@ class Options(Schema):
     def needs_data(self) -> bool:
         """Whether calibration data is read: a solver that takes data, any activation
         quantizer (its scales, and the quantized stream, come from the data), MagR (it keeps
-        the output on the data) and rotations (checked on the data)."""
+        the output on the data), rotations (checked on the data) and a size budget (its
+        grids are chosen on the data)."""
         return (
             self.solver.takes_data
             or self.act_bits is not None
             or self.magr is not None
             or self.rotate != "none"
+            or self.bits_per_weight is not None
         )
 
 
@@ -346,14 +392,18 @@ def parse_override(spec: str) -> tuple[str, GridFields]:
     if not sep or not pattern:
         raise QronosError(f"override {spec!r}: expected PATTERN=bits:N,group:N|channel,sym|asym")
     check_patterns([pattern], "override")
-    items = [item for item in rest.split(",") if item]
+    return pattern, parse_grid_fields(rest, f"override {spec!r}")
+
+
+def parse_grid_fields(spec: str, what: str) -> GridFields:
+    """``bits:8,group:32,sym`` -> ``{bits: 8, group_size: 32, symmetric: True}`` (the grid
+    spec of ``--override`` and ``--mix-grids``; ``what`` names it in errors)."""
+    items = [item for item in spec.split(",") if item]
     keys = [item.partition(":")[0] for item in items]
     if not items:
-        raise QronosError(
-            f"override {spec!r} sets nothing: give bits:N, group:N|channel, sym or asym after '='"
-        )
+        raise QronosError(f"{what} sets nothing: give bits:N, group:N|channel, sym or asym")
     if len(set(keys)) < len(keys) or {"sym", "asym"} <= set(keys):
-        raise QronosError(f"override {spec!r} sets a key twice or both sym and asym")
+        raise QronosError(f"{what} sets a key twice or both sym and asym")
     fields: GridFields = {}
     for item in items:
         key, _, value = item.partition(":")
@@ -368,15 +418,14 @@ def parse_override(spec: str) -> tuple[str, GridFields]:
                 raise ValueError(item)
         except ValueError as err:
             raise QronosError(
-                f"override {spec!r}: cannot read {item!r} (keys: bits:N, "
-                "group:N|channel, sym, asym)"
+                f"{what}: cannot read {item!r} (keys: bits:N, group:N|channel, sym, asym)"
             ) from err
     if "bits" in fields and fields["bits"] not in BITS:
-        raise QronosError(f"override {spec!r}: bits must be {BITS.describe(integer=True)}")
+        raise QronosError(f"{what}: bits must be {BITS.describe(integer=True)}")
     group = fields.get("group_size")
     if group is not None and group < 1:
-        raise QronosError(f"override {spec!r}: group must be a positive integer or channel")
-    return pattern, fields
+        raise QronosError(f"{what}: group must be a positive integer or channel")
+    return fields
 
 
 @dataclass(frozen=True)

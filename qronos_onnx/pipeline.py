@@ -22,7 +22,9 @@ contracts that keep no state: each returns its results. The input model is never
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
+import json
 import os
 import tempfile
 import time
@@ -34,17 +36,26 @@ from typing import Any, Protocol
 
 import onnx_ir as ir
 
+from .budget import (
+    Allocation,
+    allocate,
+    check_units,
+    measure_units,
+    plan_units,
+    require_feasible,
+    units_from_report,
+)
 from .calibration.data import calibration_samples
 from .calibration.runner import CalibrationOptions, CalibrationRun
 from .calibration.session import require_runnable_dtype
-from .errors import CalibrationWarning, RecipeWarning, RotationWarning
+from .errors import CalibrationWarning, QronosError, RecipeWarning, RotationWarning
 from .export import exported_checkpoint, resolve_model
 from .files.scratch import ScratchArrays
 from .formats.base import Format
 from .ir.model_io import load_model
 from .ir.signature import detect_signature
-from .ir.targets import Skipped, require_targets
-from .ir.values import keep_constants_in
+from .ir.targets import Skipped, Target, require_targets
+from .ir.values import constant, keep_constants_in
 from .options import WIKI_VITAL, Options
 from .passes.act_quant import InsertActQuantPass, KernelActQuant
 from .passes.calibrate import CalibrateSolvePass, Observer, SolveResult, TargetResult
@@ -52,7 +63,7 @@ from .passes.chain import run_passes
 from .passes.lm_head import UntieLmHeadPass
 from .passes.rotate import apply_rotations, refuse_layer_norms
 from .passes.rotation_check import RotationCheckPass
-from .quant import SolverWarning
+from .quant import Grid, SolverWarning
 from .registry import FORMATS, get_format
 from .report import Report, RotationReport, build_report
 from .scheme import Scheme
@@ -112,6 +123,15 @@ def preflight(options: Options, data: Any = None) -> tuple[Scheme, list[str]]:
     scheme = Scheme.of(options)
     fmt = get_format(options.format)
     notes = fmt.check(scheme.grids)
+    if scheme.candidates and fmt.stored_bytes(scheme.grid, 1, 1, 4) is None:
+        raise QronosError(f"the {fmt.name} format does not declare its sizes: no size budget")
+    if scheme.candidates and options.format == "qdq" and options.act_bits == 8:
+        raise QronosError(
+            "a size budget does not take format qdq with 8-bit activations (its 8-bit codes "
+            "then gain zero points the budget does not count): use format matmulnbits"
+        )
+    if options.sensitivity is not None:
+        read_report(options.sensitivity)
     _warn_unused_data(options, data)
     _warn_unused_options(options, fmt)
     return scheme, notes
@@ -183,16 +203,14 @@ def _run(model_path, options, scheme, notes, writer, data, observer, t0) -> Repo
                 spill_dir=writer.scratch,
             )
             fmt = get_format(options.format)
+            kernel = functools.partial(fmt.kernel_act_quant, options)
+            allocation = None
+            if scheme.candidates:
+                scheme, allocation = choose_grids(
+                    model, model_path, options, scheme, samples, calibration, kernel, writer.scratch
+                )
             rewrite = fmt.rewrite_pass(options)
-            solved = quantize(
-                model,
-                scheme,
-                samples,
-                calibration,
-                rewrite,
-                observer,
-                functools.partial(fmt.kernel_act_quant, options),
-            )
+            solved = quantize(model, scheme, samples, calibration, rewrite, observer, kernel)
             notes = [*notes, *getattr(rewrite, "notes", [])]  # how the format wrote layers
 
             def make_report(files: list[Path]) -> Report:
@@ -207,9 +225,68 @@ def _run(model_path, options, scheme, notes, writer, data, observer, t0) -> Repo
                     messages,
                     time.perf_counter() - t0,
                     rotation,
+                    allocation,
                 )
 
             return writer.write(model, make_report)
+
+
+def choose_grids(
+    model: ir.Model,
+    model_path: Path,
+    options: Options,
+    scheme: Scheme,
+    samples: Sequence[dict],
+    calibration: CalibrationOptions,
+    kernel: KernelActQuant,
+    scratch: Path | None,
+) -> tuple[Scheme, Allocation]:
+    """A size budget's grids (``budget.py``): every group of ``model`` (prepared: lm_head
+    untied, rotated) measured at every candidate grid, by a calibration run on a second copy
+    prepared the same way, or read from ``options.sensitivity``; then the knapsack. Returns
+    the scheme with the chosen grids assigned, and the allocation for the report."""
+    fmt = get_format(options.format)
+    groups, _ = scheme.select(model)
+
+    def layer_bytes(grid: Grid, target: Target) -> int:
+        itemsize = int(constant(model.graph.initializers[target.weight]).dtype.itemsize)
+        size = fmt.stored_bytes(grid, target.out_features, target.in_features, itemsize)
+        assert size is not None  # preflight refused formats that do not declare it
+        return size
+
+    units = plan_units(groups, scheme.candidates_for, layer_bytes)
+    assert options.bits_per_weight is not None  # scheme.candidates come with a budget
+    require_feasible(units, options.bits_per_weight)  # before the measuring run
+    if options.sensitivity is not None:
+        reused = units_from_report(read_report(options.sensitivity))
+        check_units(reused, units)
+        units = reused
+    else:
+        probe = load_model(model_path)
+        with constants_on_disk(probe, scratch):
+            if scheme.lm_head != "skip":
+                run_passes(probe, [UntieLmHeadPass(scheme.include, scheme.exclude)])
+            if options.rotate != "none":  # as the model was (it was checked then)
+                apply_rotations(probe, options.rotate, options.rotate_sites, options.rotate_seed)
+            passes = [
+                InsertActQuantPass(scheme, kernel),
+                CalibrateSolvePass(scheme, samples, calibration, measure=True),
+            ]
+            measured = next(r for r in run_passes(probe, passes) if isinstance(r, SolveResult))
+        measure_units(units, measured.measured, measured.run_info.output_error)
+    allocation = allocate(units, options.bits_per_weight, options.mix_weighting)
+    return dataclasses.replace(scheme, assigned=allocation.assigned), allocation
+
+
+def read_report(path: str | os.PathLike) -> dict:
+    """A report written by an earlier run (``QronosError`` when it cannot be read)."""
+    try:
+        report = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise QronosError(f"cannot read the report {path}: {err}") from err
+    if not isinstance(report, dict):
+        raise QronosError(f"{path} is not a qronos-onnx report")
+    return report
 
 
 def memory_budget(gigabytes: float | None) -> int:

@@ -20,6 +20,7 @@ from .passes.rotate import RotationLog
 from .passes.rotation_check import InputRange, RotationCheck
 
 if TYPE_CHECKING:
+    from .budget import Allocation
     from .pipeline import Quantized
 
 
@@ -175,6 +176,9 @@ class Report:
         warnings: the messages of the run's warnings (also printed as they happened).
         totals: see ``Totals``.
         rotation: see ``RotationReport``; ``None`` without rotations.
+        budget: a size budget's allocation (``budget.Allocation``): every layer group with
+            each candidate grid's stored bytes and measured errors (absolute, per target,
+            beside ``output_ref``) and its choice; ``None`` without a budget.
     """
 
     model: str
@@ -189,6 +193,7 @@ class Report:
     warnings: list[str]
     totals: Totals
     rotation: RotationReport | None = None
+    budget: dict[str, Any] | None = None
 
     def as_dict(self) -> dict[str, Any]:
         """The JSON structure of ``OUT.report.json``."""
@@ -216,6 +221,7 @@ def build_report(
     warnings: list[str],
     wall_seconds: float,
     rotation: RotationReport | None = None,
+    allocation: Allocation | None = None,
 ) -> Report:
     """The report of one run. ``output`` is the output model's final path, ``files`` the files
     written for it so far (possibly still in a staging directory): their sizes make
@@ -254,6 +260,9 @@ def build_report(
             peak_rss_mb=round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
         ),
         rotation=rotation,
+        budget=None
+        if allocation is None
+        else json.loads(json.dumps(allocation.as_dict(), default=str)),
     )
 
 

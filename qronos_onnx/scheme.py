@@ -16,7 +16,7 @@ from .errors import RecipeWarning
 from .ir.act_quant import ActQuant
 from .ir.patterns import matches
 from .ir.targets import Skipped, Target, TargetGroup, find_targets
-from .options import Options, parse_override
+from .options import Options, parse_grid_fields, parse_override
 from .quant import Grid, Variant
 
 
@@ -65,6 +65,9 @@ class Scheme:
             matched against readable and node names.
         overrides: ``(pattern, grid)`` pairs: targets matching a pattern use its grid.
         act_quant: activation quantizer in front of every quantized layer (W4A4, W8A8).
+        candidates: the grids a size budget chooses from (``budget.py``); empty: none.
+        assigned: ``(target node, grid)`` pairs chosen for a budget: they come before
+            every other rule, the lm_head's included.
     """
 
     grid: Grid = field(default_factory=lambda: Grid(bits=4, group_size=128))
@@ -74,6 +77,8 @@ class Scheme:
     exclude: tuple[str, ...] = ()
     overrides: tuple[tuple[str, Grid], ...] = ()
     act_quant: ActQuant | None = None
+    candidates: tuple[Grid, ...] = ()
+    assigned: tuple[tuple[str, Grid], ...] = ()
 
     @classmethod
     def of(cls, options: Options) -> Scheme:
@@ -98,8 +103,17 @@ class Scheme:
         for spec in options.overrides:
             pattern, fields = parse_override(spec)
             overrides.append((pattern, dataclasses.replace(grid, **fields)))
+        candidates = (
+            ()
+            if options.bits_per_weight is None
+            else tuple(
+                dataclasses.replace(grid, **parse_grid_fields(spec, "mix grid"))
+                for spec in options.mix_grids
+            )
+        )
         return cls(
             grid=grid,
+            candidates=candidates,
             solver=SolverOptions(
                 algorithm=options.algo,
                 act_order=options.act_order,
@@ -116,19 +130,21 @@ class Scheme:
     @property
     def grids(self) -> list[Grid]:
         """Every grid a layer may get (the main grid, the overrides', the lm_head's)."""
-        grids = [self.grid, *(g for _, g in self.overrides)]
+        grids = [self.grid, *(g for _, g in self.overrides), *self.candidates]
         return grids + ([LM_HEAD_GRIDS[self.lm_head]] if self.lm_head != "skip" else [])
 
     @property
     def needs_statistics(self) -> bool:
         """Whether solving needs the calibration statistics (a solver that reads ``H``, MagR,
-        and an activation quantizer, whose quantized stream feeds them)."""
+        an activation quantizer, whose quantized stream feeds them, and a size budget, whose
+        candidates are measured on them)."""
         from .registry import SOLVERS
 
         return (
             SOLVERS[self.solver.algorithm].needs_h
             or self.solver.magr is not None
             or self.act_quant is not None
+            or bool(self.candidates)
         )
 
     def select(self, model: ir.Model) -> tuple[list[TargetGroup], list[Skipped]]:
@@ -145,8 +161,21 @@ class Scheme:
         """The grid of one target: the lm_head policy's for the lm_head, else the first
         override whose pattern matches, else ``grid``; per channel where its groups are
         larger than the target's rows (``Grid.for_features``)."""
+        assigned = dict(self.assigned).get(target.node)
+        if assigned is not None:
+            return assigned.for_features(target.in_features)
         grid = LM_HEAD_GRIDS[self.lm_head] if target.lm_head else self.requested_grid(target)
         return grid.for_features(target.in_features)
+
+    def candidates_for(self, group: TargetGroup) -> list[Grid]:
+        """The candidate grids of a group, as its targets would use them
+        (``Grid.for_features``; repeats dropped); for the lm_head only those of 4 bits and
+        more, whose codes the embedding table can share (``formats/embedding.py``)."""
+        lm_head = any(t.lm_head for t in group.targets)
+        grids = [
+            g.for_features(group.in_features) for g in self.candidates if not lm_head or g.bits >= 4
+        ]
+        return list(dict.fromkeys(grids))
 
     def requested_grid(self, target: Target) -> Grid:
         """The grid the scheme names for a (non-lm_head) target: the first override whose

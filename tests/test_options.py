@@ -20,6 +20,7 @@ from qronos_onnx.schema import fields, meta
 #: The presets as the README documents them (independent of the recipe files).
 DOCUMENTED = {
     "w4": {},
+    "w3mix": {"bits_per_weight": 3.25},
     "w3": {"bits": 3, "group_size": 128, "symmetric": False, "scale_search": "minmax"},
     "w2": {"bits": 2, "symmetric": False, "scale_search": "minmax"},
     "w4a4": {
@@ -94,6 +95,10 @@ EVERYTHING = {
     "rotate_seed": (7, ["--rotate-seed", "7"]),
     "magr": (0.01, ["--magr", "0.01"]),
     "act_clip": (0.9, ["--act-clip", "0.9"]),
+    "bits_per_weight": (3.5, ["--bits-per-weight", "3.5"]),
+    "mix_grids": (("bits:2,group:64", "bits:4"), ["--mix-grids", "bits:2,group:64", "bits:4"]),
+    "mix_weighting": ("absolute", ["--mix-weighting", "absolute"]),
+    "sensitivity": ("old.report.json", ["--sensitivity", "old.report.json"]),
 }
 
 

@@ -49,6 +49,14 @@ class Format(ABC):
         does it)."""
         return None
 
+    def stored_bytes(
+        self, grid: Grid, out_features: int, in_features: int, scale_bytes: int
+    ) -> int | None:
+        """Bytes one ``[out_features, in_features]`` layer takes when written with ``grid``
+        (codes, scales of ``scale_bytes`` each, zero points), exactly as ``rewrite_pass``
+        writes it; ``None``: not declared (a size budget cannot use this format)."""
+        return None
+
     @abstractmethod
     def rewrite_pass(self, options: Options) -> ir.passes.PassBase:
         """The pass that writes every solved target's codes into the graph (the solved

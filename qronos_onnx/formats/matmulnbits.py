@@ -159,6 +159,17 @@ class MatMulNBits(Format):
             return ActQuant(8, "block", block=block)
         return None
 
+    def stored_bytes(
+        self, grid: Grid, out_features: int, in_features: int, scale_bytes: int
+    ) -> int:
+        """B ``[N, blocks, block * bits / 8]``, scales ``[N, blocks]``, and for asymmetric
+        grids zero points packed per row ``[N, ceil(blocks * bits / 8)]`` (``to_matmulnbits``)."""
+        bits = container_bits(grid.bits)
+        block = block_size_for(grid.for_features(in_features).group_size, in_features)
+        blocks = -(-in_features // block)
+        zero_points = 0 if grid.symmetric else -(-blocks * bits // 8)
+        return out_features * (blocks * block * bits // 8 + blocks * scale_bytes + zero_points)
+
     def rewrite_pass(self, options: Options) -> ir.passes.PassBase:
         return ToMatMulNBitsPass(options.accuracy_level)
 

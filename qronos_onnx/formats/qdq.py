@@ -154,6 +154,18 @@ class QDQ(Format):
             if g.bits not in (4, 8)
         ]
 
+    def stored_bytes(
+        self, grid: Grid, out_features: int, in_features: int, scale_bytes: int
+    ) -> int:
+        """int4/uint4 (up to 4 bits, two per byte) or int8/uint8 codes, one scale per group
+        and, for asymmetric grids, one zero point per group of the codes' type. (8-bit
+        symmetric codes read by integer activations gain a uint8 zero point: W8A8 is not
+        budgeted.)"""
+        bits = 4 if grid.bits <= 4 else 8
+        groups = out_features * grid.n_groups(in_features)
+        zero_points = 0 if grid.symmetric else -(-groups * bits // 8)
+        return -(-out_features * in_features * bits // 8) + groups * scale_bytes + zero_points
+
     def rewrite_pass(self, options: Options) -> ir.passes.PassBase:
         return ToQDQPass()
 

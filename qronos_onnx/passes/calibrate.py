@@ -16,6 +16,7 @@ what the calibration run did. The pass keeps no state of its own: it can run aga
 
 from __future__ import annotations
 
+import itertools
 import tempfile
 import time
 import warnings
@@ -150,6 +151,23 @@ def _row_dots(a: torch.Tensor, b: torch.Tensor, rows: int = 1024) -> torch.Tenso
 
 
 @dataclass
+class CandidateTerms:
+    """One candidate grid of one group, measured (``CalibrateSolvePass(measure=True)``).
+
+    Per target: ``cross`` ``tr(W G Q^T)`` and ``quad`` ``tr(Q H Q^T)`` of the codes solved on
+    ``grid``, and the same of round-to-nearest codes; with the measured ``||W X||^2 / n`` they
+    make ``||W X - Q X~||^2 / n`` (``TargetResult``'s conventions, stage mode included).
+    """
+
+    group: TargetGroup
+    grid: Grid
+    cross: list[float]
+    quad: list[float]
+    cross_rtn: list[float]
+    quad_rtn: list[float]
+
+
+@dataclass
 class SolveResult(ir.passes.PassResult):
     """What ``CalibrateSolvePass`` did.
 
@@ -157,11 +175,13 @@ class SolveResult(ir.passes.PassResult):
         results: every solved target (``TargetResult``), in solve order.
         skipped: the layers left in float, with the reason.
         run_info: what the calibration run did (``CalibrationRun``).
+        measured: with ``measure``, every group at every candidate grid.
     """
 
     results: list[TargetResult] = field(default_factory=list)
     skipped: list[Skipped] = field(default_factory=list)
     run_info: CalibrationRun = field(default_factory=CalibrationRun)
+    measured: list[CandidateTerms] = field(default_factory=list)
 
 
 class CalibrateSolvePass(ir.passes.InPlacePass):
@@ -172,6 +192,9 @@ class CalibrateSolvePass(ir.passes.InPlacePass):
         samples: full-graph feed dicts, one per calibration batch.
         calibration: engine options (reference stream, device, progress).
         observer: optional callback after each group (tests use it to check statistics).
+        measure: also solve every group at each of the scheme's candidate grids and return
+            their errors' terms (``SolveResult.measured``, for a size budget: ``budget.py``);
+            the quantized stream still advances with the scheme's grids.
     """
 
     def __init__(
@@ -180,12 +203,14 @@ class CalibrateSolvePass(ir.passes.InPlacePass):
         samples: Sequence[dict],
         calibration: CalibrationOptions | None = None,
         observer: Observer | None = None,
+        measure: bool = False,
     ):
         super().__init__()
         self.scheme = scheme
         self.samples = samples
         self.calibration = calibration or CalibrationOptions()
         self.observer = observer
+        self.measure = measure
 
     def requires(self, model: ir.Model) -> None:
         detect_signature(model)
@@ -203,10 +228,17 @@ class CalibrateSolvePass(ir.passes.InPlacePass):
     def _call(self, model: ir.Model, codes: ScratchArrays) -> SolveResult:
         groups, skipped = self.scheme.select(model)
         results: list[TargetResult] = []
+        measured: list[CandidateTerms] = []
+
+        def solve_group(group: TargetGroup, moments: SecondMoments | None):
+            if self.measure and moments is not None:
+                measured.extend(self._measure(model, group, moments))
+            return self._solve(model, group, moments, results, codes)
+
         if not self.scheme.needs_statistics:
             run_info = CalibrationRun()  # RTN needs no data: no calibration at all
             for group in groups:
-                self._solve(model, group, None, results, codes)
+                solve_group(group, None)
         else:
             signature = detect_signature(model)
             _warn_if_too_few_tokens(groups, self.samples, signature, self.scheme.solver.algorithm)
@@ -214,12 +246,12 @@ class CalibrateSolvePass(ir.passes.InPlacePass):
             widest = max(g.in_features for g in groups)
             stages = plan_stages(model, groups, self.calibration.recomputes_wide(tokens, widest))
             calibrator = TwoStreamCalibrator(model, stages, self.samples, self.calibration)
-            run_info = calibrator.run(lambda g, m: self._solve(model, g, m, results, codes))
+            run_info = calibrator.run(solve_group)
         for result in results:
             ref, err = run_info.output_error.get(result.target.node, (None, None))
             result.output_ref, result.output_err = ref, err
             self._write(model, result)
-        return SolveResult(model, True, results, skipped, run_info)
+        return SolveResult(model, True, results, skipped, run_info, measured)
 
     def ensures(self, model: ir.Model) -> None:
         unsolved = [
@@ -265,15 +297,56 @@ class CalibrateSolvePass(ir.passes.InPlacePass):
             self.observer(group, *seen, new)
         return solved
 
+    def _measure(
+        self, model: ir.Model, group: TargetGroup, moments: SecondMoments
+    ) -> list[CandidateTerms]:
+        """Solve the group's stacked weight at every candidate grid (``moments`` left as they
+        are) and return each one's error terms per target; the codes are dropped."""
+        targets = group.targets
+        W = self._stacked_weight(model, targets)
+        device = W.device
+        H, G = moments.H.to(device), moments.G.to(device)  # type: ignore[union-attr]
+        moments.H, moments.G = H, G
+        ref = (H if self.calibration.reference == "stage" else G).float()
+        bounds = np.cumsum([0] + [t.out_features for t in targets])
+
+        def per_target(rows: torch.Tensor) -> list[float]:
+            return [float(rows[a:b].sum()) for a, b in itertools.pairwise(bounds)]
+
+        out = []
+        for grid in self.scheme.candidates_for(group):
+            q, cross_rtn, quad_rtn = self._solve_rows(W, grid, SecondMoments(H, G), targets[0].name)
+            Q = q.dequantize().to(device)
+            cross = _row_dots(W.float() @ ref, Q)
+            quad = _row_dots(Q @ H.float(), Q)
+            out.append(
+                CandidateTerms(
+                    group,
+                    grid,
+                    per_target(cross),
+                    per_target(quad),
+                    per_target(cross_rtn),
+                    per_target(quad_rtn),
+                )
+            )
+        return out
+
+    def _stacked_weight(self, model: ir.Model, targets: Sequence[Target]) -> torch.Tensor:
+        """The targets' weights ``[sum of out_features, in_features]`` on the solve device."""
+        W = torch.cat(
+            [
+                weight_matrix(constant(model.graph.initializers[t.weight]), t.transposed, t.name)
+                for t in targets
+            ]
+        )
+        return W.to(torch_device(self.calibration.device))
+
     def _solve_stack(self, model, targets, grid, moments, codes):
         """One stacked solve: ``({weight: stored-layout dequantized weight}, results)``; the
         codes are kept in ``codes`` (memory-mapped)."""
         tensors = [model.graph.initializers[t.weight].const_value for t in targets]
-        W = torch.cat(
-            [weight_matrix(x, t.transposed, t.name) for x, t in zip(tensors, targets, strict=False)]
-        )
-        device = torch_device(self.calibration.device)
-        W = W.to(device)
+        W = self._stacked_weight(model, targets)
+        device = W.device
         t0 = time.perf_counter()
         if moments is None:  # RTN without calibration
             q = solve("rtn", W, grid=grid, name=targets[0].name)
