@@ -31,7 +31,7 @@ check: install
 
 # What CI runs (.ci/run): the checks, then every test.
 test: check
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q --durations=15
 
 # The quick tier while working: no child processes, Olive runs or SmolLM2.
 test-fast: install

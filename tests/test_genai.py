@@ -6,6 +6,7 @@ import shutil
 
 import numpy as np
 import onnx
+import onnx_ir as ir
 import onnxruntime as ort
 import pytest
 from onnx import numpy_helper
@@ -15,6 +16,7 @@ from qronos_onnx.cli import main
 from qronos_onnx.ir.model_io import load_model
 from qronos_onnx.ir.packing import NBitsTensors, from_matmulnbits
 from qronos_onnx.ir.signature import detect_signature
+from qronos_onnx.ir.sizes import stored_weights
 from tests.reference import mlas_int8_blocks
 
 og = pytest.importorskip("onnxruntime_genai")
@@ -147,6 +149,32 @@ def test_an_int8_lm_head_of_a_builder_model(builder_model, tmp_path, corpus):
     inits = onnx.load(str(out / "model.onnx")).graph.initializer
     assert not [t.name for t in inits if sorted(t.dims) == [64, 260]]  # no float table left
     assert len(generate(out)) == 6
+
+
+def test_a_size_budget_on_a_builder_model_runs_in_genai(builder_model, tmp_path, corpus):
+    """--w3mix on the builder's model: MatMulNBits of several widths (the packed QKV one
+    choice), the lm_head at 4 or 8 bits with the embedding reading its codes, the stored
+    sizes as planned, and GenAI's greedy tokens the argmax of the model's own logits."""
+    out = tmp_path / "q"
+    args = ["optimize", str(builder_model), "-o", str(out / "model.onnx"), "--w3mix"]
+    assert main([*args, "--calib-data", str(corpus), *FAST]) == 0
+    report = json.loads((out / "model.report.json").read_text())
+    proto = onnx.load(str(out / "model.onnx"), load_external_data=False)
+    widths = {
+        onnx.helper.get_attribute_value(a)
+        for n in proto.graph.node
+        if n.op_type == "MatMulNBits"
+        for a in n.attribute
+        if a.name == "bits"
+    }
+    assert len(widths) > 1
+    assert "GatherBlockQuantized" in {n.op_type for n in proto.graph.node}
+    head = next(u for u in report["budget"]["units"] if u["targets"] == ["lm_head"])
+    assert head["candidates"][head["choice"]]["grid"]["bits"] in (4, 8)
+    stored = sum(w.bytes for w in stored_weights(ir.load(out / "model.onnx")))
+    assert stored == report["budget"]["used_bytes"] <= report["budget"]["budget_bytes"]
+    tokens = generate(out)
+    assert len(tokens) == 6 and tokens == teacher_forced_argmax(out / "model.onnx", tokens)
 
 
 def test_a_torch_export_gets_a_genai_config_on_request(tiny_models, tmp_path, corpus):
