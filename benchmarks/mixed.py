@@ -5,6 +5,8 @@ Runtime GenAI's builder (its int4, and its ``k_quant_mixed``).
     .venv/bin/python models/smollm2.py --checkpoint     # the model and its checkpoint
     .venv/bin/python benchmarks/mixed.py [--rows NAME ...]   # rows are cached in mixed.json
     .venv/bin/python benchmarks/mixed.py --plot          # benchmarks/mixed.png (needs matplotlib)
+    .venv/bin/python models/gemma3.py && .venv/bin/python benchmarks/mixed.py --held-out
+                                                         # Gemma-3-270M: mixed-held-out.json
 
 Every model is scored on the protocol (40 windows of 512 tokens of wiki-vital's test side); its
 size is the stored bytes of its quantized weights (codes, scales, zero points, read from the
@@ -17,8 +19,13 @@ file: ``qronos_onnx.ir.sizes``). The lm_head and the embedding stay float in eve
 - *ratio heuristic*: one primary grid, and the layer groups with the largest one-shot score
   promoted to a backup grid until the size is reached (NNCF's ``ratio`` with a data-aware
   score; Olive's ``SelectiveMixedPrecision``). The score is each group's relative output error
-  with round-to-nearest codes on the primary grid (int4 group 128 for the int4 primary),
-  from the same calibration statistics; the layers are then solved by Qronos like ours.
+  with round-to-nearest codes on the primary grid, from the same calibration statistics; the
+  layers are then solved by Qronos like ours. (int4 in groups of 64 is the primary at 100%:
+  MatMulNBits pads SmolLM2's 576 inputs to 640 in blocks of 128, so groups of 64 are smaller.)
+
+``--held-out``: the reference, the two budgets and the two heuristics on a model no choice here
+was made on, Gemma-3-270M (``models/gemma3.py``, from PyPI: sandwich norms, a vocabulary of
+262,144, hidden 640), on the same protocol.
 """
 
 from __future__ import annotations
@@ -27,13 +34,13 @@ import argparse
 import json
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-MODEL = ROOT / "models" / "smollm2-135m" / "model.onnx"
 CHECKPOINT = ROOT / "models" / "smollm2-135m-hf"
-WORK = ROOT / "models" / "smollm2-135m-mixed"
-RESULTS = Path(__file__).with_name("mixed.json")
+
+
 #: Every one of our rows: float lm_head and embedding, float activations in the kernel.
 COMMON = {"lm_head": "skip", "accuracy_level": 0, "progress": False, "force": True}
 #: The size every share is of: uniform int4 asymmetric, group 128 (range scales: the
@@ -41,8 +48,8 @@ COMMON = {"lm_head": "skip", "accuracy_level": 0, "progress": False, "force": Tr
 REFERENCE = "uniform int4 asym g128 (minmax)"
 A4G128 = {"bits": 4, "group_size": 128, "symmetric": False}
 A2G64 = {"bits": 2, "group_size": 64, "symmetric": False}
-A4CH = {"bits": 4, "group_size": "channel", "symmetric": False}
-S8G128 = {"bits": 8, "group_size": 128, "symmetric": True}
+A4G64 = {"bits": 4, "group_size": 64, "symmetric": False}
+S8G64 = {"bits": 8, "group_size": 64, "symmetric": True}
 MEASURING = "budget 100% (relative)"
 
 #: name -> (kind, settings). Kinds: uniform (options), budget (share, weighting),
@@ -52,13 +59,13 @@ ROWS: dict[str, tuple[str, dict]] = {
     MEASURING: ("budget", {"share": 1.0, "weighting": "relative"}),
     "budget 75% (relative)": ("budget", {"share": 0.75, "weighting": "relative"}),
     "--w3 (int3 asym g128, in the 4-bit container)": ("uniform", {"config": "w3"}),
-    "ratio heuristic 100% (int4 per channel + int8)": (
+    "ratio heuristic 100% (int4 g64 + int8 g64)": (
         "heuristic",
-        {"share": 1.0, "primary": A4CH, "backup": S8G128, "score": A4G128},
+        {"share": 1.0, "primary": A4G64, "backup": S8G64, "score": A4G64},
     ),
-    "ratio heuristic 75% (int2 g64 + int4 g128)": (
+    "ratio heuristic 75% (int2 g64 + int4 g64)": (
         "heuristic",
-        {"share": 0.75, "primary": A2G64, "backup": A4G128, "score": A2G64},
+        {"share": 0.75, "primary": A2G64, "backup": A4G64, "score": A2G64},
     ),
     "budget 100% (absolute)": ("budget", {"share": 1.0, "weighting": "absolute"}),
     "budget 75% (absolute)": ("budget", {"share": 0.75, "weighting": "absolute"}),
@@ -74,8 +81,44 @@ ROWS: dict[str, tuple[str, dict]] = {
 BUILDER_EXCLUDE = "nodes_to_exclude=/lm_head/MatMul,/model/embed_tokens/Gather"
 
 
-def folder(name: str) -> Path:
-    return WORK / "".join(c if c.isalnum() else "_" for c in name).strip("_")
+@dataclass(frozen=True)
+class Setup:
+    """A model and how it is measured."""
+
+    model: Path  # the float model
+    tokenizer: Path  # a folder with its tokenizer
+    work: Path  # the rows' models
+    results: Path  # the rows' measurements (JSON)
+    seqlen: int  # calibration and evaluation windows
+    rows: tuple[str, ...]
+
+
+SMOLLM2 = Setup(
+    ROOT / "models" / "smollm2-135m" / "model.onnx",
+    CHECKPOINT,
+    ROOT / "models" / "smollm2-135m-mixed",
+    Path(__file__).with_name("mixed.json"),
+    512,
+    tuple(ROWS),
+)
+HELD_OUT = Setup(
+    ROOT / "models" / "gemma3-270m" / "model.onnx",
+    ROOT / "models" / "gemma3-270m",
+    ROOT / "models" / "gemma3-270m-mixed",
+    Path(__file__).with_name("mixed-held-out.json"),
+    512,
+    (
+        REFERENCE,
+        MEASURING,
+        "budget 75% (relative)",
+        "ratio heuristic 100% (int4 g64 + int8 g64)",
+        "ratio heuristic 75% (int2 g64 + int4 g64)",
+    ),
+)
+
+
+def folder(setup: Setup, name: str) -> Path:
+    return setup.work / "".join(c if c.isalnum() else "_" for c in name).strip("_")
 
 
 def stored_bytes(model: Path) -> int:
@@ -92,21 +135,21 @@ def reference_bits(cache: dict) -> float:
     return 8 * row["stored_bytes"] / row["parameters"]
 
 
-def make(name: str, cache: dict) -> Path:
+def make(setup: Setup, name: str, cache: dict) -> Path:
     """The row's model (made once): ``folder/model.onnx``."""
     import qronos_onnx
     from qronos_onnx.export import run_builder
 
     kind, spec = ROWS[name]
-    out = folder(name)
+    out = folder(setup, name)
     model = out / "model.onnx"
     if model.is_file():
         return model
     if kind == "builder":
         extra = ",".join([BUILDER_EXCLUDE, *(f"{k}={v}" for k, v in spec.items())])
-        run_builder(CHECKPOINT, out, "int4", extra)
+        run_builder(setup.tokenizer, out, "int4", extra)
         return model
-    options = dict(COMMON)
+    options = {**COMMON, "seqlen": setup.seqlen}
     config = None
     if kind == "uniform":
         config = spec.get("config")
@@ -115,22 +158,22 @@ def make(name: str, cache: dict) -> Path:
         options["bits_per_weight"] = spec["share"] * reference_bits(cache)
         options["mix_weighting"] = spec["weighting"]
         if name != MEASURING:
-            options["sensitivity"] = str(folder(MEASURING) / "model.report.json")
+            options["sensitivity"] = str(folder(setup, MEASURING) / "model.report.json")
     else:
         options.update(spec["primary"])
-        options["overrides"] = heuristic_overrides(spec, cache)
-    qronos_onnx.optimize(MODEL, model, config, **options)
+        options["overrides"] = heuristic_overrides(setup, spec, cache)
+    qronos_onnx.optimize(setup.model, model, config, **options)
     return model
 
 
-def heuristic_overrides(spec: dict, cache: dict) -> tuple[str, ...]:
+def heuristic_overrides(setup: Setup, spec: dict, cache: dict) -> tuple[str, ...]:
     """The ratio heuristic's promotions: groups by decreasing one-shot score (relative
     round-to-nearest output error on ``score``'s grid, from the measuring run), promoted to
     the backup grid while the stored size stays within the share."""
     from qronos_onnx.quant import Grid
     from qronos_onnx.registry import get_format
 
-    report = json.loads((folder(MEASURING) / "model.report.json").read_text())
+    report = json.loads((folder(setup, MEASURING) / "model.report.json").read_text())
     shapes = {t["name"]: t["shape"] for t in report["targets"]}
     fmt = get_format("matmulnbits")
 
@@ -146,10 +189,10 @@ def heuristic_overrides(spec: dict, cache: dict) -> tuple[str, ...]:
 
     def score(unit: dict) -> float:
         for c in unit["candidates"]:
-            g = c["grid"]
-            if (g["bits"], g["symmetric"]) == (score_grid.bits, score_grid.symmetric) and g[
-                "group_size"
-            ] in (score_grid.group_size, None):
+            if Grid(**c["grid"]).group_size in (score_grid.group_size, None) and (
+                c["grid"]["bits"],
+                c["grid"]["symmetric"],
+            ) == (score_grid.bits, score_grid.symmetric):
                 return sum(e / r for e, r in zip(c["errors_rtn"], unit["output_ref"], strict=True))
         raise ValueError(f"no candidate like {score_grid} in {unit['targets']}")
 
@@ -167,11 +210,12 @@ def heuristic_overrides(spec: dict, cache: dict) -> tuple[str, ...]:
     return tuple(f"{n}={spec_text}" for n in promoted)
 
 
-def measure(name: str, model: Path, seconds: float) -> dict:
+def measure(setup: Setup, model: Path, seconds: float) -> dict:
+    """Perplexity on 40 test windows, and the stored bytes."""
     from qronos_onnx.calibration.data import token_windows
     from qronos_onnx.eval import evaluate_windows
 
-    windows = token_windows("wiki-vital", CHECKPOINT, 512, 40, "test", random=False)
+    windows = token_windows("wiki-vital", setup.tokenizer, setup.seqlen, 40, "test", random=False)
     result = evaluate_windows(model, windows, progress=False)
     row = {"perplexity": result.perplexity, "stored_bytes": stored_bytes(model)}
     report = model.with_name("model.report.json")
@@ -187,7 +231,7 @@ def measure(name: str, model: Path, seconds: float) -> dict:
     return row
 
 
-def plot(cache: dict, out: Path) -> None:
+def plot(setup: Setup, cache: dict, out: Path) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -209,7 +253,7 @@ def plot(cache: dict, out: Path) -> None:
         key = (
             f"budget ({spec['weighting']})"
             if kind == "budget"
-            else {"heuristic": "ratio heuristic", "--w3": "uniform"}.get(kind, kind)
+            else {"heuristic": "ratio heuristic"}.get(kind, kind)
         )
         series[key].append((row["stored_bytes"] / 1e6, row["perplexity"], name))
     for key, points in series.items():
@@ -225,9 +269,9 @@ def plot(cache: dict, out: Path) -> None:
                     n.split(" (")[0], (x, y), fontsize=6, xytext=(3, 3), textcoords="offset points"
                 )
     ax.set_yscale("log")
-    ax.set_xlabel("stored MB of the 210 quantized layers (codes, scales, zero points)")
+    ax.set_xlabel("stored MB of the quantized layers (codes, scales, zero points)")
     ax.set_ylabel("perplexity (wiki-vital test, 40 x 512)")
-    ax.set_title("SmolLM2-135M: size against perplexity (float 14.44)")
+    ax.set_title(f"{setup.model.parent.name}: size against perplexity, lm_head and embedding float")
     ax.grid(True, which="both", alpha=0.3)
     ax.legend()
     fig.tight_layout()
@@ -236,34 +280,35 @@ def plot(cache: dict, out: Path) -> None:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--rows", nargs="*", default=list(ROWS), help="rows to make and measure")
+    ap.add_argument("--rows", nargs="*", help="rows to make and measure (default: all)")
     ap.add_argument("--plot", action="store_true", help="draw benchmarks/mixed.png and stop")
+    ap.add_argument("--held-out", action="store_true", help="the tiny Gemma-3 relative")
     args = ap.parse_args()
-    cache = json.loads(RESULTS.read_text()) if RESULTS.exists() else {}
+    setup = HELD_OUT if args.held_out else SMOLLM2
+    cache = json.loads(setup.results.read_text()) if setup.results.exists() else {}
     if args.plot:
-        plot(cache, RESULTS.with_suffix(".png"))
+        plot(setup, cache, setup.results.with_suffix(".png"))
         return
-    if not MODEL.is_file() or not (CHECKPOINT / "config.json").is_file():
-        sys.exit("run: python models/smollm2.py && python models/smollm2.py --checkpoint")
-    for name in args.rows:
+    if not setup.model.is_file() or not (setup.tokenizer / "tokenizer.json").is_file():
+        sys.exit(f"{setup.model} is missing: see this script's docstring")
+    if setup is SMOLLM2 and not (CHECKPOINT / "config.json").is_file():
+        sys.exit("run: python models/smollm2.py --checkpoint")
+    for name in args.rows or setup.rows:
         if name in cache and "perplexity" in cache[name]:
             continue
         t0 = time.perf_counter()
         print(f"{time.strftime('%H:%M:%S')} making {name} ...", flush=True)
-        model = make(name, cache)
-        cache[name] = measure(name, model, time.perf_counter() - t0)
+        model = make(setup, name, cache)
+        cache[name] = measure(setup, model, time.perf_counter() - t0)
         print(f"  {cache[name]}", flush=True)
-        RESULTS.write_text(json.dumps(cache, indent=1) + "\n")
-    print("| row | stored MB | bits/weight | perplexity |")
+        setup.results.write_text(json.dumps(cache, indent=1) + "\n")
+    print("| row | stored bytes | bits/weight | perplexity |")
     print("|---|---|---|---|")
-    for name in ROWS:
+    for name in setup.rows:
         row = cache.get(name)
         if row and "perplexity" in row:
             bpw = 8 * row["stored_bytes"] / cache[REFERENCE]["parameters"]
-            print(
-                f"| {name} | {row['stored_bytes'] / 1e6:.2f} | {bpw:.3f} | "
-                f"{row['perplexity']:.2f} |"
-            )
+            print(f"| {name} | {row['stored_bytes']:,} | {bpw:.3f} | {row['perplexity']:.2f} |")
 
 
 if __name__ == "__main__":

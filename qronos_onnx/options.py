@@ -39,13 +39,16 @@ Exporter = Literal["auto", "genai", "torch"]
 ExportDtype = Literal["fp32", "fp16"]
 
 #: The grids a size budget chooses from by default: the widths ONNX Runtime's MatMulNBits
-#: runs (2, 4, 8 bits), from 2.5 to 8.25 stored bits per weight with float32 scales.
+#: runs (2, 4, 8 bits), from 2.5 to 8.5 stored bits per weight with float32 scales. One width
+#: at two block sizes lets a layer whose input is not a multiple of 128 (MatMulNBits pads K
+#: to whole blocks: 576 inputs take 640 codes per row in blocks of 128) take the smaller one.
 MIX_GRIDS = (
     "bits:2,group:64,asym",
     "bits:2,group:32,asym",
     "bits:4,group:128,asym",
+    "bits:4,group:64,asym",
     "bits:4,group:32,sym",
-    "bits:8,group:128,sym",
+    "bits:8,group:64,sym",
 )
 #: Weight and activation widths.
 BITS = Range(2, 8)

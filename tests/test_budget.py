@@ -174,6 +174,8 @@ def test_a_budget_run_stores_what_it_planned(tiny_models, tmp_path, fmt, lm_head
         choice = u["candidates"][u["choice"]]["grid"]
         chosen.add(choice["bits"])
         assert all(grids[name] == choice for name in u["targets"])
+        label = f"{'s' if choice['symmetric'] else 'a'}{choice['bits']} "
+        assert u["why"].startswith(label) and " MB" in u["why"]
         if "lm_head" in u["targets"]:
             assert all(c["grid"]["bits"] >= 4 for c in u["candidates"])
     assert len(chosen) > 1  # a mix, at this budget
