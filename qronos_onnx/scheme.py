@@ -169,12 +169,16 @@ class Scheme:
 
     def candidates_for(self, group: TargetGroup) -> list[Grid]:
         """The candidate grids of a group, as its targets would use them
-        (``Grid.for_features``; repeats dropped); for the lm_head only those of 4 bits and
-        more, whose codes the embedding table can share (``formats/embedding.py``)."""
-        lm_head = any(t.lm_head for t in group.targets)
-        grids = [
-            g.for_features(group.in_features) for g in self.candidates if not lm_head or g.bits >= 4
-        ]
+        (``Grid.for_features``; repeats dropped). For the lm_head only those whose codes the
+        embedding table can share (``formats/embedding.py``: 4- or 8-bit containers, groups
+        that tile the row), else the lm_head policy's grid: an embedding left float would
+        cost more than the lm_head saves."""
+        d = group.in_features
+        grids = [g.for_features(d) for g in self.candidates]
+        if any(t.lm_head for t in group.targets):
+            # (per channel never: MatMulNBits pads the row to a power-of-two block)
+            shareable = [g for g in grids if g.bits >= 3 and d % (g.group_size or d + 1) == 0]
+            grids = shareable or [LM_HEAD_GRIDS[self.lm_head].for_features(d)]
         return list(dict.fromkeys(grids))
 
     def requested_grid(self, target: Target) -> Grid:

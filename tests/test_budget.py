@@ -16,6 +16,7 @@ from qronos_onnx.ir.model_io import load_model
 from qronos_onnx.ir.packing import to_matmulnbits
 from qronos_onnx.ir.signature import detect_signature
 from qronos_onnx.ir.sizes import stored_weights
+from qronos_onnx.ir.targets import Target, TargetGroup
 from qronos_onnx.options import Options
 from qronos_onnx.passes.act_quant import InsertActQuantPass
 from qronos_onnx.passes.calibrate import CalibrateSolvePass, SolveResult
@@ -23,7 +24,7 @@ from qronos_onnx.passes.chain import run_passes
 from qronos_onnx.pipeline import preflight
 from qronos_onnx.quant import Grid
 from qronos_onnx.registry import get_format
-from qronos_onnx.scheme import Scheme
+from qronos_onnx.scheme import LM_HEAD_GRIDS, Scheme
 from tests.helpers import random_samples
 from tests.test_recipe import quantize
 
@@ -102,6 +103,19 @@ def test_bad_budget_options_are_clear_errors(bad):
 def test_a_budget_refuses_sizes_it_cannot_count():
     with pytest.raises(QronosError, match="8-bit activations"):
         preflight(Options(bits_per_weight=5.0, format="qdq", act_bits=8, act_granularity="tensor"))
+
+
+def test_lm_head_candidates_are_those_the_embedding_can_share():
+    """576 columns: blocks of 64 and 32 tile them, blocks of 128 and per channel do not, nor
+    do 2-bit codes; with no such candidate, the lm_head policy's grid."""
+    head = Target("n", "lm_head", "MatMul", "x", "w", False, 576, 1000, "y", lm_head=True)
+    layer = Target("m", "layer", "MatMul", "x", "v", False, 576, 576, "z", lm_head=False)
+    scheme = Scheme.of(Options(bits_per_weight=4.0))
+    grids = scheme.candidates_for(TargetGroup("x", (head,)))
+    assert {(g.bits, g.group_size) for g in grids} == {(4, 64), (4, 32), (8, 64)}
+    assert len(scheme.candidates_for(TargetGroup("x", (layer,)))) == 6
+    two = Scheme.of(Options(bits_per_weight=4.0, mix_grids=("bits:2,group:32",)))
+    assert two.candidates_for(TargetGroup("x", (head,))) == [LM_HEAD_GRIDS["int4"]]
 
 
 def test_measured_errors_match_onnx_runtime(tiny_models):
