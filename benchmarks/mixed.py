@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import sys
 import time
 from dataclasses import dataclass
@@ -57,7 +58,7 @@ A4G128 = {"bits": 4, "group_size": 128, "symmetric": False}
 A2G64 = {"bits": 2, "group_size": 64, "symmetric": False}
 A4G64 = {"bits": 4, "group_size": 64, "symmetric": False}
 S8G64 = {"bits": 8, "group_size": 64, "symmetric": True}
-MEASURING = "budget 100% (relative)"
+MEASURING = "budget 100% (relative)"  # the first budget row: it measures
 
 #: name -> (kind, settings). Kinds: uniform (options), budget (share, weighting),
 #: heuristic (share, primary grid, backup grid, score grid), builder (extra options).
@@ -128,6 +129,12 @@ def folder(setup: Setup, name: str) -> Path:
     return setup.work / "".join(c if c.isalnum() else "_" for c in name).strip("_")
 
 
+def measured(setup: Setup) -> Path:
+    """The measuring run's report (kept beside the rows: every budget and heuristic row reads
+    its measurements)."""
+    return setup.work / "measured.report.json"
+
+
 def stored_bytes(model: Path) -> int:
     import onnx_ir as ir
 
@@ -164,12 +171,14 @@ def make(setup: Setup, name: str, cache: dict) -> Path:
     elif kind == "budget":
         options["bits_per_weight"] = spec["share"] * reference_bits(cache)
         options["mix_weighting"] = spec["weighting"]
-        if name != MEASURING:
-            options["sensitivity"] = str(folder(setup, MEASURING) / "model.report.json")
+        if measured(setup).is_file():
+            options["sensitivity"] = str(measured(setup))
     else:
         options.update(spec["primary"])
         options["overrides"] = heuristic_overrides(setup, spec, cache)
     qronos_onnx.optimize(setup.model, model, config, **options)
+    if kind == "budget" and not measured(setup).is_file():
+        shutil.copyfile(out / "model.report.json", measured(setup))
     return model
 
 
@@ -180,7 +189,7 @@ def heuristic_overrides(setup: Setup, spec: dict, cache: dict) -> tuple[str, ...
     from qronos_onnx.quant import Grid
     from qronos_onnx.registry import get_format
 
-    report = json.loads((folder(setup, MEASURING) / "model.report.json").read_text())
+    report = json.loads(measured(setup).read_text())
     shapes = {t["name"]: t["shape"] for t in report["targets"]}
     fmt = get_format("matmulnbits")
 

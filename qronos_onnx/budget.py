@@ -106,6 +106,7 @@ class Allocation:
         budget_bytes: the budget in bytes.
         used_bytes: the stored bytes of the choice (at most ``budget_bytes``).
         weighting: the sensitivity summed (``WEIGHTINGS``).
+        min_bits: the narrowest code width allowed (``narrowest_width``).
         units: every group with its candidates and its choice.
     """
 
@@ -113,6 +114,7 @@ class Allocation:
     budget_bytes: int
     used_bytes: int
     weighting: str
+    min_bits: int
     units: list[Unit] = field(default_factory=list)
 
     @property
@@ -127,22 +129,26 @@ class Allocation:
 def allocate(units: Sequence[Unit], bits_per_weight: float, weighting: str) -> Allocation:
     """Choose one candidate per unit (``Unit.choice``, set in place): the least summed
     ``WEIGHTINGS[weighting]`` whose stored bytes fit ``bits_per_weight`` times the units'
-    parameters (a multiple-choice knapsack, solved by dynamic programming over bytes).
+    parameters (a multiple-choice knapsack, solved by dynamic programming over bytes), among
+    the candidates of at least ``min_bits`` (``narrowest_width``).
 
     Raises:
         QronosError: the budget is below the cheapest choice (the message gives it).
     """
     score = WEIGHTINGS[weighting]
     budget = require_feasible(units, bits_per_weight)
+    floor = narrowest_width(units, budget)
+    allowed = [[i for i, c in enumerate(u.candidates) if c.grid.bits >= floor] for u in units]
     step = max(1, math.ceil(budget / KNAPSACK_STEPS))
     cap = budget // step
     best = np.full(cap + 1, np.inf)  # best[b]: least score with rounded bytes exactly b
     best[0] = 0.0
     picks = []
-    for unit in units:
+    for unit, indices in zip(units, allowed, strict=True):
         new = np.full(cap + 1, np.inf)
         pick = np.full(cap + 1, -1, dtype=np.int16)
-        for i, c in enumerate(unit.candidates):
+        for i in indices:
+            c = unit.candidates[i]
             w = math.ceil(c.bytes / step)
             if w > cap:
                 continue
@@ -153,8 +159,8 @@ def allocate(units: Sequence[Unit], bits_per_weight: float, weighting: str) -> A
         best = new
         picks.append(pick)
     if not np.isfinite(best).any():  # the budget is within the rounding of the cheapest
-        for unit in units:
-            unit.choice = min(range(len(unit.candidates)), key=lambda i: unit.candidates[i].bytes)
+        for unit, indices in zip(units, allowed, strict=True):
+            unit.choice = min(indices, key=lambda i: unit.candidates[i].bytes)
     else:
         b = int(np.argmin(best))
         for unit, pick in zip(reversed(units), reversed(picks), strict=True):
@@ -163,7 +169,21 @@ def allocate(units: Sequence[Unit], bits_per_weight: float, weighting: str) -> A
     for unit in units:
         unit.why = _why(unit, score)
     used = sum(u.chosen.bytes for u in units)
-    return Allocation(bits_per_weight, budget, used, weighting, list(units))
+    return Allocation(bits_per_weight, budget, used, weighting, floor, list(units))
+
+
+def narrowest_width(units: Sequence[Unit], budget: int) -> int:
+    """The widest code width ``w`` such that every unit has a candidate of at least ``w``
+    bits and their cheapest such ones fit ``budget``: no unit is given fewer bits than the
+    budget needs. Measured on SmolLM2-135M, summed output errors undervalue what int2 costs
+    against what int8 gains: a budget that every layer fits at int4 got two int2 groups to
+    pay for seven int8 ones, and was worse than the same size without them
+    (benchmarks/RESULTS.md, issue 25)."""
+    for width in sorted({c.grid.bits for u in units for c in u.candidates}, reverse=True):
+        wide = [[c.bytes for c in u.candidates if c.grid.bits >= width] for u in units]
+        if all(wide) and sum(min(sizes) for sizes in wide) <= budget:
+            return width
+    return min(c.grid.bits for u in units for c in u.candidates)
 
 
 def _why(unit: Unit, score: Callable[[Unit, Candidate], float]) -> str:

@@ -41,11 +41,22 @@ def random_units(rng: random.Random, n: int) -> list[Unit]:
     return units
 
 
+def widest_floor(units, budget):
+    """The widest width every unit has and whose cheapest candidates fit (the rule)."""
+    for width in (8, 6, 4, 2):
+        if all(any(c.grid.bits >= width for c in u.candidates) for u in units) and (
+            sum(min(c.bytes for c in u.candidates if c.grid.bits >= width) for u in units) <= budget
+        ):
+            return width
+    return 2
+
+
 @pytest.mark.parametrize("weighting", sorted(WEIGHTINGS))
 @pytest.mark.parametrize("seed", range(4))
 def test_knapsack_against_brute_force(weighting, seed):
-    """Within the budget, and at least as good as the exact optimum of a budget smaller by
-    the rounding (one step of the byte axis per unit)."""
+    """Within the budget, no unit narrower than the budget needs (every unit at the widest
+    width whose cheapest choices fit), and at least as good as the exact optimum over those
+    widths of a budget smaller by the rounding (one step of the byte axis per unit)."""
     rng = random.Random(seed)
     units = random_units(rng, 6)
     score = WEIGHTINGS[weighting]
@@ -56,6 +67,8 @@ def test_knapsack_against_brute_force(weighting, seed):
         budget_bytes = least + fraction * (most - least) + 1
         bits = 8 * budget_bytes / parameters
         got = allocate(units, bits, weighting)
+        floor = widest_floor(units, got.budget_bytes)
+        assert got.min_bits == floor and all(u.chosen.grid.bits >= floor for u in units)
         assert got.used_bytes <= got.budget_bytes
         assert got.used_bytes == sum(u.chosen.bytes for u in units)
         got_score = sum(score(u, u.chosen) for u in units)
@@ -65,7 +78,7 @@ def test_knapsack_against_brute_force(weighting, seed):
             (
                 sum(score(u, c) for u, c in zip(units, combo, strict=True))
                 for combo in itertools.product(*(u.candidates for u in units))
-                if sum(c.bytes for c in combo) <= tight
+                if sum(c.bytes for c in combo) <= tight and min(c.grid.bits for c in combo) >= floor
             ),
             default=None,
         )
