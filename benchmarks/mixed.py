@@ -58,7 +58,7 @@ A4G128 = {"bits": 4, "group_size": 128, "symmetric": False}
 A2G64 = {"bits": 2, "group_size": 64, "symmetric": False}
 A4G64 = {"bits": 4, "group_size": 64, "symmetric": False}
 S8G64 = {"bits": 8, "group_size": 64, "symmetric": True}
-MEASURING = "budget 100% (relative)"  # the first budget row: it measures
+MEASURING = "budget 100% (relative)"  # the first budget row measures
 
 #: name -> (kind, settings). Kinds: uniform (options), budget (share, weighting),
 #: heuristic (share, primary grid, backup grid, score grid), builder (extra options).
@@ -214,6 +214,8 @@ def heuristic_overrides(setup: Setup, spec: dict, cache: dict) -> tuple[str, ...
 
     budget = spec["share"] * cache[REFERENCE]["stored_bytes"]
     used = sum(size(primary, u["targets"]) for u in units)
+    if used > budget:
+        raise SystemExit(f"the primary grid alone ({used:,} B) exceeds the size ({budget:,.0f} B)")
     promoted = []
     for unit in sorted(units, key=score, reverse=True):
         extra = size(backup, unit["targets"]) - size(primary, unit["targets"])

@@ -82,9 +82,10 @@ class Unit:
 
 
 #: How a candidate's measured errors become the sensitivity the allocation sums:
-#: ``relative``, each target's error relative to its output energy, summed over the group
-#: (every layer's output counts alike); ``absolute``, the errors themselves (layers with
-#: larger outputs count more). benchmarks/RESULTS.md compares them.
+#: ``absolute`` (the default), the errors themselves (layers with larger outputs count more);
+#: ``relative``, each target's error relative to its output energy (every layer's output
+#: counts alike). On SmolLM2: 15.73 against 15.93 at 4.63 bits per weight, 43.6 against 50.9
+#: at 3.47 (benchmarks/RESULTS.md, issue 25).
 WEIGHTINGS: dict[str, Callable[[Unit, Candidate], float]] = {
     "relative": lambda u, c: sum(
         e / r if r > 0 else 0.0 for e, r in zip(c.errors, u.output_ref, strict=True)

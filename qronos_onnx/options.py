@@ -246,9 +246,9 @@ class Options(Schema):
         metavar="SPEC",
     )
     mix_weighting: Literal["relative", "absolute"] = option(
-        "relative",
-        "what a size budget minimises: the sum of each layer's output error relative to its "
-        "output (relative) or of the errors themselves (absolute)",
+        "absolute",
+        "what a size budget minimises: the sum of the layers' output errors (absolute), or of "
+        "each one relative to its output (relative)",
     )
     sensitivity: str | None = option(
         None,

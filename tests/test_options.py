@@ -97,7 +97,7 @@ EVERYTHING = {
     "act_clip": (0.9, ["--act-clip", "0.9"]),
     "bits_per_weight": (3.5, ["--bits-per-weight", "3.5"]),
     "mix_grids": (("bits:2,group:64", "bits:4"), ["--mix-grids", "bits:2,group:64", "bits:4"]),
-    "mix_weighting": ("absolute", ["--mix-weighting", "absolute"]),
+    "mix_weighting": ("relative", ["--mix-weighting", "relative"]),
     "sensitivity": ("old.report.json", ["--sensitivity", "old.report.json"]),
 }
 
